@@ -1,0 +1,519 @@
+"""Tests for ctcl.py, in the file's order: students, HFD, region BSD, pixel BSD, evaluation.
+
+Every mask and loss is checked against a brute-force reference written here with
+plain Python loops. Run: python -m pytest -q test_ctcl.py
+"""
+import inspect
+import json
+import math
+import pathlib
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import ctcl
+
+HERE = pathlib.Path(__file__).resolve().parent
+KEYS_FILE = HERE.parent / "shared" / "mit_b0_keys.json"
+
+
+def random_target(b, h, w, num_classes, *, ignore_frac=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, num_classes, (b, h, w), generator=g)
+    target[torch.rand(b, h, w, generator=g) < ignore_frac] = 255
+    return target
+
+
+# ----------------------------------------------------------------------------------
+# The students
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_cnn_shapes(output_stride):
+    out = ctcl.DeepLabV3Plus(5, output_stride=output_stride).eval()(torch.randn(2, 3, 96, 128))
+    assert out["low"].shape == (2, 64, 24, 32)
+    assert out["feat"].shape == (2, 256, 24, 32)
+    assert out["logits"].shape == (2, 5, 24, 32)
+
+
+def test_cnn_output_stride_of_layer4():
+    for os_, expect in ((16, 6), (8, 12)):
+        net = ctcl.DeepLabV3Plus(3, output_stride=os_).eval()
+        b = net.backbone
+        x = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(torch.randn(1, 3, 96, 96))))))
+        assert b.layer4(b.layer3(b.layer2(x))).shape[-1] == expect
+
+
+def test_vit_shapes():
+    out = ctcl.SegFormer(5).eval()(torch.randn(2, 3, 96, 128))
+    assert out["low"].shape == (2, 32, 24, 32)
+    assert out["feat"].shape == (2, 256, 24, 32)
+    assert out["logits"].shape == (2, 5, 24, 32)
+
+
+@pytest.mark.parametrize("student", [ctcl.DeepLabV3Plus, ctcl.SegFormer])
+def test_sides_not_multiple_of_32(student):
+    out = student(4).eval()(torch.randn(1, 3, 70, 101))
+    for key in ("low", "feat", "logits"):
+        assert out[key].shape[-2:] == (math.ceil(70 / 4), math.ceil(101 / 4))
+
+
+def test_resnet18_state_dict_loads_into_backbone():
+    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items()
+             if not k.startswith("fc.")}
+    result = ctcl.DeepLabV3Plus(3).backbone.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def official_keys():
+    if not KEYS_FILE.exists():
+        pytest.fail(f"{KEYS_FILE} is missing: it holds the official MiT-B0 key layout")
+    return {name: tuple(shape) for name, shape in json.loads(KEYS_FILE.read_text())}
+
+
+def test_mit_b0_matches_official_key_layout():
+    own = {k: tuple(v.shape) for k, v in ctcl.SegFormer(3).encoder.state_dict().items()}
+    assert own == official_keys()
+
+
+def test_mit_checkpoint_with_head_loads_and_is_used():
+    src = ctcl.MixTransformer()
+    ckpt = dict(src.state_dict(), **{"head.weight": torch.zeros(1000, 256), "head.bias": torch.zeros(1000)})
+    dst = ctcl.MixTransformer()
+    ctcl.load_encoder_weights(dst, ckpt)
+    x = torch.randn(1, 3, 64, 64)
+    for a, b in zip(src.eval()(x), dst.eval()(x)):
+        torch.testing.assert_close(a, b)
+
+
+def test_mit_checkpoint_missing_or_misshaped_key_is_named(tmp_path):
+    state = ctcl.MixTransformer().state_dict()
+    del state["block2.1.attn.kv.weight"]
+    with pytest.raises(ValueError, match=r"missing: block2\.1\.attn\.kv\.weight"):
+        ctcl.load_encoder_weights(ctcl.MixTransformer(), state)
+    state = ctcl.MixTransformer().state_dict()
+    state["norm3.weight"] = torch.ones(7)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"misshaped: norm3\.weight \(7,\) != \(160,\)"):
+        ctcl.SegFormer(3, encoder_weights=str(path))
+
+
+def reference_attention(attn, x, h, w):
+    """Efficient self-attention written head by head from the checkpoint's conventions."""
+    b, n, c = x.shape
+    heads, d = attn.heads, c // attn.heads
+    q = attn.q(x)
+    src = x
+    if hasattr(attn, "sr"):
+        src = attn.norm(attn.sr(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2))
+    kv = attn.kv(src)
+    keys, values = kv[..., :c], kv[..., c:]
+    outs = []
+    for head in range(heads):
+        sl = slice(head * d, (head + 1) * d)
+        scores = q[..., sl] @ keys[..., sl].transpose(1, 2) * d ** -0.5
+        outs.append(scores.softmax(-1) @ values[..., sl])
+    return attn.proj(torch.cat(outs, dim=-1))
+
+
+@pytest.mark.parametrize("dim,heads,sr", [(32, 1, 8), (160, 5, 2), (256, 8, 1)])
+def test_attention_head_layout(dim, heads, sr):
+    attn = ctcl.EfficientSelfAttention(dim, heads=heads, sr_ratio=sr)
+    x = torch.randn(2, 16 * 16, dim)
+    torch.testing.assert_close(attn(x, 16, 16), reference_attention(attn, x, 16, 16), atol=1e-5, rtol=1e-4)
+
+
+def test_mit_layer_norm_eps_and_drop_path():
+    enc = ctcl.MixTransformer()
+    assert enc.patch_embed1.norm.eps == 1e-5 and enc.block1[0].attn.norm.eps == 1e-5
+    assert enc.block3[1].norm1.eps == 1e-6 and enc.block3[1].norm2.eps == 1e-6 and enc.norm4.eps == 1e-6
+    rates = [blk.drop_path.p for i in range(1, 5) for blk in getattr(enc, f"block{i}")]
+    assert rates == pytest.approx(torch.linspace(0, 0.1, 8).tolist())
+    assert not hasattr(enc.block4[0].attn, "sr")
+
+
+# ----------------------------------------------------------------------------------
+# Brute-force references, one loop per pixel
+
+def ref_mimic(student, teacher, weight=None):
+    b, _, h, w = student.shape
+    total, denom = 0.0, 0.0
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                s = student[i, :, y, x].double()
+                t = teacher[i, :, y, x].double()
+                s, t = s / max(s.norm(), 1e-12), t / max(t.norm(), 1e-12)
+                m = 1.0 if weight is None else float(weight[i, y, x])
+                total += m * float(((s - t) ** 2).sum())
+                denom += m
+    return total / max(1.0, denom)
+
+
+def ref_region_masks(ce_cnn, ce_vit, target, r, margin):
+    b, h, w = target.shape
+    gh, gw = math.ceil(h / r), math.ceil(w / r)
+    cnn, vit = torch.zeros(b, gh, gw), torch.zeros(b, gh, gw)
+    for i in range(b):
+        for gy in range(gh):
+            for gx in range(gw):
+                sc, sv, n = 0.0, 0.0, 0
+                for y in range(gy * r, min(h, (gy + 1) * r)):
+                    for x in range(gx * r, min(w, (gx + 1) * r)):
+                        if target[i, y, x] != 255:
+                            sc += float(ce_cnn[i, y, x])
+                            sv += float(ce_vit[i, y, x])
+                            n += 1
+                if n == 0:
+                    continue
+                mc, mv = sc / n, sv / n
+                cnn[i, gy, gx] = float(mv - mc > margin)
+                vit[i, gy, gx] = float(mc - mv > margin)
+    return cnn, vit
+
+
+def ref_pixel_masks(logits_cnn, logits_vit, target, ignore_index=255):
+    b, _, h, w = logits_cnn.shape
+    cnn, vit = torch.zeros(b, h, w), torch.zeros(b, h, w)
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                t = int(target[i, y, x])
+                if t == ignore_index:
+                    continue
+                pc = max(range(logits_cnn.shape[1]), key=lambda k: (float(logits_cnn[i, k, y, x]), -k))
+                pv = max(range(logits_vit.shape[1]), key=lambda k: (float(logits_vit[i, k, y, x]), -k))
+                cnn[i, y, x] = float(pc == t and pv != t)
+                vit[i, y, x] = float(pv == t and pc != t)
+    return cnn, vit
+
+
+def ref_masked_kl(student, teacher, mask, temperature):
+    b, c, h, w = student.shape
+    total, denom = 0.0, 0.0
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                m = float(mask[i, y, x])
+                if m == 0:
+                    continue
+                pt = (teacher[i, :, y, x].double() / temperature).softmax(0)
+                ps = (student[i, :, y, x].double() / temperature).softmax(0)
+                total += m * float((pt * (pt.log() - ps.log())).sum())
+                denom += m
+    return temperature ** 2 * total / max(1.0, denom)
+
+
+# ----------------------------------------------------------------------------------
+# HFD
+
+def test_hfd_equals_reference():
+    torch.manual_seed(0)
+    hfd = ctcl.HFD(cnn_channels=6, vit_channels=4).eval()
+    low_cnn, low_vit = torch.randn(2, 6, 5, 7), torch.randn(2, 4, 5, 7)
+    loss_cnn, loss_vit = hfd(low_cnn, low_vit)
+    with torch.no_grad():
+        assert loss_cnn.item() == pytest.approx(ref_mimic(hfd.cnn_to_vit(low_cnn), low_vit), abs=1e-6)
+        assert loss_vit.item() == pytest.approx(ref_mimic(hfd.vit_to_cnn(low_vit), low_cnn), abs=1e-6)
+
+
+def test_hfd_resizes_projection_to_target():
+    hfd = ctcl.HFD(cnn_channels=6, vit_channels=4).eval()
+    loss_cnn, loss_vit = hfd(torch.randn(1, 6, 8, 8), torch.randn(1, 4, 4, 4))
+    assert torch.isfinite(loss_cnn) and torch.isfinite(loss_vit)
+
+
+def test_hfd_gradients_flow_only_to_the_learner():
+    hfd = ctcl.HFD(cnn_channels=6, vit_channels=4)
+    low_cnn = torch.randn(2, 6, 5, 7, requires_grad=True)
+    low_vit = torch.randn(2, 4, 5, 7, requires_grad=True)
+    loss_cnn, loss_vit = hfd(low_cnn, low_vit)
+    g_cnn, g_vit = torch.autograd.grad(loss_cnn, (low_cnn, low_vit), allow_unused=True)
+    assert g_vit is None and g_cnn.abs().sum() > 0
+    g_cnn, g_vit = torch.autograd.grad(loss_vit, (low_cnn, low_vit), allow_unused=True)
+    assert g_cnn is None and g_vit.abs().sum() > 0
+
+
+def identity_projector_(seq):
+    """Make conv -> BN -> ReLU -> conv the identity on non-negative inputs."""
+    with torch.no_grad():
+        for conv in (seq[0][0], seq[1]):
+            conv.weight.copy_(torch.eye(conv.out_channels).reshape(conv.weight.shape[:2] + (1, 1)))
+            if conv.bias is not None:
+                conv.bias.zero_()
+
+
+def test_hfd_is_zero_for_identical_students():
+    hfd = ctcl.HFD(cnn_channels=8, vit_channels=8).eval()  # eval BN with fresh stats = identity
+    identity_projector_(hfd.cnn_to_vit)
+    identity_projector_(hfd.vit_to_cnn)
+    low = torch.rand(2, 8, 6, 6)  # post-ReLU features are non-negative
+    loss_cnn, loss_vit = hfd(low, low.clone())
+    assert loss_cnn.item() == pytest.approx(0, abs=1e-5) and loss_vit.item() == pytest.approx(0, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------
+# Region-wise BSD
+
+def region_inputs(seed=0, b=2, h=37, w=45):
+    """CE maps on a 1/4 grid (exact sums), with ties, ignored pixels and empty regions.
+
+    Mean differences are then k / (4n); the margins tested are no such number, so no
+    region sits on the margin, where float32 and float64 could round either way."""
+    g = torch.Generator().manual_seed(seed)
+    target = random_target(b, h, w, 5, ignore_frac=0.3, seed=seed)
+    target[0, :8, :8] = 255  # an empty region
+    ce_cnn = torch.randint(0, 12, (b, h, w), generator=g).float() / 4
+    ce_vit = torch.randint(0, 12, (b, h, w), generator=g).float() / 4
+    ce_vit[1, 8:16, 8:16] = ce_cnn[1, 8:16, 8:16]  # a tie
+    ce_vit[0, 32:, 40:] = ce_cnn[0, 32:, 40:]  # a tie in a partial corner region
+    ignored = target == 255
+    return ce_cnn.masked_fill(ignored, 0), ce_vit.masked_fill(ignored, 0), target
+
+
+@pytest.mark.parametrize("region_size,margin", [(8, 0.0), (8, 0.1234), (16, 0.0), (4, 0.3071)])
+def test_region_bsd_masks_equal_reference(region_size, margin):
+    ce_cnn, ce_vit, target = region_inputs()
+    cnn, vit = ctcl.region_bsd_masks(ce_cnn, ce_vit, target, region_size=region_size, margin=margin)
+    ref_cnn, ref_vit = ref_region_masks(ce_cnn, ce_vit, target, region_size, margin)
+    assert cnn.shape == (2, math.ceil(37 / region_size), math.ceil(45 / region_size))
+    assert torch.equal(cnn, ref_cnn) and torch.equal(vit, ref_vit)
+    assert cnn.dtype == torch.float32 and set(cnn.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_region_bsd_masks_empty_regions_and_ties_teach_nobody():
+    ce_cnn, ce_vit, target = region_inputs()
+    cnn, vit = ctcl.region_bsd_masks(ce_cnn, ce_vit, target, region_size=8)
+    assert cnn[0, 0, 0] == 0 and vit[0, 0, 0] == 0  # no valid pixel
+    assert cnn[1, 1, 1] == 0 and vit[1, 1, 1] == 0  # equal CE
+    assert cnn[0, 4, 5] == 0 and vit[0, 4, 5] == 0  # tie in the partial corner
+    assert (cnn * vit).sum() == 0 and cnn.sum() > 0 and vit.sum() > 0
+
+
+def ref_region_loss(q_student, feat_student, feat_teacher, mask, s):
+    b, _, h, w = feat_student.shape
+    expanded = torch.zeros(b, h, w)
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                expanded[i, y, x] = mask[i, y // s, x // s]
+    with torch.no_grad():
+        return ref_mimic(q_student(feat_student), feat_teacher, expanded)
+
+
+@pytest.mark.parametrize("region_size", [8, 16, 32])
+def test_region_bsd_loss_equals_reference(region_size):
+    torch.manual_seed(1)
+    h, w = 37, 45  # label size; feature grid ceil(h/4) x ceil(w/4), partial regions
+    hf, wf = math.ceil(h / 4), math.ceil(w / 4)
+    rbsd = ctcl.RegionBSD(channels=6, region_size=region_size)
+    feat_cnn, feat_vit = torch.randn(2, 6, hf, wf), torch.randn(2, 6, hf, wf)
+    gh, gw = math.ceil(h / region_size), math.ceil(w / region_size)
+    cnn_teaches = (torch.rand(2, gh, gw) < 0.5).float()
+    vit_teaches = (1 - cnn_teaches) * (torch.rand(2, gh, gw) < 0.5).float()
+    loss_cnn, loss_vit = rbsd(feat_cnn, feat_vit, cnn_teaches, vit_teaches)
+    s = region_size // 4
+    assert loss_vit.item() == pytest.approx(ref_region_loss(rbsd.q_vit, feat_vit, feat_cnn, cnn_teaches, s), abs=1e-6)
+    assert loss_cnn.item() == pytest.approx(ref_region_loss(rbsd.q_cnn, feat_cnn, feat_vit, vit_teaches, s), abs=1e-6)
+
+
+def test_region_bsd_with_no_teaching_region_is_zero():
+    rbsd = ctcl.RegionBSD(channels=4, region_size=8)
+    zeros = torch.zeros(1, 2, 2)
+    loss_cnn, loss_vit = rbsd(torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4), zeros, zeros)
+    assert loss_cnn.item() == 0 and loss_vit.item() == 0
+
+
+def test_region_size_must_be_multiple_of_feature_stride():
+    with pytest.raises(AssertionError, match="multiple"):
+        ctcl.RegionBSD(region_size=30)
+
+
+def test_region_bsd_gradients_flow_only_to_the_learner():
+    rbsd = ctcl.RegionBSD(channels=4, region_size=8)
+    feat_cnn = torch.randn(1, 4, 4, 4, requires_grad=True)
+    feat_vit = torch.randn(1, 4, 4, 4, requires_grad=True)
+    ones = torch.ones(1, 2, 2)
+    loss_cnn, loss_vit = rbsd(feat_cnn, feat_vit, ones, ones)
+    g_cnn, g_vit = torch.autograd.grad(loss_cnn, (feat_cnn, feat_vit), allow_unused=True)
+    assert g_vit is None and g_cnn.abs().sum() > 0
+    g_cnn, g_vit = torch.autograd.grad(loss_vit, (feat_cnn, feat_vit), allow_unused=True)
+    assert g_cnn is None and g_vit.abs().sum() > 0
+
+
+def test_region_bsd_is_zero_for_identical_students():
+    rbsd = ctcl.RegionBSD(channels=4, region_size=8)
+    with torch.no_grad():
+        for q in (rbsd.q_cnn, rbsd.q_vit):
+            q.weight.copy_(torch.eye(4).reshape(4, 4, 1, 1))
+            q.bias.zero_()
+    feat = torch.randn(2, 4, 5, 5)
+    ones = torch.ones(2, 3, 3)
+    loss_cnn, loss_vit = rbsd(feat, feat.clone(), ones, ones)
+    assert loss_cnn.item() == pytest.approx(0, abs=1e-6) and loss_vit.item() == pytest.approx(0, abs=1e-6)
+    ce = torch.rand(2, 20, 20)
+    cnn, vit = ctcl.region_bsd_masks(ce, ce.clone(), torch.zeros(2, 20, 20, dtype=torch.long), region_size=8)
+    assert cnn.sum() == 0 and vit.sum() == 0  # identical students: every region is a tie
+
+
+# ----------------------------------------------------------------------------------
+# Pixel-wise BSD
+
+def pixel_inputs(seed=0, b=2, c=4, h=9, w=11):
+    g = torch.Generator().manual_seed(seed)
+    target = random_target(b, h, w, c, ignore_frac=0.2, seed=seed)
+    return torch.randn(b, c, h, w, generator=g), torch.randn(b, c, h, w, generator=g), target
+
+
+@pytest.mark.parametrize("ignore_index", [255, 0])  # 0: an ignored label a student can predict
+def test_pixel_bsd_masks_equal_reference(ignore_index):
+    logits_cnn, logits_vit, target = pixel_inputs()
+    cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, target, ignore_index=ignore_index)
+    ref_cnn, ref_vit = ref_pixel_masks(logits_cnn, logits_vit, target, ignore_index)
+    assert torch.equal(cnn, ref_cnn) and torch.equal(vit, ref_vit)
+    assert cnn.sum() > 0 and vit.sum() > 0 and (cnn * vit).sum() == 0
+    ignored = target == ignore_index
+    assert (cnn[ignored] == 0).all() and (vit[ignored] == 0).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_pixel_bsd_loss_equals_reference(temperature):
+    logits_cnn, logits_vit, target = pixel_inputs(seed=3)
+    cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, target)
+    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits_cnn, logits_vit, cnn, vit, temperature=temperature)
+    assert loss_vit.item() == pytest.approx(ref_masked_kl(logits_vit, logits_cnn, cnn, temperature), abs=1e-6)
+    assert loss_cnn.item() == pytest.approx(ref_masked_kl(logits_cnn, logits_vit, vit, temperature), abs=1e-6)
+
+
+def test_pixel_bsd_gradients_flow_only_to_the_learner():
+    logits_cnn, logits_vit, target = pixel_inputs(seed=4)
+    cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, target)
+    logits_cnn.requires_grad_(True)
+    logits_vit.requires_grad_(True)
+    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits_cnn, logits_vit, cnn, vit)
+    g_cnn, g_vit = torch.autograd.grad(loss_cnn, (logits_cnn, logits_vit), allow_unused=True)
+    assert g_vit is None and g_cnn.abs().sum() > 0
+    g_cnn, g_vit = torch.autograd.grad(loss_vit, (logits_cnn, logits_vit), allow_unused=True)
+    assert g_cnn is None and g_vit.abs().sum() > 0
+
+
+def test_pixel_bsd_is_zero_for_identical_students():
+    logits, _, target = pixel_inputs(seed=5)
+    cnn, vit = ctcl.pixel_bsd_masks(logits, logits.clone(), target)
+    assert cnn.sum() == 0 and vit.sum() == 0  # nobody is right where the other is wrong
+    ones = torch.ones_like(cnn)
+    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits, logits.clone(), ones, ones)
+    assert loss_cnn.item() == pytest.approx(0, abs=1e-6) and loss_vit.item() == pytest.approx(0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------
+# Evaluation
+
+def test_confusion_matrix_and_iou_equal_brute_force():
+    g = torch.Generator().manual_seed(0)
+    c = 6
+    target = random_target(3, 13, 17, 4, ignore_frac=0.2, seed=1)  # classes 4, 5 never in target
+    target[0, 0, :3] = torch.tensor([7, 300, -1])  # outside [0, C): dropped too
+    pred = torch.randint(0, 4, (3, 13, 17), generator=g)
+    pred[1, 2, 3] = 4  # class 4 predicted once, never true: IoU 0; class 5 absent: NaN
+    conf = ctcl.confusion_matrix(pred, target, c)
+    ref = torch.zeros(c, c, dtype=torch.int64)
+    for t, p in zip(target.flatten().tolist(), pred.flatten().tolist()):
+        if 0 <= t < c:
+            ref[t, p] += 1
+    assert conf.dtype == torch.int64 and torch.equal(conf, ref)
+    miou, per_class = ctcl.iou_from_confusion(conf)
+    ious = []
+    for k in range(c):
+        tp = int(ref[k, k])
+        union = int(ref[k, :].sum()) + int(ref[:, k].sum()) - tp
+        ious.append(tp / union if union else float("nan"))
+    assert math.isnan(per_class[5]) and per_class[4] == 0
+    for got, want in zip(per_class.tolist(), ious):
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, abs=1e-12)
+    assert miou.item() == pytest.approx(sum(ious[:5]) / 5, abs=1e-12)
+    assert ctcl.pixel_accuracy(conf).item() == pytest.approx(int(ref.diag().sum()) / int(ref.sum()))
+
+
+def test_confusion_matrix_accumulates_over_a_split():
+    pred, target = torch.randint(0, 3, (4, 5, 5)), torch.randint(0, 3, (4, 5, 5))
+    total = sum(ctcl.confusion_matrix(pred[i], target[i], 3) for i in range(4))
+    assert torch.equal(total, ctcl.confusion_matrix(pred, target, 3))
+
+
+# ----------------------------------------------------------------------------------
+# The teaching pieces stand alone, and the masking has no host sync or Python loop
+
+TEACHING_PIECES = ["HFD", "region_bsd_masks", "RegionBSD", "pixel_bsd_masks", "pixel_bsd_loss",
+                   "confusion_matrix", "iou_from_confusion"]
+
+
+def module_helpers(obj, seen=None):
+    """The module-level functions and classes of ctcl that obj's code refers to, recursively."""
+    seen = [] if seen is None else seen
+    codes = [obj.__code__] if inspect.isfunction(obj) else [
+        f.__code__ for f in vars(obj).values() if inspect.isfunction(f)]
+    names = set()
+    while codes:
+        code = codes.pop()
+        names |= set(code.co_names)
+        codes += [c for c in code.co_consts if inspect.iscode(c)]
+    for name in sorted(names):
+        helper = getattr(ctcl, name, None)
+        if (inspect.isfunction(helper) or inspect.isclass(helper)) and \
+                getattr(helper, "__module__", None) == "ctcl" and helper not in seen:
+            seen.append(helper)
+            module_helpers(helper, seen)
+    return seen
+
+
+@pytest.mark.parametrize("name", TEACHING_PIECES)
+def test_teaching_piece_runs_alone(name):
+    piece = getattr(ctcl, name)
+    namespace = {"torch": torch, "nn": nn, "F": F}
+    for obj in module_helpers(piece)[::-1] + [piece]:
+        exec(inspect.getsource(obj), namespace)
+    alone = namespace[name]
+    torch.manual_seed(0)
+    if name == "HFD":
+        args = (torch.randn(2, 64, 6, 6), torch.randn(2, 32, 6, 6))
+    elif name == "RegionBSD":
+        args = (torch.randn(2, 256, 6, 6), torch.randn(2, 256, 6, 6), torch.ones(2, 1, 1), torch.ones(2, 1, 1))
+    elif name == "region_bsd_masks":
+        ce_cnn, ce_vit, target = region_inputs()
+        args = (ce_cnn, ce_vit, target)
+    elif name in ("pixel_bsd_masks", "pixel_bsd_loss"):
+        logits_cnn, logits_vit, target = pixel_inputs()
+        args = (logits_cnn, logits_vit, target)
+        if name == "pixel_bsd_loss":
+            args = (logits_cnn, logits_vit) + ctcl.pixel_bsd_masks(*args)
+    elif name == "confusion_matrix":
+        args = (torch.randint(0, 3, (2, 5, 5)), random_target(2, 5, 5, 3), 3)
+    else:
+        args = (torch.randint(0, 9, (3, 3)),)
+    if inspect.isclass(piece):
+        torch.manual_seed(0)
+        alone_module = alone()
+        torch.manual_seed(0)
+        got, want = alone_module(*args), piece()(*args)
+    else:
+        got, want = alone(*args), piece(*args)
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(g, w, equal_nan=True)
+
+
+FORBIDDEN = re.compile(r"\.item\(|\.tolist\(|\.cpu\(|nonzero|\bfor\b|\bwhile\b|\[[^\]]*(mask|valid|keep|teaches)[^\]]*\]")
+NO_SYNC_PIECES = ["mimic_loss", "l2_normalize", "region_sums", "region_bsd_masks", "expand_region_mask",
+                  "RegionBSD", "HFD", "pixel_bsd_masks", "masked_kl", "pixel_bsd_loss", "confusion_matrix"]
+
+
+@pytest.mark.parametrize("name", NO_SYNC_PIECES)
+def test_masking_has_no_host_sync_or_python_loop(name):
+    source = inspect.getsource(getattr(ctcl, name))
+    code = re.sub(r'"""[\s\S]*?"""', "", source)
+    code = "\n".join(line.split("#")[0] for line in code.splitlines())
+    assert not FORBIDDEN.search(code), f"{name}: {FORBIDDEN.search(code).group(0)}"
