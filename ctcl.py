@@ -22,16 +22,35 @@ Run it:
 Choices the paper's abstract leaves open are marked [I] (interpreted) below; each is
 a flag, and the README lists them under "What we inferred".
 """
+import argparse
+import contextlib
+import json
 import math
+import os
+import pathlib
+import resource
+import signal
+import sys
+import threading
+import time
 
+import numpy
+import PIL.Image
+import PIL.ImageDraw
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torchvision.models.segmentation.deeplabv3 import ASPP
+from torchvision import tv_tensors
 from torchvision.ops import StochasticDepth
+from torchvision.transforms import v2
 
 IGNORE_INDEX = 255  # VOC's "void" label: padding, object borders, unlabelled pixels
+
+
+class UserError(Exception):
+    """Bad input from the command line or the disk: printed as one line, exit code 2."""
 
 
 # ----------------------------------------------------------------------------------
@@ -407,3 +426,941 @@ def iou_from_confusion(conf):
 
 def pixel_accuracy(conf):
     return conf.diag().sum().double() / conf.sum().clamp_min(1)
+
+
+# ----------------------------------------------------------------------------------
+# The objective: both students' losses from one forward pass
+
+def sigmoid_rampup(step, length):
+    """w(t) = exp(−5 (1 − t/T)²), rising from ~0 to 1 over T steps, then 1 [I]."""
+    if length <= 0 or step >= length:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - step / length) ** 2)
+
+
+class CTCL(nn.Module):
+    """Both students and the projectors each one owns; forward() returns the objective.
+
+        L_cnn = CE_cnn + w(t)·(λ_hfd·HFD_cnn + λ_rbsd·RBSD_cnn + λ_pbsd·PBSD_cnn)
+        L_vit = CE_vit + w(t)·(λ_hfd·HFD_vit + λ_rbsd·RBSD_vit + λ_pbsd·PBSD_vit)
+
+    Every teacher side is detached, so one backward of L_cnn + L_vit gives each
+    student only its own gradients. method="independent" keeps the CE terms alone,
+    "dml" adds KL(sg p_peer || p_self) on every valid pixel. A term whose λ is 0 is
+    not built at all (no idle parameters for DDP)."""
+
+    def __init__(self, num_classes, *, method="ctcl", lambda_hfd=1.0, lambda_rbsd=1.0,
+                 lambda_pbsd=1.0, region_size=32, margin=0.0, temperature=1.0,
+                 output_stride=16, pretrained=False, vit_weights=None, ignore_index=255):
+        super().__init__()
+        assert method in ("independent", "dml", "ctcl"), f"unknown method {method!r}"
+        self.method, self.ignore_index, self.temperature = method, ignore_index, temperature
+        self.region_size, self.margin = region_size, margin
+        self.lambdas = {"hfd": lambda_hfd, "rbsd": lambda_rbsd, "pbsd": lambda_pbsd}
+        self.cnn = DeepLabV3Plus(num_classes, output_stride=output_stride, pretrained=pretrained)
+        self.vit = SegFormer(num_classes, encoder_weights=vit_weights)
+        ctcl = method == "ctcl"
+        self.hfd = HFD(64, 32) if ctcl and lambda_hfd else None
+        self.rbsd = RegionBSD(256, region_size=region_size) if ctcl and lambda_rbsd else None
+        self.use_pbsd = ctcl and bool(lambda_pbsd)
+
+    def parameter_groups(self):
+        """(CNN-side, ViT-side) parameters; a projector trains with the student that owns it."""
+        cnn = [self.cnn] + ([self.hfd.cnn_to_vit] if self.hfd else []) + ([self.rbsd.q_cnn] if self.rbsd else [])
+        vit_heads = [self.vit.linear, self.vit.fuse, self.vit.classifier]
+        vit_heads += ([self.hfd.vit_to_cnn] if self.hfd else []) + ([self.rbsd.q_vit] if self.rbsd else [])
+        params = lambda modules: [p for m in modules for p in m.parameters()]
+        return params(cnn), params([self.vit.encoder]), params(vit_heads)
+
+    def forward(self, images, target, kd_weight=1.0):
+        """Returns (L_cnn + L_vit, a dict of detached numbers worth logging)."""
+        out_cnn, out_vit = self.cnn(images), self.vit(images)
+        size = target.shape[-2:]
+        z_cnn = F.interpolate(out_cnn["logits"].float(), size=size, mode="bilinear", align_corners=False)
+        z_vit = F.interpolate(out_vit["logits"].float(), size=size, mode="bilinear", align_corners=False)
+        valid = (target != self.ignore_index).float()
+        n_valid = valid.sum().clamp_min(1)
+        ce_cnn = F.cross_entropy(z_cnn, target, ignore_index=self.ignore_index, reduction="none")
+        ce_vit = F.cross_entropy(z_vit, target, ignore_index=self.ignore_index, reduction="none")
+        terms = {"ce_cnn": ce_cnn.sum() / n_valid, "ce_vit": ce_vit.sum() / n_valid}
+        kd, stats = {}, {}
+        if self.method == "dml":
+            kd["dml_cnn"], kd["dml_vit"] = pixel_bsd_loss(z_cnn, z_vit, valid, valid, self.temperature)
+        if self.hfd is not None:
+            hfd_cnn, hfd_vit = self.hfd(out_cnn["low"].float(), out_vit["low"].float())
+            kd["hfd_cnn"], kd["hfd_vit"] = self.lambdas["hfd"] * hfd_cnn, self.lambdas["hfd"] * hfd_vit
+        if self.rbsd is not None:
+            cnn_teaches, vit_teaches = region_bsd_masks(ce_cnn, ce_vit, target, self.region_size,
+                                                        self.ignore_index, self.margin)
+            rbsd_cnn, rbsd_vit = self.rbsd(out_cnn["feat"].float(), out_vit["feat"].float(),
+                                           cnn_teaches, vit_teaches)
+            kd["rbsd_cnn"], kd["rbsd_vit"] = self.lambdas["rbsd"] * rbsd_cnn, self.lambdas["rbsd"] * rbsd_vit
+            stats["regions_cnn_teaches"], stats["regions_vit_teaches"] = cnn_teaches.mean(), vit_teaches.mean()
+        if self.use_pbsd:
+            cnn_teaches, vit_teaches = pixel_bsd_masks(z_cnn.detach(), z_vit.detach(), target, self.ignore_index)
+            pbsd_cnn, pbsd_vit = pixel_bsd_loss(z_cnn, z_vit, cnn_teaches, vit_teaches, self.temperature)
+            kd["pbsd_cnn"], kd["pbsd_vit"] = self.lambdas["pbsd"] * pbsd_cnn, self.lambdas["pbsd"] * pbsd_vit
+            stats["pixels_cnn_to_vit"] = cnn_teaches.sum() / n_valid
+            stats["pixels_vit_to_cnn"] = vit_teaches.sum() / n_valid
+        loss_cnn = terms["ce_cnn"] + kd_weight * sum(v for k, v in kd.items() if k.endswith("_cnn"))
+        loss_vit = terms["ce_vit"] + kd_weight * sum(v for k, v in kd.items() if k.endswith("_vit"))
+        logged = {"loss_cnn": loss_cnn, "loss_vit": loss_vit, **terms, **kd, **stats}
+        return loss_cnn + loss_vit, {k: v.detach() for k, v in logged.items()}
+
+
+# ----------------------------------------------------------------------------------
+# Data: the synthetic task, the joint transforms, a sampler that can resume mid-epoch
+
+SYNTHETIC_CLASSES = ("background", "disc", "ring", "square", "triangle", "cross")
+
+
+def shape_mask(cls, u, v):
+    """Inside-test of each synthetic class on coordinates u, v normalised by the radius."""
+    r = (u ** 2 + v ** 2).sqrt()
+    if cls == 1:
+        return r < 1
+    if cls == 2:
+        return (r < 1) & (r > 0.55)
+    if cls == 3:
+        return torch.maximum(u.abs(), v.abs()) < 0.8
+    if cls == 4:
+        return (u < 0.55) & (u > 1.8 * v.abs() - 0.95)
+    return ((u.abs() < 0.3) & (v.abs() < 1)) | ((v.abs() < 0.3) & (u.abs() < 1))
+
+
+def grey_background(size, g):
+    """A random grey under per-pixel colour noise: unsaturated, like road, wall or sky."""
+    return 40 + 175 * torch.rand(1, 1, 1, generator=g) + 20 * torch.randn(3, *size, generator=g)
+
+
+def saturated_colour(g):
+    """A random hue at high saturation: objects stand out from the grey background, and
+    every object class draws its colour from the same distribution."""
+    high, low, mid = 180 + 75 * torch.rand(1, generator=g), 60 * torch.rand(1, generator=g), 255 * torch.rand(1, generator=g)
+    order = torch.randperm(3, generator=g)
+    return torch.stack([high, low, mid])[order].reshape(3, 1, 1)
+
+
+def ignore_borders(label, width=1, ignore_index=255):
+    """Set to ignore_index every pixel within `width` of a different class, as VOC does."""
+    x = label[:, None].float()
+    k = 2 * width + 1
+    hi = F.max_pool2d(F.pad(x, [width] * 4, mode="replicate"), k, stride=1)
+    lo = -F.max_pool2d(F.pad(-x, [width] * 4, mode="replicate"), k, stride=1)
+    return torch.where((hi != lo)[:, 0], torch.full_like(label, ignore_index), label)
+
+
+def make_synthetic(n, size=80, seed=0, max_objects=3):
+    """n images (uint8, 3×size×size) and labels (uint8) of overlapping coloured shapes on a
+    grey background; which shape it is, the colour never tells: only the outline does.
+
+    Each object: a random class, colour, radius (15–40% of the side), angle and position;
+    later objects occlude earlier ones. Same seed, same data."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    labels = torch.zeros(n, size, size, dtype=torch.uint8)
+    for i in range(n):
+        image = grey_background((size, size), g)
+        for _ in range(int(torch.randint(1, max_objects + 1, (1,), generator=g))):
+            cls = int(torch.randint(1, len(SYNTHETIC_CLASSES), (1,), generator=g))
+            cy, cx, radius, angle = torch.rand(4, generator=g).tolist()
+            radius, angle = size * (0.15 + 0.25 * radius), 2 * math.pi * angle
+            dy, dx = yy - cy * size, xx - cx * size
+            u = (dy * math.cos(angle) - dx * math.sin(angle)) / radius
+            v = (dy * math.sin(angle) + dx * math.cos(angle)) / radius
+            inside = shape_mask(cls, u, v)
+            colour = saturated_colour(g) + 5 * torch.randn(3, size, size, generator=g)
+            image = torch.where(inside, colour, image)
+            labels[i][inside] = cls
+        images[i] = image.clamp(0, 255).to(torch.uint8)
+    return images, ignore_borders(labels)
+
+
+class TensorSegmentation(torch.utils.data.Dataset):
+    """Images and labels held in memory (the synthetic set)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, index):
+        return self.images[index], self.labels[index]
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class JointTransform:
+    """Image and label together: random scale 0.5–2.0, random crop (image padded with 0,
+    label with 255), horizontal flip, ImageNet normalisation. Without a crop size (the
+    validation set) only the normalisation."""
+
+    def __init__(self, crop_size=None, scale=(0.5, 2.0)):
+        self.scale = scale
+        self.crop_flip = None if crop_size is None else v2.Compose([
+            v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}),
+            v2.RandomHorizontalFlip()])
+
+    def __call__(self, image, label):
+        image, label = tv_tensors.Image(image), tv_tensors.Mask(label)
+        if self.crop_flip is not None:
+            r = float(torch.empty(()).uniform_(*self.scale))
+            size = [max(1, round(s * r)) for s in image.shape[-2:]]
+            image = v2.functional.resize(image, size, antialias=True)
+            label = v2.functional.resize(label, size)  # a Mask is resized with nearest
+            image, label = self.crop_flip(image, label)
+        image = v2.functional.to_dtype(image, torch.float32, scale=True)
+        image = v2.functional.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+        return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor).long()
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Wraps a data set that has load(index) -> (uint8 image CHW, uint8 label HW).
+
+    A training item is an (index, seed) pair: each sample's augmentation is drawn from
+    its own seed, so the stream is the same with any number of workers and after a
+    resume."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image, label = self.base.load(index)
+        if seed is None:
+            return self.transform(image, label)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
+            torch.manual_seed(seed)
+            return self.transform(image, label)
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (a shuffled shard per rank, reshuffled each epoch) that yields
+    (index, augmentation seed) pairs and can start `skip` samples into an epoch."""
+
+    def __init__(self, dataset, *, num_replicas=1, rank=0, seed=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)
+        self.skip = 0
+
+    def __iter__(self):
+        base = (self.seed * 1_000_003 + self.epoch) * 1_000_003 * self.num_replicas
+        for position, index in enumerate(super().__iter__()):
+            if position >= self.skip:
+                yield index, base + position * self.num_replicas + self.rank
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, world_size, pin_memory):
+    """Endless batches; iteration k of a run gets the same batch whether or not it resumed."""
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
+    per_epoch = len(sampler) // batch_size
+    if per_epoch == 0:
+        raise UserError(f"the training set has {len(dataset)} images, fewer than one batch of "
+                        f"{batch_size} per process: lower --batch-size")
+    epoch, skip_batches = divmod(start_iter, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        sampler.skip = skip_batches * batch_size
+        # the loader's own generator keeps worker seeding off the global random stream
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+            pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch))
+        yield from loader
+        epoch, skip_batches = epoch + 1, 0
+
+
+# Real data sets, read from their standard layouts. Each has load(index) like above.
+
+def read_image(path):
+    try:
+        return torchvision.io.decode_image(str(path), mode=torchvision.io.ImageReadMode.RGB)
+    except Exception as error:  # torchvision raises RuntimeError/ValueError by format
+        raise UserError(f"cannot decode image {path}: {error}") from None
+
+
+def read_label(path, image_shape, num_classes, lut=None):
+    """A label PNG of class indices (palette or grey); optional id → train-id table."""
+    try:
+        with PIL.Image.open(path) as png:
+            if png.mode not in ("P", "L", "I", "I;16"):
+                raise UserError(f"label {path} is {png.mode} colour, not class indices: use the "
+                                "palette PNGs of SegmentationClass (or SegmentationClassAug)")
+            label = torch.from_numpy(numpy.array(png, dtype=numpy.int64))
+    except (OSError, SyntaxError) as error:
+        raise UserError(f"cannot decode label {path}: {error}") from None
+    if lut is not None:
+        label = lut[label.clamp(0, len(lut) - 1)]
+    if tuple(label.shape) != tuple(image_shape[-2:]):
+        raise UserError(f"label {path} is {tuple(label.shape)} but its image is {tuple(image_shape[-2:])}")
+    bad = (label >= num_classes) & (label != IGNORE_INDEX) | (label < 0)
+    if bad.any():
+        raise UserError(f"label {path} holds values {sorted(label[bad].unique().tolist())[:5]} outside "
+                        f"[0, {num_classes}) that are not {IGNORE_INDEX}")
+    return label.to(torch.uint8)
+
+
+class FileSegmentation(torch.utils.data.Dataset):
+    """Pairs of (image path, label path), decoded on demand."""
+
+    def __init__(self, pairs, num_classes, lut=None):
+        self.pairs, self.num_classes, self.lut = pairs, num_classes, lut
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def load(self, index):
+        image_path, label_path = self.pairs[index]
+        image = read_image(image_path)
+        return image, read_label(label_path, image.shape, self.num_classes, self.lut)
+
+
+def voc_pairs(root, split):
+    """VOC 2012: train_aug (SBD labels in SegmentationClassAug) when present, else train."""
+    root = pathlib.Path(root)
+    if split == "train" and (root / "ImageSets/Segmentation/train_aug.txt").exists():
+        split, label_dir = "train_aug", "SegmentationClassAug"
+    else:
+        label_dir = "SegmentationClass"
+    ids = read_split_list(root / f"ImageSets/Segmentation/{split}.txt")
+    return [(root / "JPEGImages" / f"{i}.jpg", root / label_dir / f"{i}.png") for i in ids]
+
+
+# Cityscapes label id -> train id (the official table's 19 evaluated classes; the rest 255)
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+                        24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+
+
+def cityscapes_lut():
+    lut = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
+    for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
+        lut[label_id] = train_id
+    return lut
+
+
+def cityscapes_pairs(root, split):
+    root = pathlib.Path(root)
+    images = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
+    return [(p, root / "gtFine" / split / p.parent.name /
+             p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")) for p in images]
+
+
+def camvid_pairs(root, split):
+    """SegNet's CamVid layout: {train,val,test}/ and {train,val,test}annot/, void = 11."""
+    root = pathlib.Path(root)
+    splits = ("train", "val") if split == "train" else ("test",)
+    return [(p, root / f"{s}annot" / p.name) for s in splits for p in sorted((root / s).glob("*.png"))]
+
+
+def camvid_lut():
+    lut = torch.arange(256)
+    lut[11:] = IGNORE_INDEX  # class 11 is "void"
+    return lut
+
+
+def read_split_list(path):
+    if not path.exists():
+        raise UserError(f"split list {path} is missing: run `bash data_prep.sh voc` or fix --data-root")
+    ids = path.read_text().split()
+    if not ids:
+        raise UserError(f"split list {path} is empty")
+    return ids
+
+
+# name: classes, default root, crop, batch, iterations, reader of (image, label) pairs, and
+# any default that differs from the flags' (learning rates, evaluations per run)
+DATASETS = {
+    # synthetic trains from scratch in ~3 CPU minutes: higher learning rates, 2 evaluations
+    "synthetic": dict(classes=len(SYNTHETIC_CLASSES), root=None, crop=64, batch=8, iters=360,
+                      cnn_lr=0.02, vit_lr=3e-4, evals=2),
+    "voc": dict(classes=21, root="data/VOCdevkit/VOC2012", crop=512, batch=16, iters=40_000,
+                pairs=voc_pairs, val="val"),
+    "cityscapes": dict(classes=19, root="data/cityscapes", crop=(512, 1024), batch=8, iters=80_000,
+                       pairs=cityscapes_pairs, val="val", lut=cityscapes_lut),
+    "camvid": dict(classes=11, root="data/CamVid", crop=(360, 480), batch=8, iters=20_000,
+                   pairs=camvid_pairs, val="test", lut=camvid_lut),
+}
+
+
+def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 64)):
+    """(train, val) data sets; train items are augmented, val items only normalised."""
+    spec = DATASETS[name]
+    if name == "synthetic":
+        n_train, n_val = synthetic_size
+        train = TensorSegmentation(*make_synthetic(n_train, seed=data_seed))
+        val = TensorSegmentation(*make_synthetic(n_val, seed=data_seed + 1))
+    else:
+        root = pathlib.Path(root or spec["root"])
+        if not root.is_dir():
+            raise UserError(f"no {name} data at {root.resolve()}: run `bash data_prep.sh {name}` "
+                            "or point --data-root at it")
+        lut = spec["lut"]() if "lut" in spec else None
+        sets = []
+        for split in ("train", spec["val"]):
+            pairs = spec["pairs"](root, split)
+            if not pairs:
+                raise UserError(f"no {split} images found for {name} under {root}")
+            missing = [str(p) for pair in pairs for p in pair if not p.exists()][:3]
+            if missing:
+                raise UserError(f"{name} {split} files are missing, e.g. {missing[0]}")
+            sets.append(FileSegmentation(pairs, spec["classes"], lut))
+        train, val = sets
+    return Augmented(train, JointTransform(crop_size)), Augmented(val, JointTransform(None))
+
+
+# ----------------------------------------------------------------------------------
+# Evaluation: the confusion matrix summed over the split (and the ranks), panels
+
+@torch.no_grad()
+def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_size=1, workers=0,
+             vis_dir=None, vis_count=0, tag=""):
+    """Whole images, batch 1, logits upsampled to each label's own size.
+
+    Returns {"cnn": conf, "vit": conf}, each summed over every rank's shard."""
+    model.eval()
+    conf = {"cnn": 0, "vit": 0}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers,
+                                         sampler=list(range(rank, len(dataset), world_size)))
+    for k, (image, target) in enumerate(loader):
+        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with autocast:
+            logits = {"cnn": model.cnn(image)["logits"], "vit": model.vit(image)["logits"]}
+        for name, z in logits.items():
+            logits[name] = F.interpolate(z.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+            conf[name] = conf[name] + confusion_matrix(logits[name].argmax(1), target, num_classes)
+        if vis_dir is not None and k < vis_count and rank == 0:
+            panel = render_panel(image[0], target[0], logits["cnn"], logits["vit"], model.region_size,
+                                 model.margin, model.ignore_index)
+            vis_dir.mkdir(parents=True, exist_ok=True)
+            panel.save(vis_dir / f"{tag}{k:03d}.png")
+    if world_size > 1:
+        for c in conf.values():
+            torch.distributed.all_reduce(c)
+    model.train()
+    return conf
+
+
+def voc_palette(n=256):
+    """The VOC colour map: the bits of a class index spread over R, G and B."""
+    colours = torch.zeros(n, 3, dtype=torch.uint8)
+    for index in range(n):
+        c, rgb = index, [0, 0, 0]
+        for bit in range(7, -1, -1):
+            for channel in range(3):
+                rgb[channel] |= ((c >> channel) & 1) << bit
+            c >>= 3
+        colours[index] = torch.tensor(rgb)
+    return colours
+
+
+PALETTE = voc_palette()
+DIRECTION_COLOURS = {"CNN teaches": (255, 140, 0), "ViT teaches": (30, 144, 255)}  # orange, blue
+PANEL_TILES = ("image", "truth", "CNN", "ViT", "regions", "pixels")
+PANEL_STRIP = 14  # height of each text strip under the tiles
+
+
+def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ignore_index=255):
+    """One row of tiles (image, truth, CNN, ViT, region directions, pixel transfers),
+    tile names below, then a legend of the two direction colours.
+    Size: (6·W, H + 2·PANEL_STRIP)."""
+    h, w = target.shape
+    ce = [F.cross_entropy(z, target[None], ignore_index=ignore_index, reduction="none")
+          for z in (logits_cnn, logits_vit)]
+    regions = region_bsd_masks(*ce, target[None], region_size, ignore_index, margin)
+    pixels = pixel_bsd_masks(logits_cnn, logits_vit, target[None], ignore_index)
+    mean, std = torch.tensor(IMAGENET_MEAN, device=image.device), torch.tensor(IMAGENET_STD, device=image.device)
+    picture = ((image * std[:, None, None] + mean[:, None, None]).clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu()
+    palette = PALETTE.to(target.device)
+    tiles = [picture, palette[target].cpu(), palette[logits_cnn[0].argmax(0)].cpu(),
+             palette[logits_vit[0].argmax(0)].cpu()]
+    for cnn_mask, vit_mask in (
+            [expand_region_mask(m, region_size, (h, w))[0] for m in regions],
+            [m[0] for m in pixels]):
+        tile = torch.full((h, w, 3), 40, dtype=torch.uint8)
+        for mask, colour in zip((cnn_mask, vit_mask), DIRECTION_COLOURS.values()):
+            tile[mask.cpu() > 0] = torch.tensor(colour, dtype=torch.uint8)
+        tiles.append(tile)
+    canvas = PIL.Image.new("RGB", (6 * w, h + 2 * PANEL_STRIP), "white")
+    canvas.paste(PIL.Image.fromarray(torch.cat(tiles, dim=1).numpy()), (0, 0))
+    draw = PIL.ImageDraw.Draw(canvas)
+    for i, name in enumerate(PANEL_TILES):
+        draw.text((i * w + 2, h + 1), name, fill="black")
+    x = 2
+    for name, colour in DIRECTION_COLOURS.items():
+        draw.rectangle([x, h + PANEL_STRIP + 3, x + 8, h + PANEL_STRIP + 11], fill=colour)
+        draw.text((x + 11, h + PANEL_STRIP + 1), name, fill="black")
+        x += 11 + 7 * len(name) + 10
+    return canvas
+
+
+def report(conf, class_names):
+    """A table of per-class IoU, mIoU and pixel accuracy for both students."""
+    lines = [f"{'class':<16}{'CNN IoU':>9}{'ViT IoU':>9}"]
+    iou = {name: iou_from_confusion(c) for name, c in conf.items()}
+    for k, cls in enumerate(class_names):
+        lines.append(f"{cls:<16}" + "".join(f"{100 * float(iou[n][1][k]):>9.2f}" for n in ("cnn", "vit")))
+    lines.append(f"{'mIoU':<16}" + "".join(f"{100 * float(iou[n][0]):>9.2f}" for n in ("cnn", "vit")))
+    lines.append(f"{'pixel accuracy':<16}" + "".join(f"{100 * float(pixel_accuracy(conf[n])):>9.2f}"
+                                                   for n in ("cnn", "vit")))
+    return "\n".join(lines)
+
+
+def eval_record(conf):
+    """The JSON-ready numbers of one evaluation (NaN IoUs as null)."""
+    record = {}
+    for name, c in conf.items():
+        miou, per_class = iou_from_confusion(c)
+        record[name] = {"miou": float(miou), "pixel_acc": float(pixel_accuracy(c)),
+                        "per_class_iou": [None if math.isnan(v) else v for v in per_class.tolist()]}
+    return record
+
+
+# ----------------------------------------------------------------------------------
+# The loop: optimisers and schedules, checkpoints, the step, the log line
+
+def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500):
+    """CNN side: SGD + poly(0.9). ViT side: AdamW (no decay on norms and biases, decoder and
+    projectors at 10× lr) + linear warm-up, then poly(1.0). Both stepped every iteration."""
+    cnn_params, vit_encoder, vit_heads = model.parameter_groups()
+    sgd = torch.optim.SGD(cnn_params, lr=cnn_lr, momentum=0.9, weight_decay=1e-4)
+    groups = []
+    for params, lr in ((vit_encoder, vit_lr), (vit_heads, 10 * vit_lr)):
+        groups.append({"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": 0.01})
+        groups.append({"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0})
+    adamw = torch.optim.AdamW(groups, lr=vit_lr, betas=(0.9, 0.999))
+    sched_cnn = torch.optim.lr_scheduler.PolynomialLR(sgd, total_iters=iters, power=0.9)
+    warmup = min(vit_warmup, iters - 1)
+    poly = torch.optim.lr_scheduler.PolynomialLR(adamw, total_iters=iters - warmup, power=1.0)
+    sched_vit = poly if warmup <= 0 else torch.optim.lr_scheduler.SequentialLR(
+        adamw, [torch.optim.lr_scheduler.LinearLR(adamw, 1e-6, 1.0, total_iters=warmup), poly],
+        milestones=[warmup])
+    return (sgd, adamw), (sched_cnn, sched_vit)
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, flush it to disk, then rename: `path` is always whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # also Ctrl-C during the write: drop the half-written file
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path):
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"--resume {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"--resume {path} is not a readable checkpoint ({type(error).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"model", "iter", "optimizers", "schedulers"} <= set(ckpt):
+        raise UserError(f"--resume {path} is not a ctcl.py checkpoint (no model/iter/optimizers entries)")
+    return ckpt
+
+
+def gather_rng_states(world_size):
+    """Every rank's random state, so that a resumed DDP run draws the same numbers."""
+    state = {"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_state(states, rank):
+    if len(states) <= rank:
+        return  # a different number of processes: keep the fresh seeds
+    torch.set_rng_state(states[rank]["cpu"])
+    if states[rank]["cuda"] is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(states[rank]["cuda"])
+
+
+class Diverged(Exception):
+    """A non-finite loss: the run stops, the last good checkpoint stays as it was."""
+
+
+def check_finite(first_bad, out):
+    bad = int(first_bad)  # a host sync, made only at log, eval and checkpoint steps
+    if bad >= 0:
+        raise Diverged(f"non-finite loss at iteration {bad}; stopped, and {out / 'last.pt'} was left as "
+                       "it was: lower the learning rates, or try without --amp")
+
+
+def log_line(it, iters, lrs, means, images_per_s, eta_s):
+    def terms(side):
+        names = ("ce", "dml", "hfd", "rbsd", "pbsd")
+        return " ".join(f"{n} {means[f'{n}_{side}']:.3f}" for n in names if f"{n}_{side}" in means)
+    line = f"it {it}/{iters} | lr cnn {lrs[0]:.2e} vit {lrs[1]:.2e} | cnn {terms('cnn')} | vit {terms('vit')}"
+    if "regions_cnn_teaches" in means:
+        line += (f" | regions c>v {100 * means['regions_cnn_teaches']:.0f}%"
+                 f" v>c {100 * means['regions_vit_teaches']:.0f}%")
+    if "pixels_cnn_to_vit" in means:
+        line += (f" | pixels c>v {100 * means['pixels_cnn_to_vit']:.1f}%"
+                 f" v>c {100 * means['pixels_vit_to_cnn']:.1f}%")
+    return line + f" | {images_per_s:.1f} img/s | eta {eta_s / 60:.1f} min"
+
+
+def train_step(model, images, target, optimizers, schedulers, scaler, autocast, kd_weight):
+    """One forward of both students, one backward of L_cnn + L_vit, both optimisers step."""
+    with autocast:
+        loss, terms = model(images, target, kd_weight)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    for opt in optimizers:
+        scaler.step(opt)
+    scaler.update()
+    for sched in schedulers:
+        sched.step()
+    return loss.detach(), terms
+
+
+def train(args, ctx):
+    spec = DATASETS[args.data]
+    train_set, val_set = build_datasets(args.data, args.data_root, args.crop_size, args.data_seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = CTCL(spec["classes"], method=args.method, lambda_hfd=args.lambda_hfd,
+                 lambda_rbsd=args.lambda_rbsd, lambda_pbsd=args.lambda_pbsd,
+                 region_size=args.region_size, margin=args.rbsd_margin, temperature=args.temperature,
+                 output_stride=args.output_stride, pretrained=args.pretrained,
+                 vit_weights=args.vit_weights).to(ctx.device)
+    if ctx.world_size > 1 and ctx.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizers, schedulers = build_optimizers(model, iters=args.iters, cnn_lr=args.cnn_lr,
+                                              vit_lr=args.vit_lr, vit_warmup=args.vit_warmup)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16)
+    torch.manual_seed(args.seed + ctx.rank)  # dropout and drop path differ across ranks
+    start = 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as error:
+            made_with = {k: ckpt.get("args", {}).get(k) for k in ("data", "method", "lambda_hfd", "lambda_rbsd")}
+            raise UserError(f"--resume {args.resume} holds another model (made with {made_with}): "
+                            f"{str(error).splitlines()[0]}") from None
+        for obj, state in zip(optimizers + schedulers, ckpt["optimizers"] + ckpt["schedulers"]):
+            obj.load_state_dict(state)
+        scaler.load_state_dict(ckpt["scaler"])
+        restore_rng_state(ckpt["rng"], ctx.rank)
+        start = ckpt["iter"]
+        ctx.print(f"resumed from {args.resume} at iteration {start}")
+    class_names = SYNTHETIC_CLASSES if args.data == "synthetic" else [str(k) for k in range(spec["classes"])]
+
+    def run_eval(it):
+        if ctx.world_size > 1:  # CPU DDP keeps per-rank BN statistics: evaluate rank 0's
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, 0)
+        conf = evaluate(model, val_set, num_classes=spec["classes"], device=ctx.device,
+                        autocast=ctx.autocast(), rank=ctx.rank, world_size=ctx.world_size,
+                        workers=args.workers, vis_dir=args.out / "vis" if ctx.is_main else None,
+                        vis_count=args.vis, tag=f"it{it:06d}_")
+        ctx.print(f"evaluation at iteration {it}:\n{report(conf, class_names)}")
+        ctx.log({"type": "eval", "iter": it, **eval_record(conf)})
+        return conf
+
+    if args.eval_only:
+        return {"model": model, "conf": run_eval(start)}
+
+    def checkpoint(it):
+        states = gather_rng_states(ctx.world_size)  # every rank takes part
+        if ctx.is_main:
+            save_checkpoint(args.out / "last.pt", {
+                "model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
+                "iter": it, "rng": states, "args": {k: str(v) if isinstance(v, pathlib.Path) else v
+                                                    for k, v in vars(args).items()}})
+
+    net = model
+    if ctx.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    batches = training_batches(train_set, batch_size=args.batch_size, start_iter=start, workers=args.workers,
+                               seed=args.seed, rank=ctx.rank, world_size=ctx.world_size,
+                               pin_memory=ctx.device.type == "cuda")
+    stop_at = min(args.stop_at or args.iters, args.iters)
+    first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)
+    sums, count, tick, done, conf = {}, 0, time.time(), start, None
+    with interrupt_to_checkpoint(ctx.world_size) as interrupted:
+        for it in range(start + 1, stop_at + 1):
+            images, target = (t.to(ctx.device, non_blocking=True) for t in next(batches))
+            loss, terms = train_step(net, images, target, optimizers, schedulers, scaler, ctx.autocast(),
+                                     sigmoid_rampup(it - 1, args.kd_warmup))
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), it, first_bad)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v
+            count, done = count + 1, it
+            last = it == stop_at or interrupted.is_set()
+            if it % args.log_every == 0 or last:
+                check_finite(first_bad, args.out)
+                keys = list(sums)
+                means = dict(zip(keys, (torch.stack([sums[k] for k in keys]) / count).tolist()))
+                elapsed, tick = time.time() - tick, time.time()
+                lrs = [optimizers[0].param_groups[0]["lr"], optimizers[1].param_groups[0]["lr"]]
+                rate = count * args.batch_size * ctx.world_size / elapsed
+                ctx.print(log_line(it, args.iters, lrs, means, rate, (stop_at - it) * elapsed / count))
+                ctx.log({"type": "train", "iter": it, "lr_cnn": lrs[0], "lr_vit": lrs[1],
+                         "images_per_s": rate, **means})
+                sums, count = {}, 0
+            if it % args.eval_every == 0 or last:
+                check_finite(first_bad, args.out)
+                checkpoint(it)
+                if it % args.eval_every == 0 or it == args.iters:
+                    began = time.time()
+                    conf = run_eval(it)
+                    tick += time.time() - began  # keep evaluation out of images/s
+            if interrupted.is_set():
+                ctx.print(f"interrupted: checkpoint at iteration {it} in {args.out / 'last.pt'}; "
+                          f"continue with --resume {args.out / 'last.pt'}")
+                break
+    return {"model": model, "conf": conf, "iter": done}
+
+
+@contextlib.contextmanager
+def interrupt_to_checkpoint(world_size):
+    """First Ctrl-C: finish the step, checkpoint, stop. A second one stops at once.
+    Under DDP the ranks could stop at different steps, so torchrun's handling is kept."""
+    event = threading.Event()
+    if world_size > 1 or threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ----------------------------------------------------------------------------------
+# The command line: devices, DDP, flags, the benchmark, main()
+
+class Runtime:
+    """Device, process group, mixed precision, and rank-0-only printing and logging."""
+
+    def __init__(self, gpu, amp, out):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.is_main, self.out = self.rank == 0, out
+        if gpu is None:
+            gpu = 0 if torch.cuda.is_available() else -1
+        if gpu >= 0:
+            if not torch.cuda.is_available():
+                raise UserError(f"--gpu {gpu}: CUDA is not available here; use --gpu -1 for the CPU")
+            index = int(os.environ.get("LOCAL_RANK", gpu)) if self.world_size > 1 else gpu
+            if index >= torch.cuda.device_count():
+                raise UserError(f"--gpu {index}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                f"numbered from 0; use --gpu -1 for the CPU")
+            self.device = torch.device("cuda", index)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        # bf16 where the hardware has it (no loss scaling needed), else fp16 with a scaler
+        bf16 = self.device.type == "cpu" or torch.cuda.is_bf16_supported()
+        self.amp, self.amp_dtype = amp, torch.bfloat16 if bf16 else torch.float16
+        self.fp16 = amp and not bf16
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
+    def print(self, *text):
+        if self.is_main:
+            print(*text, flush=True)
+
+    def log(self, record):
+        if self.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="CTCL: CNN-Transformer collaborative learning for "
+                                "semantic segmentation (ICCV 2023), reference implementation.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", default="synthetic", choices=list(DATASETS), help="data set")
+    a("--data-root", default=None, help="data folder (default: the data set's folder under ./data)")
+    a("--data-seed", type=int, default=0, help="seed of the synthetic data (fixed across training seeds)")
+    a("--gpu", type=int, default=None, help="GPU index, -1 for the CPU (default: GPU 0 if there is one)")
+    a("--iters", type=int, default=None, help="training iterations (default: per data set, see README)")
+    a("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this iteration, to split "
+      "a run across job time limits; the schedule still runs to --iters")
+    a("--batch-size", type=int, default=None, help="images per step and process (default: per data set)")
+    a("--crop-size", type=int, nargs="+", default=None, help="training crop, one side or H W (default: per data set)")
+    a("--eval-every", type=int, default=None, help="evaluate and checkpoint every N iterations "
+      "(default: iters/5; synthetic: iters/2)")
+    a("--log-every", type=int, default=None, help="log line every N iterations (default: iters/30, at most 50)")
+    a("--workers", type=int, default=None, help="data-loading processes (default: 0 synthetic, 8 otherwise)")
+    a("--seed", type=int, default=0, help="seed of weights, sampling and augmentation")
+    a("--out", type=pathlib.Path, default=None, help="output folder (default: runs/DATA-METHOD-sSEED)")
+    a("--resume", default=None, help="checkpoint to continue from (OUT/last.pt)")
+    a("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
+    a("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with loss scaling")
+    a("--method", default="ctcl", choices=["independent", "dml", "ctcl"],
+      help="independent: CE only; dml: deep mutual learning; ctcl: HFD + region BSD + pixel BSD")
+    a("--lambda-hfd", type=float, default=1.0, help="[I] weight of HFD (0 = ablation)")
+    a("--lambda-rbsd", type=float, default=1.0, help="[I] weight of region-wise BSD (0 = ablation)")
+    a("--lambda-pbsd", type=float, default=1.0, help="[I] weight of pixel-wise BSD (0 = ablation)")
+    a("--region-size", type=int, default=32, help="[I] side of a region-BSD region in label pixels "
+      "(a multiple of 4)")
+    a("--rbsd-margin", type=float, default=0.0, help="[I] a student teaches a region only if its mean CE "
+      "there is lower than its peer's by more than this")
+    a("--temperature", type=float, default=1.0, help="[I] softmax temperature of pixel BSD and DML")
+    a("--kd-warmup", type=int, default=None, help="[I] iterations of the sigmoid ramp of the distillation "
+      "weight (default: 5%% of --iters)")
+    a("--cnn-lr", type=float, default=None, help="[I] SGD learning rate of the CNN student "
+      "(default: 0.01; synthetic, from scratch: 0.02)")
+    a("--vit-lr", type=float, default=None, help="[I] AdamW learning rate of the ViT encoder, decoder ×10 "
+      "(default: 6e-5; synthetic, from scratch: 3e-4)")
+    a("--vit-warmup", type=int, default=None, help="[I] linear warm-up of the ViT's learning rate "
+      "(default: min(1500, iters/10))")
+    a("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+      help="ImageNet ResNet-18 for the CNN (default: on for real data, off for synthetic)")
+    a("--vit-weights", default=None, help="MiT-B0 ImageNet checkpoint, or 'none' "
+      "(default: weights/mit_b0.pth for real data, none for synthetic)")
+    a("--output-stride", type=int, default=16, choices=[8, 16], help="output stride of the CNN")
+    a("--vis", type=int, default=0, help="PNG panels written per evaluation to OUT/vis")
+    a("--benchmark", action="store_true", help="time training steps of independent, dml and ctcl, then stop")
+    return p
+
+
+def fill_defaults(args):
+    """Per-data-set defaults for the flags left unset, then checks of every value."""
+    spec = DATASETS[args.data]
+    real = args.data != "synthetic"
+    args.iters = args.iters if args.iters is not None else spec["iters"]
+    args.batch_size = args.batch_size or spec["batch"]
+    crop = args.crop_size or spec["crop"]
+    crop = [crop] * 2 if isinstance(crop, int) else list(crop) * (2 if len(crop) == 1 else 1)
+    args.crop_size = crop
+    args.eval_every = args.eval_every or max(1, args.iters // spec.get("evals", 5))
+    args.cnn_lr = args.cnn_lr or spec.get("cnn_lr", 0.01)
+    args.vit_lr = args.vit_lr or spec.get("vit_lr", 6e-5)
+    args.log_every = args.log_every or max(1, min(50, args.iters // 30))
+    args.workers = args.workers if args.workers is not None else (8 if real else 0)
+    args.kd_warmup = args.kd_warmup if args.kd_warmup is not None else args.iters // 20
+    args.vit_warmup = args.vit_warmup if args.vit_warmup is not None else min(1500, args.iters // 10)
+    args.pretrained = real if args.pretrained is None else args.pretrained
+    args.vit_weights = args.vit_weights or ("weights/mit_b0.pth" if real else "none")
+    args.out = args.out or pathlib.Path("runs") / f"{args.data}-{args.method}-s{args.seed}"
+    checks = [
+        (args.iters >= 1, f"--iters must be at least 1, got {args.iters}"),
+        (args.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs it), got {args.batch_size}"),
+        (len(crop) == 2 and min(crop) >= 32, f"--crop-size must be one or two sides of at least 32 "
+         f"(the ViT's coarsest stage is 1/32), got {args.crop_size}"),
+        (args.region_size >= 4 and args.region_size % 4 == 0, f"--region-size must be a positive multiple "
+         f"of 4 (the feature stride), got {args.region_size}"),
+        (args.temperature > 0, f"--temperature must be positive, got {args.temperature}"),
+        (min(args.lambda_hfd, args.lambda_rbsd, args.lambda_pbsd) >= 0, "the --lambda-* weights must be >= 0"),
+        (args.vis >= 0 and args.workers >= 0, "--vis and --workers must be >= 0"),
+        (not args.eval_only or args.resume, "--eval-only needs --resume CHECKPOINT"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    if args.resume and not pathlib.Path(args.resume).is_file():
+        raise UserError(f"--resume {args.resume}: no such file")
+    if args.vit_weights == "none":
+        args.vit_weights = None
+        if real:
+            print("warning: --vit-weights none trains MiT-B0 from scratch; expect numbers far below the "
+                  "paper's", file=sys.stderr)
+    elif not pathlib.Path(args.vit_weights).is_file():
+        raise UserError(f"MiT-B0 weights not found at {args.vit_weights}: run `bash data_prep.sh weights`, "
+                        "or pass --vit-weights none to train the ViT from scratch")
+
+
+def benchmark(args, ctx, rounds=5, steps=3):
+    """ms per training step of independent, dml and ctcl, interleaved round by round so
+    that all three see the same machine state; then peak memory."""
+    classes = DATASETS[args.data]["classes"]
+    images = torch.randn(args.batch_size, 3, *args.crop_size, device=ctx.device)
+    target = torch.randint(0, classes, (args.batch_size, *args.crop_size), device=ctx.device)
+    target[:, :, :4] = IGNORE_INDEX
+    runs = {}
+    for method in ("independent", "dml", "ctcl"):
+        torch.manual_seed(args.seed)
+        model = CTCL(classes, method=method, region_size=args.region_size,
+                     output_stride=args.output_stride).to(ctx.device)
+        optimizers, schedulers = build_optimizers(model, iters=10 ** 6)
+        runs[method] = dict(model=model, optimizers=optimizers, schedulers=schedulers, times=[], peak=0)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16)
+    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+    for r in range(rounds + 1):  # round 0 warms up
+        for method, run in runs.items():
+            if ctx.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            began = time.perf_counter()
+            for _ in range(steps):
+                train_step(run["model"], images, target, run["optimizers"], run["schedulers"], scaler,
+                           ctx.autocast(), 1.0)
+            sync()
+            if r > 0:
+                run["times"].append((time.perf_counter() - began) / steps * 1000)
+            if ctx.device.type == "cuda":
+                run["peak"] = max(run["peak"], torch.cuda.max_memory_allocated() / 2 ** 20)
+    ms = {m: sorted(run["times"])[len(run["times"]) // 2] for m, run in runs.items()}
+    peak = max(run["peak"] for run in runs.values()) if ctx.device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # CPU: the process's peak RSS
+    where = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    ctx.print(f"benchmark on {where}, crop {args.crop_size}, batch {args.batch_size}, amp {args.amp}, "
+              f"median of {rounds} rounds of {steps} steps")
+    ctx.print(f"{'method':<12}{'ms/step':>10}{'images/s':>10}{'× indep.':>10}" +
+              (f"{'peak MB':>10}" if ctx.device.type == "cuda" else ""))
+    for method, run in runs.items():
+        ctx.print(f"{method:<12}{ms[method]:>10.1f}{1000 * args.batch_size / ms[method]:>10.1f}"
+                  f"{ms[method] / ms['independent']:>10.3f}" +
+                  (f"{run['peak']:>10.0f}" if ctx.device.type == "cuda" else ""))
+    result = {"independent_ms": ms["independent"], "dml_ms": ms["dml"], "ctcl_ms": ms["ctcl"],
+              "ctcl_over_independent": ms["ctcl"] / ms["independent"], "peak_mem_mb": peak}
+    ctx.print(json.dumps(result))
+    return result
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        fill_defaults(args)
+        ctx = Runtime(args.gpu, args.amp, args.out)
+        if args.benchmark:
+            return benchmark(args, ctx)
+        if ctx.is_main:
+            args.out.mkdir(parents=True, exist_ok=True)
+        ctx.print(f"ctcl: data {args.data}, method {args.method}, {args.iters} iterations, batch "
+                  f"{args.batch_size}, crop {args.crop_size}, device {ctx.device}, world size {ctx.world_size}")
+        return train(args, ctx)
+    except UserError as error:
+        print(f"ctcl.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    except Diverged as error:
+        print(f"ctcl.py: {error}", file=sys.stderr)
+        raise SystemExit(1)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
