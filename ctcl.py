@@ -24,6 +24,7 @@ a flag, and the README lists them under "What we inferred".
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -469,11 +470,10 @@ class CTCL(nn.Module):
         cnn = [self.cnn] + ([self.hfd.cnn_to_vit] if self.hfd else []) + ([self.rbsd.q_cnn] if self.rbsd else [])
         vit_heads = [self.vit.linear, self.vit.fuse, self.vit.classifier]
         vit_heads += ([self.hfd.vit_to_cnn] if self.hfd else []) + ([self.rbsd.q_vit] if self.rbsd else [])
-        params = lambda modules: [p for m in modules for p in m.parameters()]
-        return params(cnn), params([self.vit.encoder]), params(vit_heads)
+        return [[p for m in modules for p in m.parameters()] for modules in (cnn, [self.vit.encoder], vit_heads)]
 
     def forward(self, images, target, kd_weight=1.0):
-        """Returns (L_cnn + L_vit, a dict of detached numbers worth logging)."""
+        """Returns L_cnn, L_vit and a dict of detached numbers worth logging."""
         out_cnn, out_vit = self.cnn(images), self.vit(images)
         size = target.shape[-2:]
         z_cnn = F.interpolate(out_cnn["logits"].float(), size=size, mode="bilinear", align_corners=False)
@@ -483,29 +483,28 @@ class CTCL(nn.Module):
         ce_cnn = F.cross_entropy(z_cnn, target, ignore_index=self.ignore_index, reduction="none")
         ce_vit = F.cross_entropy(z_vit, target, ignore_index=self.ignore_index, reduction="none")
         terms = {"ce_cnn": ce_cnn.sum() / n_valid, "ce_vit": ce_vit.sum() / n_valid}
-        kd, stats = {}, {}
+        kd, stats = {}, {}  # kd: name -> (term of the CNN, term of the ViT), unweighted
         if self.method == "dml":
-            kd["dml_cnn"], kd["dml_vit"] = pixel_bsd_loss(z_cnn, z_vit, valid, valid, self.temperature)
+            kd["dml"] = pixel_bsd_loss(z_cnn, z_vit, valid, valid, self.temperature)
         if self.hfd is not None:
-            hfd_cnn, hfd_vit = self.hfd(out_cnn["low"].float(), out_vit["low"].float())
-            kd["hfd_cnn"], kd["hfd_vit"] = self.lambdas["hfd"] * hfd_cnn, self.lambdas["hfd"] * hfd_vit
+            kd["hfd"] = self.hfd(out_cnn["low"].float(), out_vit["low"].float())
         if self.rbsd is not None:
             cnn_teaches, vit_teaches = region_bsd_masks(ce_cnn, ce_vit, target, self.region_size,
                                                         self.ignore_index, self.margin)
-            rbsd_cnn, rbsd_vit = self.rbsd(out_cnn["feat"].float(), out_vit["feat"].float(),
-                                           cnn_teaches, vit_teaches)
-            kd["rbsd_cnn"], kd["rbsd_vit"] = self.lambdas["rbsd"] * rbsd_cnn, self.lambdas["rbsd"] * rbsd_vit
+            kd["rbsd"] = self.rbsd(out_cnn["feat"].float(), out_vit["feat"].float(), cnn_teaches, vit_teaches)
             stats["regions_cnn_teaches"], stats["regions_vit_teaches"] = cnn_teaches.mean(), vit_teaches.mean()
         if self.use_pbsd:
             cnn_teaches, vit_teaches = pixel_bsd_masks(z_cnn.detach(), z_vit.detach(), target, self.ignore_index)
-            pbsd_cnn, pbsd_vit = pixel_bsd_loss(z_cnn, z_vit, cnn_teaches, vit_teaches, self.temperature)
-            kd["pbsd_cnn"], kd["pbsd_vit"] = self.lambdas["pbsd"] * pbsd_cnn, self.lambdas["pbsd"] * pbsd_vit
+            kd["pbsd"] = pixel_bsd_loss(z_cnn, z_vit, cnn_teaches, vit_teaches, self.temperature)
             stats["pixels_cnn_to_vit"] = cnn_teaches.sum() / n_valid
             stats["pixels_vit_to_cnn"] = vit_teaches.sum() / n_valid
-        loss_cnn = terms["ce_cnn"] + kd_weight * sum(v for k, v in kd.items() if k.endswith("_cnn"))
-        loss_vit = terms["ce_vit"] + kd_weight * sum(v for k, v in kd.items() if k.endswith("_vit"))
-        logged = {"loss_cnn": loss_cnn, "loss_vit": loss_vit, **terms, **kd, **stats}
-        return loss_cnn + loss_vit, {k: v.detach() for k, v in logged.items()}
+        weight = {"dml": 1.0, **self.lambdas}
+        loss_cnn = terms["ce_cnn"] + kd_weight * sum(weight[name] * c for name, (c, v) in kd.items())
+        loss_vit = terms["ce_vit"] + kd_weight * sum(weight[name] * v for name, (c, v) in kd.items())
+        logged = {"loss_cnn": loss_cnn, "loss_vit": loss_vit, **terms, **stats}
+        for name, (c, v) in kd.items():
+            logged[f"{name}_cnn"], logged[f"{name}_vit"] = c, v
+        return loss_cnn, loss_vit, {k: torch.as_tensor(v).detach() for k, v in logged.items()}
 
 
 # ----------------------------------------------------------------------------------
@@ -550,6 +549,7 @@ def ignore_borders(label, width=1, ignore_index=255):
     return torch.where((hi != lo)[:, 0], torch.full_like(label, ignore_index), label)
 
 
+@functools.lru_cache(maxsize=4)  # the tensors are never modified, so runs in one process share them
 def make_synthetic(n, size=80, seed=0, max_objects=3):
     """n images (uint8, 3×size×size) and labels (uint8) of overlapping coloured shapes on a
     grey background; which shape it is, the colour never tells: only the outline does.
@@ -995,7 +995,10 @@ class Diverged(Exception):
     """A non-finite loss: the run stops, the last good checkpoint stays as it was."""
 
 
-def check_finite(first_bad, out):
+def check_finite(first_bad, out, world_size=1):
+    if world_size > 1:  # every rank must stop together, or the others wait forever
+        first_bad = first_bad.clone()
+        torch.distributed.all_reduce(first_bad, torch.distributed.ReduceOp.MAX)
     bad = int(first_bad)  # a host sync, made only at log, eval and checkpoint steps
     if bad >= 0:
         raise Diverged(f"non-finite loss at iteration {bad}; stopped, and {out / 'last.pt'} was left as "
@@ -1019,7 +1022,8 @@ def log_line(it, iters, lrs, means, images_per_s, eta_s):
 def train_step(model, images, target, optimizers, schedulers, scaler, autocast, kd_weight):
     """One forward of both students, one backward of L_cnn + L_vit, both optimisers step."""
     with autocast:
-        loss, terms = model(images, target, kd_weight)
+        loss_cnn, loss_vit, terms = model(images, target, kd_weight)
+    loss = loss_cnn + loss_vit  # no teacher side carries a gradient: each student gets its own
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -1034,6 +1038,9 @@ def train_step(model, images, target, optimizers, schedulers, scaler, autocast, 
 def train(args, ctx):
     spec = DATASETS[args.data]
     train_set, val_set = build_datasets(args.data, args.data_root, args.crop_size, args.data_seed)
+    if args.vit_weights is None and args.data != "synthetic" and ctx.is_main:
+        print("warning: --vit-weights none trains MiT-B0 from scratch; expect numbers far below the paper's",
+              file=sys.stderr)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = CTCL(spec["classes"], method=args.method, lambda_hfd=args.lambda_hfd,
                  lambda_rbsd=args.lambda_rbsd, lambda_pbsd=args.lambda_pbsd,
@@ -1107,7 +1114,7 @@ def train(args, ctx):
             count, done = count + 1, it
             last = it == stop_at or interrupted.is_set()
             if it % args.log_every == 0 or last:
-                check_finite(first_bad, args.out)
+                check_finite(first_bad, args.out, ctx.world_size)
                 keys = list(sums)
                 means = dict(zip(keys, (torch.stack([sums[k] for k in keys]) / count).tolist()))
                 elapsed, tick = time.time() - tick, time.time()
@@ -1118,7 +1125,7 @@ def train(args, ctx):
                          "images_per_s": rate, **means})
                 sums, count = {}, 0
             if it % args.eval_every == 0 or last:
-                check_finite(first_bad, args.out)
+                check_finite(first_bad, args.out, ctx.world_size)
                 checkpoint(it)
                 if it % args.eval_every == 0 or it == args.iters:
                     began = time.time()
@@ -1283,9 +1290,6 @@ def fill_defaults(args):
         raise UserError(f"--resume {args.resume}: no such file")
     if args.vit_weights == "none":
         args.vit_weights = None
-        if real:
-            print("warning: --vit-weights none trains MiT-B0 from scratch; expect numbers far below the "
-                  "paper's", file=sys.stderr)
     elif not pathlib.Path(args.vit_weights).is_file():
         raise UserError(f"MiT-B0 weights not found at {args.vit_weights}: run `bash data_prep.sh weights`, "
                         "or pass --vit-weights none to train the ViT from scratch")

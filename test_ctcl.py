@@ -6,8 +6,11 @@ plain Python loops. Run: python -m pytest -q test_ctcl.py
 import inspect
 import json
 import math
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -517,3 +520,234 @@ def test_masking_has_no_host_sync_or_python_loop(name):
     code = re.sub(r'"""[\s\S]*?"""', "", source)
     code = "\n".join(line.split("#")[0] for line in code.splitlines())
     assert not FORBIDDEN.search(code), f"{name}: {FORBIDDEN.search(code).group(0)}"
+
+
+# ----------------------------------------------------------------------------------
+# The objective
+
+def test_objective_composes_terms_with_weights_and_ramp():
+    torch.manual_seed(0)
+    model = ctcl.CTCL(4, lambda_hfd=2.0, lambda_rbsd=0.5, lambda_pbsd=3.0, region_size=16)
+    images, target = torch.randn(2, 3, 64, 64), random_target(2, 64, 64, 4, seed=2)
+    loss_cnn, loss_vit, t = model(images, target, kd_weight=0.25)
+    for side, loss in (("cnn", loss_cnn), ("vit", loss_vit)):
+        want = t[f"ce_{side}"] + 0.25 * (2 * t[f"hfd_{side}"] + 0.5 * t[f"rbsd_{side}"] + 3 * t[f"pbsd_{side}"])
+        assert loss.item() == pytest.approx(want.item(), rel=1e-6) and t[f"loss_{side}"] == loss.detach()
+    assert 0 <= t["regions_cnn_teaches"] <= 1 and 0 <= t["pixels_vit_to_cnn"] <= 1
+
+
+def test_objective_ce_ignores_255_and_methods_build_only_their_terms():
+    torch.manual_seed(0)
+    images, target = torch.randn(2, 3, 64, 64), random_target(2, 64, 64, 4, seed=3)
+    model = ctcl.CTCL(4, method="independent")
+    t = model(images, target)[2]
+    z = F.interpolate(model.eval().cnn(images)["logits"], size=(64, 64), mode="bilinear", align_corners=False)
+    model.train()
+    assert set(t) == {"loss_cnn", "loss_vit", "ce_cnn", "ce_vit"} and model.hfd is None and model.rbsd is None
+    torch.manual_seed(0)
+    dml = ctcl.CTCL(4, method="dml")
+    assert {"dml_cnn", "dml_vit"} <= set(dml(images, target)[2])
+    no_hfd = ctcl.CTCL(4, lambda_hfd=0)
+    assert no_hfd.hfd is None and "hfd_cnn" not in no_hfd(images, target)[2]
+    model.eval()
+    t = model(images, target)[2]
+    assert t["ce_cnn"].item() == pytest.approx(F.cross_entropy(z, target, ignore_index=255).item(), rel=1e-5)
+
+
+def test_sigmoid_rampup():
+    assert ctcl.sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
+    assert ctcl.sigmoid_rampup(50, 100) == pytest.approx(math.exp(-1.25))
+    assert ctcl.sigmoid_rampup(100, 100) == 1.0 and ctcl.sigmoid_rampup(3, 0) == 1.0
+
+
+def test_each_student_trains_only_its_own_side():
+    """L_vit reaches no parameter of the CNN side and L_cnn none of the ViT side, so one
+    backward of their sum gives each student exactly its own gradient."""
+    torch.manual_seed(0)
+    model = ctcl.CTCL(4, region_size=16)
+    images, target = torch.randn(2, 3, 64, 64), random_target(2, 64, 64, 4, seed=4)
+    cnn_side = [*model.cnn.parameters(), *model.hfd.cnn_to_vit.parameters(), *model.rbsd.q_cnn.parameters()]
+    vit_side = [*model.vit.parameters(), *model.hfd.vit_to_cnn.parameters(), *model.rbsd.q_vit.parameters()]
+    assert len(cnn_side) + len(vit_side) == len(list(model.parameters()))
+    loss_cnn, loss_vit, logged = model(images, target)
+    assert logged["regions_cnn_teaches"] > 0 and logged["pixels_vit_to_cnn"] > 0  # every term is live
+    own = torch.autograd.grad(loss_cnn, cnn_side, retain_graph=True)
+    assert all(g.abs().sum() > 0 for g in own[:5])
+    assert all(g is None for g in torch.autograd.grad(loss_cnn, vit_side, retain_graph=True, allow_unused=True))
+    assert all(g is None for g in torch.autograd.grad(loss_vit, cnn_side, retain_graph=True, allow_unused=True))
+    assert any(g is not None and g.abs().sum() > 0 for g in torch.autograd.grad(loss_vit, vit_side, allow_unused=True))
+
+
+# ----------------------------------------------------------------------------------
+# The program: runs, resume, checkpoints, errors, DDP
+
+SMALL = ["--crop-size", "32", "--batch-size", "2", "--log-every", "1", "--eval-every", "100"]
+
+
+@pytest.fixture
+def small_data(monkeypatch):
+    """A 12-image synthetic training set and a 3-image validation set, for speed."""
+    build = ctcl.build_datasets
+    monkeypatch.setattr(ctcl, "build_datasets",
+                        lambda *a, **k: build(*a, **dict(k, synthetic_size=(12, 3))))
+
+
+def run_main(tmp_path, *argv, out="out"):
+    return ctcl.main(["--out", str(tmp_path / out), *SMALL, *argv])
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("extra", [["--method", "independent"], ["--method", "dml"], ["--method", "ctcl"],
+                                   ["--lambda-hfd", "0"], ["--lambda-rbsd", "0"], ["--lambda-pbsd", "0"]])
+def test_runs_train_and_eval(tmp_path, small_data, capsys, extra):
+    result = run_main(tmp_path, "--iters", "3", *extra)
+    out = capsys.readouterr().out
+    assert out.count("mIoU") == 1 and "it 3/3" in out
+    records = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert [r["iter"] for r in records if r["type"] == "train"] == [1, 2, 3]
+    final = [r for r in records if r["type"] == "eval"][-1]
+    assert 0 <= final["cnn"]["miou"] <= 1 and 0 <= final["vit"]["miou"] <= 1
+    assert int(result["conf"]["cnn"].sum()) == int((torch.stack([y for _, y in [ctcl.build_datasets(
+        "synthetic", None, [32, 32])[1][i] for i in range(3)]]) != 255).sum())
+    ckpt = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
+    assert ckpt["iter"] == 3 and ckpt["args"]["method"] == (extra[1] if extra[0] == "--method" else "ctcl")
+
+
+def state_of(result):
+    return {k: v.clone() for k, v in result["model"].state_dict().items()}
+
+
+def test_resume_is_exact(tmp_path, small_data):
+    whole = state_of(run_main(tmp_path, "--iters", "4", out="whole"))
+    run_main(tmp_path, "--iters", "4", "--stop-at", "2", out="split")
+    ckpt = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert ckpt["iter"] == 2
+    resumed = state_of(run_main(tmp_path, "--iters", "4", "--resume", str(tmp_path / "split" / "last.pt"),
+                                out="split"))
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    first_half = ckpt["model"]
+    assert any(not torch.equal(first_half[k], whole[k]) for k in whole if whole[k].is_floating_point())
+
+
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path, small_data, monkeypatch):
+    run_main(tmp_path, "--iters", "4", "--stop-at", "2")
+    last = tmp_path / "out" / "last.pt"
+    before = last.read_bytes()
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="No space"):
+        run_main(tmp_path, "--iters", "4", "--resume", str(last))
+    assert last.read_bytes() == before
+    assert torch.load(last, weights_only=True)["iter"] == 2
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt", "metrics.jsonl"]
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, small_data, monkeypatch, capsys):
+    run_main(tmp_path, "--iters", "6", "--stop-at", "2")
+    last = tmp_path / "out" / "last.pt"
+    before = last.read_bytes()
+    ramp = ctcl.sigmoid_rampup
+    monkeypatch.setattr(ctcl, "sigmoid_rampup", lambda step, length: float("nan") if step >= 2 else ramp(step, length))
+    with pytest.raises(SystemExit) as exit_info:  # iteration 3 is the first to see the NaN weight
+        run_main(tmp_path, "--iters", "6", "--resume", str(last), "--eval-every", "1", "--log-every", "5")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert "non-finite loss at iteration 3" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert last.read_bytes() == before
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["iter"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_eval_only_and_vis_panels(tmp_path, small_data, capsys):
+    run_main(tmp_path, "--iters", "2")
+    capsys.readouterr()
+    result = run_main(tmp_path, "--iters", "2", "--eval-only", "--resume", str(tmp_path / "out" / "last.pt"),
+                      "--vis", "2", out="eval")
+    assert "mIoU" in capsys.readouterr().out and result["conf"]["vit"].sum() > 0
+    panels = sorted((tmp_path / "eval" / "vis").glob("*.png"))
+    assert len(panels) == 2
+    import PIL.Image
+    with PIL.Image.open(panels[0]) as panel:  # 6 tiles of the 80x80 validation image, 2 text strips
+        assert panel.size == (6 * 80, 80 + 2 * ctcl.PANEL_STRIP)
+        legend_swatch = panel.getpixel((5, 80 + ctcl.PANEL_STRIP + 7))
+    assert legend_swatch == ctcl.DIRECTION_COLOURS["CNN teaches"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--resume", "missing.pt"], "--resume missing.pt: no such file"),
+    (["--region-size", "30"], "--region-size must be a positive multiple of 4"),
+    (["--crop-size", "16"], "--crop-size must be one or two sides of at least 32"),
+    (["--gpu", "7"], "--gpu 7"),
+    (["--eval-only"], "--eval-only needs --resume"),
+    (["--data", "voc", "--data-root", "nowhere", "--vit-weights", "none"], "run `bash data_prep.sh voc`"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        ctcl.main(["--out", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content,message", [(b"not a checkpoint", "is not a readable checkpoint"),
+                                             (None, "is not a ctcl.py checkpoint")])
+def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content) if content else torch.save({"weights": torch.zeros(2)}, bad)
+    with pytest.raises(SystemExit) as exit_info:
+        ctcl.main(["--out", str(tmp_path / "out"), "--resume", str(bad)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_argument_from_the_shell_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(HERE / "ctcl.py"), "--region-size", "30", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "ctcl.py: error: --region-size must be a positive multiple of 4 (the feature stride), got 30"
+
+
+def test_benchmark_prints_json_line(capsys):
+    result = ctcl.main(["--benchmark", "--gpu", "-1", "--crop-size", "32", "--batch-size", "2"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last) == {"independent_ms", "dml_ms", "ctcl_ms", "ctcl_over_independent", "peak_mem_mb"}
+    assert last["ctcl_over_independent"] == pytest.approx(last["ctcl_ms"] / last["independent_ms"])
+    assert result == last and last["peak_mem_mb"] > 0
+
+
+DDP_SCRIPT = """
+import sys, os, torch
+sys.path.insert(0, {repo!r})
+import ctcl
+build = ctcl.build_datasets
+ctcl.build_datasets = lambda *a, **k: build(*a, **dict(k, synthetic_size=(12, 3)))
+result = ctcl.main(sys.argv[1:])
+torch.save(result["model"].state_dict(), os.path.join({tmp!r}, "rank%s.pt" % os.environ["RANK"]))
+"""
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(repo=str(HERE), tmp=str(tmp_path)))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), "--gpu", "-1", "--iters", "2", "--out", str(out), *SMALL],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("mIoU") == 1  # rank 0 alone prints
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+    records = read_metrics(out / "metrics.jsonl")  # rank 0 alone writes: one line per iteration
+    assert [r["iter"] for r in records if r["type"] == "train"] == [1, 2]
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "metrics.jsonl"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert len(evals) == 1
