@@ -327,7 +327,8 @@ def region_sums(x, region_size):
 def region_bsd_masks(ce_cnn, ce_vit, target, region_size=32, ignore_index=255, margin=0.0):
     """Which student teaches each region_size² block of the label grid.
 
-    Reliability of a student in block R = its mean CE over R's valid pixels [I].
+    Reliability of a student in block R = its mean CE over R's valid pixels [I] (any
+    per-pixel cost map works: pass 0/1 error maps to compare error rates instead).
         cnn_teaches[R] = R has a valid pixel and  mean_CE_vit(R) − mean_CE_cnn(R) > margin
     and vit_teaches the mirror image; ties and empty blocks: neither.
     Inputs (B, H, W); outputs float {0,1} of shape (B, ceil(H/r), ceil(W/r))."""
@@ -374,15 +375,18 @@ class RegionBSD(nn.Module):
 # ----------------------------------------------------------------------------------
 # Pixel-wise BSD: which predictions are transferred, in the logit space
 
-def pixel_bsd_masks(logits_cnn, logits_vit, target, ignore_index=255):
+def pixel_bsd_masks(logits_cnn, logits_vit, target, ignore_index=255, learner_must_be_wrong=True):
     """cnn_teaches = valid & (argmax z_c == y) & (argmax z_v != y) [I]; vit_teaches the mirror.
+    With learner_must_be_wrong=False, a right teacher teaches whatever the learner says.
 
     Logits (B, C, H, W) at label resolution; outputs float {0,1} of shape (B, H, W)."""
     valid = target != ignore_index
     cnn_right = logits_cnn.argmax(dim=1) == target
     vit_right = logits_vit.argmax(dim=1) == target
-    dtype = logits_cnn.dtype
-    return (valid & cnn_right & ~vit_right).to(dtype), (valid & vit_right & ~cnn_right).to(dtype)
+    cnn_teaches, vit_teaches = valid & cnn_right, valid & vit_right
+    if learner_must_be_wrong:
+        cnn_teaches, vit_teaches = cnn_teaches & ~vit_right, vit_teaches & ~cnn_right
+    return cnn_teaches.to(logits_cnn.dtype), vit_teaches.to(logits_cnn.dtype)
 
 
 def masked_kl(student_logits, teacher_logits, mask, temperature=1.0):
@@ -451,10 +455,13 @@ class CTCL(nn.Module):
     not built at all (no idle parameters for DDP)."""
 
     def __init__(self, num_classes, *, method="ctcl", lambda_hfd=1.0, lambda_rbsd=1.0,
-                 lambda_pbsd=1.0, region_size=32, margin=0.0, temperature=1.0,
-                 output_stride=16, pretrained=False, vit_weights=None, ignore_index=255):
+                 lambda_pbsd=1.0, region_size=32, margin=0.0, region_score="ce", temperature=1.0,
+                 pixel_rule="exclusive", output_stride=16, pretrained=False, vit_weights=None,
+                 ignore_index=255):
         super().__init__()
         assert method in ("independent", "dml", "ctcl"), f"unknown method {method!r}"
+        assert region_score in ("ce", "error") and pixel_rule in ("exclusive", "teacher-right")
+        self.region_score, self.pixel_rule = region_score, pixel_rule
         self.method, self.ignore_index, self.temperature = method, ignore_index, temperature
         self.region_size, self.margin = region_size, margin
         self.lambdas = {"hfd": lambda_hfd, "rbsd": lambda_rbsd, "pbsd": lambda_pbsd}
@@ -489,12 +496,16 @@ class CTCL(nn.Module):
         if self.hfd is not None:
             kd["hfd"] = self.hfd(out_cnn["low"].float(), out_vit["low"].float())
         if self.rbsd is not None:
-            cnn_teaches, vit_teaches = region_bsd_masks(ce_cnn, ce_vit, target, self.region_size,
+            cost_cnn, cost_vit = ce_cnn, ce_vit
+            if self.region_score == "error":  # compare error rates instead of mean CE
+                cost_cnn, cost_vit = (z_cnn.argmax(1) != target).float(), (z_vit.argmax(1) != target).float()
+            cnn_teaches, vit_teaches = region_bsd_masks(cost_cnn, cost_vit, target, self.region_size,
                                                         self.ignore_index, self.margin)
             kd["rbsd"] = self.rbsd(out_cnn["feat"].float(), out_vit["feat"].float(), cnn_teaches, vit_teaches)
             stats["regions_cnn_teaches"], stats["regions_vit_teaches"] = cnn_teaches.mean(), vit_teaches.mean()
         if self.use_pbsd:
-            cnn_teaches, vit_teaches = pixel_bsd_masks(z_cnn.detach(), z_vit.detach(), target, self.ignore_index)
+            cnn_teaches, vit_teaches = pixel_bsd_masks(z_cnn.detach(), z_vit.detach(), target, self.ignore_index,
+                                                       learner_must_be_wrong=self.pixel_rule == "exclusive")
             kd["pbsd"] = pixel_bsd_loss(z_cnn, z_vit, cnn_teaches, vit_teaches, self.temperature)
             stats["pixels_cnn_to_vit"] = cnn_teaches.sum() / n_valid
             stats["pixels_vit_to_cnn"] = vit_teaches.sum() / n_valid
@@ -1044,7 +1055,8 @@ def train(args, ctx):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = CTCL(spec["classes"], method=args.method, lambda_hfd=args.lambda_hfd,
                  lambda_rbsd=args.lambda_rbsd, lambda_pbsd=args.lambda_pbsd,
-                 region_size=args.region_size, margin=args.rbsd_margin, temperature=args.temperature,
+                 region_size=args.region_size, margin=args.rbsd_margin, region_score=args.region_score,
+                 temperature=args.temperature, pixel_rule=args.pixel_rule,
                  output_stride=args.output_stride, pretrained=args.pretrained,
                  vit_weights=args.vit_weights).to(ctx.device)
     if ctx.world_size > 1 and ctx.device.type == "cuda":
@@ -1201,10 +1213,19 @@ class Runtime:
                 f.write(json.dumps(record) + "\n")
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Append each flag's default, unless its help already explains a per-data-set one."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description="CTCL: CNN-Transformer collaborative learning for "
                                 "semantic segmentation (ICCV 2023), reference implementation.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpWithDefaults)
     a = p.add_argument
     a("--data", default="synthetic", choices=list(DATASETS), help="data set")
     a("--data-root", default=None, help="data folder (default: the data set's folder under ./data)")
@@ -1212,7 +1233,7 @@ def get_args_parser():
     a("--gpu", type=int, default=None, help="GPU index, -1 for the CPU (default: GPU 0 if there is one)")
     a("--iters", type=int, default=None, help="training iterations (default: per data set, see README)")
     a("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this iteration, to split "
-      "a run across job time limits; the schedule still runs to --iters")
+      "a run across job time limits; the schedule still runs to --iters (default: --iters)")
     a("--batch-size", type=int, default=None, help="images per step and process (default: per data set)")
     a("--crop-size", type=int, nargs="+", default=None, help="training crop, one side or H W (default: per data set)")
     a("--eval-every", type=int, default=None, help="evaluate and checkpoint every N iterations "
@@ -1221,7 +1242,7 @@ def get_args_parser():
     a("--workers", type=int, default=None, help="data-loading processes (default: 0 synthetic, 8 otherwise)")
     a("--seed", type=int, default=0, help="seed of weights, sampling and augmentation")
     a("--out", type=pathlib.Path, default=None, help="output folder (default: runs/DATA-METHOD-sSEED)")
-    a("--resume", default=None, help="checkpoint to continue from (OUT/last.pt)")
+    a("--resume", default=None, help="checkpoint to continue from, e.g. OUT/last.pt (default: none)")
     a("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
     a("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with loss scaling")
     a("--method", default="ctcl", choices=["independent", "dml", "ctcl"],
@@ -1233,6 +1254,10 @@ def get_args_parser():
       "(a multiple of 4)")
     a("--rbsd-margin", type=float, default=0.0, help="[I] a student teaches a region only if its mean CE "
       "there is lower than its peer's by more than this")
+    a("--region-score", default="ce", choices=["ce", "error"], help="[I] a student's reliability in a "
+      "region: its mean cross-entropy there, or its error rate")
+    a("--pixel-rule", default="exclusive", choices=["exclusive", "teacher-right"], help="[I] pixel BSD "
+      "transfers where the teacher is right and the learner wrong (exclusive), or wherever the teacher is right")
     a("--temperature", type=float, default=1.0, help="[I] softmax temperature of pixel BSD and DML")
     a("--kd-warmup", type=int, default=None, help="[I] iterations of the sigmoid ramp of the distillation "
       "weight (default: 5%% of --iters)")

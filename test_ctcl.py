@@ -9,6 +9,7 @@ import math
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 
@@ -179,7 +180,7 @@ def ref_region_masks(ce_cnn, ce_vit, target, r, margin):
     return cnn, vit
 
 
-def ref_pixel_masks(logits_cnn, logits_vit, target, ignore_index=255):
+def ref_pixel_masks(logits_cnn, logits_vit, target, ignore_index=255, learner_must_be_wrong=True):
     b, _, h, w = logits_cnn.shape
     cnn, vit = torch.zeros(b, h, w), torch.zeros(b, h, w)
     for i in range(b):
@@ -190,8 +191,8 @@ def ref_pixel_masks(logits_cnn, logits_vit, target, ignore_index=255):
                     continue
                 pc = max(range(logits_cnn.shape[1]), key=lambda k: (float(logits_cnn[i, k, y, x]), -k))
                 pv = max(range(logits_vit.shape[1]), key=lambda k: (float(logits_vit[i, k, y, x]), -k))
-                cnn[i, y, x] = float(pc == t and pv != t)
-                vit[i, y, x] = float(pv == t and pc != t)
+                cnn[i, y, x] = float(pc == t and (pv != t or not learner_must_be_wrong))
+                vit[i, y, x] = float(pv == t and (pc != t or not learner_must_be_wrong))
     return cnn, vit
 
 
@@ -381,6 +382,13 @@ def test_pixel_bsd_masks_equal_reference(ignore_index):
     assert cnn.sum() > 0 and vit.sum() > 0 and (cnn * vit).sum() == 0
     ignored = target == ignore_index
     assert (cnn[ignored] == 0).all() and (vit[ignored] == 0).all()
+
+
+def test_pixel_bsd_masks_teacher_right_rule():
+    logits_cnn, logits_vit, target = pixel_inputs(seed=6)
+    cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, target, learner_must_be_wrong=False)
+    ref_cnn, ref_vit = ref_pixel_masks(logits_cnn, logits_vit, target, learner_must_be_wrong=False)
+    assert torch.equal(cnn, ref_cnn) and torch.equal(vit, ref_vit) and (cnn * vit).sum() > 0
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
@@ -601,7 +609,8 @@ def read_metrics(path):
 
 
 @pytest.mark.parametrize("extra", [["--method", "independent"], ["--method", "dml"], ["--method", "ctcl"],
-                                   ["--lambda-hfd", "0"], ["--lambda-rbsd", "0"], ["--lambda-pbsd", "0"]])
+                                   ["--lambda-hfd", "0"], ["--lambda-rbsd", "0"], ["--lambda-pbsd", "0"],
+                                   ["--amp"], ["--region-score", "error", "--pixel-rule", "teacher-right"]])
 def test_runs_train_and_eval(tmp_path, small_data, capsys, extra):
     result = run_main(tmp_path, "--iters", "3", *extra)
     out = capsys.readouterr().out
@@ -664,6 +673,20 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, small_data, monkey
     assert last.read_bytes() == before
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["iter"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path, small_data, monkeypatch, capsys):
+    ramp = ctcl.sigmoid_rampup
+
+    def press_ctrl_c_in_step_2(step, length):
+        if step == 1:
+            signal.raise_signal(signal.SIGINT)
+        return ramp(step, length)
+    monkeypatch.setattr(ctcl, "sigmoid_rampup", press_ctrl_c_in_step_2)
+    result = run_main(tmp_path, "--iters", "5")
+    assert result["iter"] == 2 and "interrupted: checkpoint at iteration 2" in capsys.readouterr().out
+    assert torch.load(tmp_path / "out" / "last.pt", weights_only=True)["iter"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
 def test_eval_only_and_vis_panels(tmp_path, small_data, capsys):
@@ -730,7 +753,8 @@ import ctcl
 build = ctcl.build_datasets
 ctcl.build_datasets = lambda *a, **k: build(*a, **dict(k, synthetic_size=(12, 3)))
 result = ctcl.main(sys.argv[1:])
-torch.save(result["model"].state_dict(), os.path.join({tmp!r}, "rank%s.pt" % os.environ["RANK"]))
+torch.save({{"model": result["model"].state_dict(), "conf": result["conf"]}},
+           os.path.join({tmp!r}, "rank%s.pt" % os.environ["RANK"]))
 """
 
 
@@ -744,8 +768,13 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("mIoU") == 1  # rank 0 alone prints
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for k in rank0:
-        assert torch.equal(rank0[k], rank1[k]), k
+    for k in rank0["model"]:
+        assert torch.equal(rank0["model"][k], rank1["model"][k]), k
+    # the 3 validation images are split 2 + 1 over the ranks; the summed matrix counts each once
+    val = ctcl.build_datasets("synthetic", None, [32, 32], synthetic_size=(12, 3))[1]
+    valid_pixels = sum(int((val[i][1] != 255).sum()) for i in range(3))
+    for rank in (rank0, rank1):
+        assert int(rank["conf"]["cnn"].sum()) == valid_pixels == int(rank["conf"]["vit"].sum())
     records = read_metrics(out / "metrics.jsonl")  # rank 0 alone writes: one line per iteration
     assert [r["iter"] for r in records if r["type"] == "train"] == [1, 2]
     assert sorted(p.name for p in out.iterdir()) == ["last.pt", "metrics.jsonl"]
