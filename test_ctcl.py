@@ -22,7 +22,8 @@ import torchvision
 import ctcl
 
 HERE = pathlib.Path(__file__).resolve().parent
-KEYS_FILE = HERE.parent / "shared" / "mit_b0_keys.json"
+KEYS_FILE = HERE / "mit_b0_keys.json"  # the official MiT-B0 checkpoint's keys and shapes
+SHARED_KEYS_FILE = HERE.parent / "shared" / "mit_b0_keys.json"  # the project's copy, beside a checkout
 
 
 def random_target(b, h, w, num_classes, *, ignore_frac=0.2, seed=0):
@@ -73,9 +74,10 @@ def test_resnet18_state_dict_loads_into_backbone():
 
 
 def official_keys():
-    if not KEYS_FILE.exists():
-        pytest.fail(f"{KEYS_FILE} is missing: it holds the official MiT-B0 key layout")
-    return {name: tuple(shape) for name, shape in json.loads(KEYS_FILE.read_text())}
+    keys = json.loads(KEYS_FILE.read_text())
+    if SHARED_KEYS_FILE.exists():
+        assert keys == json.loads(SHARED_KEYS_FILE.read_text()), "the repo's copy differs from ../shared"
+    return {name: tuple(shape) for name, shape in keys}
 
 
 def test_mit_b0_matches_official_key_layout():
