@@ -34,6 +34,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.error
 
 import numpy
 import PIL.Image
@@ -692,10 +693,14 @@ def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, wo
 # Real data sets, read from their standard layouts. Each has load(index) like above.
 
 def read_image(path):
+    """uint8 RGB tensor (3, H, W)."""
     try:
-        return torchvision.io.decode_image(str(path), mode=torchvision.io.ImageReadMode.RGB)
-    except Exception as error:  # torchvision raises RuntimeError/ValueError by format
-        raise UserError(f"cannot decode image {path}: {error}") from None
+        with PIL.Image.open(path) as image:
+            array = numpy.array(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UserError(f"cannot decode image {path} ({type(error).__name__}): the file is damaged or not an "
+                        "image; fetch it again (bash data_prep.sh) or drop it from the split list") from None
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def read_label(path, image_shape, num_classes, lut=None):
@@ -712,7 +717,7 @@ def read_label(path, image_shape, num_classes, lut=None):
         label = lut[label.clamp(0, len(lut) - 1)]
     if tuple(label.shape) != tuple(image_shape[-2:]):
         raise UserError(f"label {path} is {tuple(label.shape)} but its image is {tuple(image_shape[-2:])}")
-    bad = (label >= num_classes) & (label != IGNORE_INDEX) | (label < 0)
+    bad = ((label >= num_classes) & (label != IGNORE_INDEX)) | (label < 0)
     if bad.any():
         raise UserError(f"label {path} holds values {sorted(label[bad].unique().tolist())[:5]} outside "
                         f"[0, {num_classes}) that are not {IGNORE_INDEX}")
@@ -745,27 +750,28 @@ def voc_pairs(root, split):
     return [(root / "JPEGImages" / f"{i}.jpg", root / label_dir / f"{i}.png") for i in ids]
 
 
-# Cityscapes label id -> train id (the official table's 19 evaluated classes; the rest 255)
-CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
-                        24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-
-
 def cityscapes_lut():
+    """Label id -> train id from the official table (torchvision keeps it): 19 classes, the rest 255."""
     lut = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
-    for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
-        lut[label_id] = train_id
+    for c in torchvision.datasets.Cityscapes.classes:
+        if 0 <= c.id < 256 and 0 <= c.train_id < 19:
+            lut[c.id] = c.train_id
     return lut
 
 
 def cityscapes_pairs(root, split):
-    root = pathlib.Path(root)
-    images = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
-    return [(p, root / "gtFine" / split / p.parent.name /
-             p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")) for p in images]
+    """leftImg8bit/SPLIT/CITY/*_leftImg8bit.png with gtFine/SPLIT/CITY/*_gtFine_labelIds.png."""
+    try:
+        found = torchvision.datasets.Cityscapes(root, split=split, mode="fine", target_type="semantic")
+    except RuntimeError:
+        raise UserError(f"cityscapes {split} images or labels are missing under {root}: run "
+                        "`bash data_prep.sh cityscapes`") from None
+    return [(pathlib.Path(image), pathlib.Path(target[0])) for image, target in zip(found.images, found.targets)]
 
 
 def camvid_pairs(root, split):
-    """SegNet's CamVid layout: {train,val,test}/ and {train,val,test}annot/, void = 11."""
+    """SegNet's CamVid layout: {train,val,test}/ and {train,val,test}annot/, void = 11.
+    Training uses train + val (367 + 101), evaluation the 233 test images."""
     root = pathlib.Path(root)
     splits = ("train", "val") if split == "train" else ("test",)
     return [(p, root / f"{s}annot" / p.name) for s in splits for p in sorted((root / s).glob("*.png"))]
@@ -786,17 +792,25 @@ def read_split_list(path):
     return ids
 
 
-# name: classes, default root, crop, batch, iterations, reader of (image, label) pairs, and
-# any default that differs from the flags' (learning rates, evaluations per run)
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+               "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor")
+CITYSCAPES_CLASSES = tuple(c.name for c in sorted(torchvision.datasets.Cityscapes.classes, key=lambda c: c.train_id)
+                           if 0 <= c.train_id < 19)
+CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car",
+                  "pedestrian", "bicyclist")
+
+# name: class names, default root, crop, batch, iterations, reader of (image, label) pairs,
+# and any default that differs from the flags' (learning rates, evaluations per run)
 DATASETS = {
     # synthetic trains from scratch in ~3 CPU minutes: higher learning rates, 2 evaluations
-    "synthetic": dict(classes=len(SYNTHETIC_CLASSES), root=None, crop=64, batch=8, iters=360,
+    "synthetic": dict(classes=SYNTHETIC_CLASSES, root=None, crop=64, batch=8, iters=360,
                       cnn_lr=0.02, vit_lr=3e-4, evals=2),
-    "voc": dict(classes=21, root="data/VOCdevkit/VOC2012", crop=512, batch=16, iters=40_000,
+    "voc": dict(classes=VOC_CLASSES, root="data/VOCdevkit/VOC2012", crop=512, batch=16, iters=40_000,
                 pairs=voc_pairs, val="val"),
-    "cityscapes": dict(classes=19, root="data/cityscapes", crop=(512, 1024), batch=8, iters=80_000,
+    "cityscapes": dict(classes=CITYSCAPES_CLASSES, root="data/cityscapes", crop=(512, 1024), batch=8, iters=80_000,
                        pairs=cityscapes_pairs, val="val", lut=cityscapes_lut),
-    "camvid": dict(classes=11, root="data/CamVid", crop=(360, 480), batch=8, iters=20_000,
+    "camvid": dict(classes=CAMVID_CLASSES, root="data/CamVid", crop=(360, 480), batch=8, iters=20_000,
                    pairs=camvid_pairs, val="test", lut=camvid_lut),
 }
 
@@ -822,7 +836,7 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 64))
             missing = [str(p) for pair in pairs for p in pair if not p.exists()][:3]
             if missing:
                 raise UserError(f"{name} {split} files are missing, e.g. {missing[0]}")
-            sets.append(FileSegmentation(pairs, spec["classes"], lut))
+            sets.append(FileSegmentation(pairs, len(spec["classes"]), lut))
         train, val = sets
     return Augmented(train, JointTransform(crop_size)), Augmented(val, JointTransform(None))
 
@@ -1046,19 +1060,30 @@ def train_step(model, images, target, optimizers, schedulers, scaler, autocast, 
     return loss.detach(), terms
 
 
+def build_model(args, num_classes):
+    """The two students with the projectors of --method; pretrained weights as asked."""
+    try:
+        return CTCL(num_classes, method=args.method, lambda_hfd=args.lambda_hfd, lambda_rbsd=args.lambda_rbsd,
+                    lambda_pbsd=args.lambda_pbsd, region_size=args.region_size, margin=args.rbsd_margin,
+                    region_score=args.region_score, temperature=args.temperature, pixel_rule=args.pixel_rule,
+                    output_stride=args.output_stride, pretrained=args.pretrained, vit_weights=args.vit_weights)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+        raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({error}): run "
+                        "`bash data_prep.sh weights` where there is a network (it caches them under "
+                        "TORCH_HOME), or pass --no-pretrained") from None
+    except ValueError as error:  # a MiT checkpoint in another layout
+        raise UserError(f"--vit-weights {args.vit_weights}: {error}") from None
+
+
 def train(args, ctx):
     spec = DATASETS[args.data]
     train_set, val_set = build_datasets(args.data, args.data_root, args.crop_size, args.data_seed)
     if args.vit_weights is None and args.data != "synthetic" and ctx.is_main:
         print("warning: --vit-weights none trains MiT-B0 from scratch; expect numbers far below the paper's",
               file=sys.stderr)
+    num_classes = len(spec["classes"])
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = CTCL(spec["classes"], method=args.method, lambda_hfd=args.lambda_hfd,
-                 lambda_rbsd=args.lambda_rbsd, lambda_pbsd=args.lambda_pbsd,
-                 region_size=args.region_size, margin=args.rbsd_margin, region_score=args.region_score,
-                 temperature=args.temperature, pixel_rule=args.pixel_rule,
-                 output_stride=args.output_stride, pretrained=args.pretrained,
-                 vit_weights=args.vit_weights).to(ctx.device)
+    model = build_model(args, num_classes).to(ctx.device)
     if ctx.world_size > 1 and ctx.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizers, schedulers = build_optimizers(model, iters=args.iters, cnn_lr=args.cnn_lr,
@@ -1080,17 +1105,16 @@ def train(args, ctx):
         restore_rng_state(ckpt["rng"], ctx.rank)
         start = ckpt["iter"]
         ctx.print(f"resumed from {args.resume} at iteration {start}")
-    class_names = SYNTHETIC_CLASSES if args.data == "synthetic" else [str(k) for k in range(spec["classes"])]
 
     def run_eval(it):
         if ctx.world_size > 1:  # CPU DDP keeps per-rank BN statistics: evaluate rank 0's
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, 0)
-        conf = evaluate(model, val_set, num_classes=spec["classes"], device=ctx.device,
+        conf = evaluate(model, val_set, num_classes=num_classes, device=ctx.device,
                         autocast=ctx.autocast(), rank=ctx.rank, world_size=ctx.world_size,
                         workers=args.workers, vis_dir=args.out / "vis" if ctx.is_main else None,
                         vis_count=args.vis, tag=f"it{it:06d}_")
-        ctx.print(f"evaluation at iteration {it}:\n{report(conf, class_names)}")
+        ctx.print(f"evaluation at iteration {it}:\n{report(conf, spec['classes'])}")
         ctx.log({"type": "eval", "iter": it, **eval_record(conf)})
         return conf
 
@@ -1287,8 +1311,8 @@ def fill_defaults(args):
     crop = [crop] * 2 if isinstance(crop, int) else list(crop) * (2 if len(crop) == 1 else 1)
     args.crop_size = crop
     args.eval_every = args.eval_every or max(1, args.iters // spec.get("evals", 5))
-    args.cnn_lr = args.cnn_lr or spec.get("cnn_lr", 0.01)
-    args.vit_lr = args.vit_lr or spec.get("vit_lr", 6e-5)
+    args.cnn_lr = spec.get("cnn_lr", 0.01) if args.cnn_lr is None else args.cnn_lr
+    args.vit_lr = spec.get("vit_lr", 6e-5) if args.vit_lr is None else args.vit_lr
     args.log_every = args.log_every or max(1, min(50, args.iters // 30))
     args.workers = args.workers if args.workers is not None else (8 if real else 0)
     args.kd_warmup = args.kd_warmup if args.kd_warmup is not None else args.iters // 20
@@ -1305,6 +1329,7 @@ def fill_defaults(args):
          f"of 4 (the feature stride), got {args.region_size}"),
         (args.temperature > 0, f"--temperature must be positive, got {args.temperature}"),
         (min(args.lambda_hfd, args.lambda_rbsd, args.lambda_pbsd) >= 0, "the --lambda-* weights must be >= 0"),
+        (min(args.cnn_lr, args.vit_lr) >= 0, "the learning rates must be >= 0"),
         (args.vis >= 0 and args.workers >= 0, "--vis and --workers must be >= 0"),
         (not args.eval_only or args.resume, "--eval-only needs --resume CHECKPOINT"),
     ]
@@ -1323,7 +1348,7 @@ def fill_defaults(args):
 def benchmark(args, ctx, rounds=5, steps=3):
     """ms per training step of independent, dml and ctcl, interleaved round by round so
     that all three see the same machine state; then peak memory."""
-    classes = DATASETS[args.data]["classes"]
+    classes = len(DATASETS[args.data]["classes"])
     images = torch.randn(args.batch_size, 3, *args.crop_size, device=ctx.device)
     target = torch.randint(0, classes, (args.batch_size, *args.crop_size), device=ctx.device)
     target[:, :, :4] = IGNORE_INDEX
@@ -1381,7 +1406,9 @@ def main(argv=None):
                   f"{args.batch_size}, crop {args.crop_size}, device {ctx.device}, world size {ctx.world_size}")
         return train(args, ctx)
     except UserError as error:
-        print(f"ctcl.py: error: {error}", file=sys.stderr)
+        # raised in a data-loading worker, the message carries the worker's traceback: keep its last line
+        message = str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        print(f"ctcl.py: error: {message}", file=sys.stderr)
         raise SystemExit(2)
     except Diverged as error:
         print(f"ctcl.py: {error}", file=sys.stderr)

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
 
 import pytest
 import torch
@@ -782,3 +783,218 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["last.pt", "metrics.jsonl"]
     evals = [r for r in records if r["type"] == "eval"]
     assert len(evals) == 1
+
+
+# ----------------------------------------------------------------------------------
+# Real data sets, faked in their on-disk layouts; pretrained weights from local files
+
+def write_image(path, array, mode=None, palette=None):
+    import PIL.Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = PIL.Image.fromarray(array.astype("uint8"), mode=mode) if mode else PIL.Image.fromarray(array.astype("uint8"))
+    if palette is not None:
+        image = image.convert("P") if image.mode != "P" else image
+        image.putpalette(palette)
+    image.save(path)
+
+
+def random_rgb(h, w, seed):
+    return torch.randint(0, 256, (h, w, 3), generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+def random_label(h, w, values, seed, border=True):
+    g = torch.Generator().manual_seed(seed)
+    label = torch.tensor(values)[torch.randint(0, len(values), (h // 8 + 1, w // 8 + 1), generator=g)]
+    label = label.repeat_interleave(8, 0).repeat_interleave(8, 1)[:h, :w].clone()
+    if border:
+        label[0, :], label[-1, :], label[:, 0], label[:, -1] = 255, 255, 255, 255
+    return label.numpy()
+
+
+def fake_voc(root, n_train=4, n_val=2, h=40, w=48):
+    palette = ctcl.PALETTE.flatten().tolist()
+    for split, n in (("train", n_train), ("val", n_val)):
+        ids = [f"2007_{split}{i:03d}" for i in range(n)]
+        for k, i in enumerate(ids):
+            write_image(root / "JPEGImages" / f"{i}.jpg", random_rgb(h, w, k))
+            write_image(root / "SegmentationClass" / f"{i}.png", random_label(h, w, list(range(21)), k), "L", palette)
+        (root / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def fake_cityscapes(root, h=40, w=80):
+    for split, n in (("train", 4), ("val", 2)):
+        for k in range(n):
+            stem = f"aachen_{k:06d}_000019"
+            write_image(root / "leftImg8bit" / split / "aachen" / f"{stem}_leftImg8bit.png", random_rgb(h, w, k))
+            write_image(root / "gtFine" / split / "aachen" / f"{stem}_gtFine_labelIds.png",
+                        random_label(h, w, list(range(34)), k, border=False), "L")
+    return root
+
+
+def fake_camvid(root, h=36, w=48):
+    for split, n in (("train", 3), ("val", 1), ("test", 2)):
+        for k in range(n):
+            write_image(root / split / f"0001TP_{split}{k}.png", random_rgb(h, w, k))
+            write_image(root / f"{split}annot" / f"0001TP_{split}{k}.png", random_label(h, w, list(range(12)), k), "L")
+    return root
+
+
+FAKES = {"voc": fake_voc, "cityscapes": fake_cityscapes, "camvid": fake_camvid}
+REAL = ["--no-pretrained", "--vit-weights", "none", "--workers", "0"]
+
+
+@pytest.mark.parametrize("name", ["voc", "cityscapes", "camvid"])
+def test_real_data_layouts_train_and_evaluate(tmp_path, capsys, name):
+    root = FAKES[name](tmp_path / name)
+    result = ctcl.main(["--data", name, "--data-root", str(root), "--iters", "2", "--out", str(tmp_path / "out"),
+                        *SMALL, *REAL])
+    out = capsys.readouterr().out
+    assert "mIoU" in out and ctcl.DATASETS[name]["classes"][1] in out  # class names in the table
+    spec = ctcl.DATASETS[name]
+    lut = spec["lut"]() if "lut" in spec else torch.arange(256)
+    val_labels = [ctcl.read_label(label, image_shape=ctcl.read_image(image).shape, num_classes=len(spec["classes"]),
+                                  lut=lut if "lut" in spec else None)
+                  for image, label in spec["pairs"](root, spec["val"])]
+    valid = sum(int((label != 255).sum()) for label in val_labels)
+    assert valid > 0 and int(result["conf"]["cnn"].sum()) == valid
+    assert result["conf"]["cnn"].shape == (len(spec["classes"]),) * 2
+
+
+def test_voc_prefers_train_aug(tmp_path):
+    root = fake_voc(tmp_path / "voc")
+    aug = root / "SegmentationClassAug"
+    for k, i in enumerate(["2008_aug000", "2007_train000"]):
+        write_image(root / "JPEGImages" / f"{i}.jpg", random_rgb(40, 48, k))
+        write_image(aug / f"{i}.png", random_label(40, 48, list(range(21)), k), "L")
+    (root / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("2008_aug000\n2007_train000\n")
+    pairs = ctcl.voc_pairs(root, "train")
+    assert [p[1] for p in pairs] == [aug / "2008_aug000.png", aug / "2007_train000.png"]
+    assert ctcl.voc_pairs(root, "val")[0][1].parent.name == "SegmentationClass"
+
+
+# The official Cityscapes table (cityscapesScripts' labels.py): id -> trainId, 255 = ignored
+CITYSCAPES_OFFICIAL = {0: 255, 1: 255, 2: 255, 3: 255, 4: 255, 5: 255, 6: 255, 7: 0, 8: 1, 9: 255, 10: 255,
+                       11: 2, 12: 3, 13: 4, 14: 255, 15: 255, 16: 255, 17: 5, 18: 255, 19: 6, 20: 7, 21: 8,
+                       22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 29: 255, 30: 255, 31: 16,
+                       32: 17, 33: 18}
+
+
+def test_cityscapes_id_mapping_matches_official_table():
+    lut = ctcl.cityscapes_lut()
+    assert len(CITYSCAPES_OFFICIAL) == 34
+    assert {i: int(lut[i]) for i in range(34)} == CITYSCAPES_OFFICIAL
+    assert (lut[34:] == 255).all()
+    assert ctcl.CITYSCAPES_CLASSES[0] == "road" and ctcl.CITYSCAPES_CLASSES[18] == "bicycle"
+
+
+def test_camvid_void_is_ignored():
+    lut = ctcl.camvid_lut()
+    assert lut[:11].tolist() == list(range(11)) and (lut[11:] == 255).all()
+
+
+def corrupt_undecodable(root):
+    (root / "JPEGImages" / "2007_train001.jpg").write_bytes(b"this is no jpeg")
+    return "cannot decode image", "2007_train001.jpg"
+
+
+def corrupt_rgb_label(root):
+    write_image(root / "SegmentationClass" / "2007_train002.png", random_rgb(40, 48, 0))
+    return "is RGB colour, not class indices", "2007_train002.png"
+
+
+def corrupt_label_size(root):
+    write_image(root / "SegmentationClass" / "2007_train000.png", random_label(30, 30, [0, 1], 0), "L")
+    return "is (30, 30) but its image is (40, 48)", "2007_train000.png"
+
+
+def corrupt_label_values(root):
+    write_image(root / "SegmentationClass" / "2007_train003.png", random_label(40, 48, [0, 30], 0), "L")
+    return "holds values [30] outside [0, 21) that are not 255", "2007_train003.png"
+
+
+def corrupt_missing_split(root):
+    (root / "ImageSets" / "Segmentation" / "val.txt").unlink()
+    return "split list", "val.txt is missing"
+
+
+def corrupt_empty_split(root):
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n")
+    return "split list", "train.txt is empty"
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_undecodable, corrupt_rgb_label, corrupt_label_size,
+                                     corrupt_label_values, corrupt_missing_split, corrupt_empty_split])
+def test_bad_data_is_a_one_line_error(tmp_path, capsys, corrupt):
+    root = fake_voc(tmp_path / "voc")
+    fragments = corrupt(root)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        ctcl.main(["--data", "voc", "--data-root", str(root), "--iters", "2", "--out", str(out), *SMALL, *REAL])
+    err = "\n".join(line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:"))
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert all(f in err for f in fragments), err
+    assert not list(out.glob("*.pt*")) and not list(out.glob("*.tmp"))  # no checkpoint, whole or half
+
+
+def test_bad_data_in_a_loader_worker_is_still_one_line(tmp_path, capsys):
+    root = fake_voc(tmp_path / "voc")
+    corrupt_undecodable(root)
+    with pytest.raises(SystemExit) as exit_info:
+        ctcl.main(["--data", "voc", "--data-root", str(root), "--iters", "2", "--out", str(tmp_path / "out"),
+                   *SMALL, "--no-pretrained", "--vit-weights", "none", "--workers", "1"])
+    err = "\n".join(line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:"))
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("ctcl.py: error: cannot decode image") and "2007_train001.jpg" in err
+
+
+def test_missing_vit_weights_names_the_fixes(tmp_path, capsys):
+    root = fake_voc(tmp_path / "voc")
+    with pytest.raises(SystemExit) as exit_info:
+        ctcl.main(["--data", "voc", "--data-root", str(root), "--out", str(tmp_path / "out"),
+                   "--vit-weights", str(tmp_path / "nowhere.pth")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "bash data_prep.sh weights" in err and "--vit-weights none" in err
+
+
+def test_vit_weights_in_the_official_layout_load(tmp_path, small_data):
+    source = ctcl.MixTransformer()
+    ckpt = dict(source.state_dict(), **{"head.weight": torch.randn(1000, 256), "head.bias": torch.randn(1000)})
+    torch.save(ckpt, tmp_path / "mit_b0.pth")
+    result = run_main(tmp_path, "--iters", "1", "--vit-weights", str(tmp_path / "mit_b0.pth"), "--vit-lr", "0")
+    for k, v in source.state_dict().items():  # lr 0: the encoder is still the checkpoint
+        assert torch.equal(result["model"].vit.encoder.state_dict()[k], v), k
+    ckpt["norm3.weight"] = torch.ones(7)
+    torch.save(ckpt, tmp_path / "bad.pth")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(tmp_path, "--iters", "1", "--vit-weights", str(tmp_path / "bad.pth"))
+    assert exit_info.value.code == 2
+
+
+def test_pretrained_resnet18_loads_from_the_torch_cache(tmp_path, small_data, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(123)
+    reference = torchvision.models.resnet18().state_dict()
+    torch.save(reference, cached)
+    result = run_main(tmp_path, "--iters", "1", "--pretrained", "--cnn-lr", "0")
+    backbone = result["model"].cnn.backbone.state_dict()
+    for k, v in backbone.items():
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):  # BN statistics move
+            assert torch.equal(v, reference[k]), k
+
+
+def test_pretrained_without_network_is_a_one_line_error(tmp_path, small_data, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(tmp_path, "--iters", "1", "--pretrained")
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "could not fetch torchvision's ImageNet ResNet-18 weights" in err and "--no-pretrained" in err
