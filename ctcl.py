@@ -461,7 +461,7 @@ class CTCL(nn.Module):
                  ignore_index=255):
         super().__init__()
         assert method in ("independent", "dml", "ctcl"), f"unknown method {method!r}"
-        assert region_score in ("ce", "error") and pixel_rule in ("exclusive", "teacher-right")
+        assert region_score in ("ce", "error") and pixel_rule in ("exclusive", "teacher-right", "all")
         self.region_score, self.pixel_rule = region_score, pixel_rule
         self.method, self.ignore_index, self.temperature = method, ignore_index, temperature
         self.region_size, self.margin = region_size, margin
@@ -505,8 +505,10 @@ class CTCL(nn.Module):
             kd["rbsd"] = self.rbsd(out_cnn["feat"].float(), out_vit["feat"].float(), cnn_teaches, vit_teaches)
             stats["regions_cnn_teaches"], stats["regions_vit_teaches"] = cnn_teaches.mean(), vit_teaches.mean()
         if self.use_pbsd:
-            cnn_teaches, vit_teaches = pixel_bsd_masks(z_cnn.detach(), z_vit.detach(), target, self.ignore_index,
-                                                       learner_must_be_wrong=self.pixel_rule == "exclusive")
+            cnn_teaches = vit_teaches = valid  # pixel_rule "all": no selection, the DML term
+            if self.pixel_rule != "all":
+                cnn_teaches, vit_teaches = pixel_bsd_masks(z_cnn.detach(), z_vit.detach(), target, self.ignore_index,
+                                                           learner_must_be_wrong=self.pixel_rule == "exclusive")
             kd["pbsd"] = pixel_bsd_loss(z_cnn, z_vit, cnn_teaches, vit_teaches, self.temperature)
             stats["pixels_cnn_to_vit"] = cnn_teaches.sum() / n_valid
             stats["pixels_vit_to_cnn"] = vit_teaches.sum() / n_valid
@@ -1277,11 +1279,12 @@ def get_args_parser():
     a("--region-size", type=int, default=32, help="[I] side of a region-BSD region in label pixels "
       "(a multiple of 4)")
     a("--rbsd-margin", type=float, default=0.0, help="[I] a student teaches a region only if its mean CE "
-      "there is lower than its peer's by more than this")
+      "there is lower than its peer's by more than this (--rbsd-margin=-inf: both teach everywhere)")
     a("--region-score", default="ce", choices=["ce", "error"], help="[I] a student's reliability in a "
       "region: its mean cross-entropy there, or its error rate")
-    a("--pixel-rule", default="exclusive", choices=["exclusive", "teacher-right"], help="[I] pixel BSD "
-      "transfers where the teacher is right and the learner wrong (exclusive), or wherever the teacher is right")
+    a("--pixel-rule", default="exclusive", choices=["exclusive", "teacher-right", "all"], help="[I] pixel BSD "
+      "transfers where the teacher is right and the learner wrong (exclusive), wherever the teacher is right, "
+      "or on every valid pixel both ways (all: no selection)")
     a("--temperature", type=float, default=1.0, help="[I] softmax temperature of pixel BSD and DML")
     a("--kd-warmup", type=int, default=None, help="[I] iterations of the sigmoid ramp of the distillation "
       "weight (default: 5%% of --iters)")

@@ -565,6 +565,18 @@ def test_objective_ce_ignores_255_and_methods_build_only_their_terms():
     assert t["ce_cnn"].item() == pytest.approx(F.cross_entropy(z, target, ignore_index=255).item(), rel=1e-5)
 
 
+def test_no_selection_teaches_every_valid_pixel_and_region_both_ways():
+    torch.manual_seed(0)
+    model = ctcl.CTCL(4, region_size=16, margin=float("-inf"), pixel_rule="all").eval()  # no dropout
+    images, target = torch.randn(2, 3, 64, 64), random_target(2, 64, 64, 4, seed=5)
+    t = model(images, target)[2]
+    assert t["regions_cnn_teaches"] == 1 and t["regions_vit_teaches"] == 1
+    assert t["pixels_cnn_to_vit"] == 1 and t["pixels_vit_to_cnn"] == 1
+    dml = ctcl.CTCL(4, method="dml").eval()
+    dml.load_state_dict(model.state_dict(), strict=False)  # the same students, without projectors
+    assert t["pbsd_cnn"] == pytest.approx(dml(images, target)[2]["dml_cnn"].item(), rel=1e-5)
+
+
 def test_sigmoid_rampup():
     assert ctcl.sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
     assert ctcl.sigmoid_rampup(50, 100) == pytest.approx(math.exp(-1.25))
@@ -613,7 +625,8 @@ def read_metrics(path):
 
 @pytest.mark.parametrize("extra", [["--method", "independent"], ["--method", "dml"], ["--method", "ctcl"],
                                    ["--lambda-hfd", "0"], ["--lambda-rbsd", "0"], ["--lambda-pbsd", "0"],
-                                   ["--amp"], ["--region-score", "error", "--pixel-rule", "teacher-right"]])
+                                   ["--amp"], ["--region-score", "error", "--pixel-rule", "teacher-right"],
+                                   ["--rbsd-margin=-inf", "--pixel-rule", "all"]])
 def test_runs_train_and_eval(tmp_path, small_data, capsys, extra):
     result = run_main(tmp_path, "--iters", "3", *extra)
     out = capsys.readouterr().out
