@@ -549,9 +549,9 @@ def grey_background(size, g):
 def saturated_colour(g):
     """A random hue at high saturation: objects stand out from the grey background, and
     every object class draws its colour from the same distribution."""
-    high, low, mid = 180 + 75 * torch.rand(1, generator=g), 60 * torch.rand(1, generator=g), 255 * torch.rand(1, generator=g)
-    order = torch.randperm(3, generator=g)
-    return torch.stack([high, low, mid])[order].reshape(3, 1, 1)
+    high, low, mid = 180 + 75 * torch.rand(1, generator=g), 60 * torch.rand(1, generator=g), \
+        255 * torch.rand(1, generator=g)
+    return torch.stack([high, low, mid])[torch.randperm(3, generator=g)].reshape(3, 1, 1)
 
 
 def ignore_borders(label, width=1, ignore_index=255):
@@ -1134,11 +1134,14 @@ def train(args, ctx):
 
     net = model
     if ctx.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     batches = training_batches(train_set, batch_size=args.batch_size, start_iter=start, workers=args.workers,
                                seed=args.seed, rank=ctx.rank, world_size=ctx.world_size,
                                pin_memory=ctx.device.type == "cuda")
     stop_at = min(args.stop_at or args.iters, args.iters)
+    if start >= stop_at:
+        ctx.print(f"the checkpoint is at iteration {start} already: nothing to train (--eval-only evaluates it)")
     first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)
     sums, count, tick, done, conf = {}, 0, time.time(), start, None
     with interrupt_to_checkpoint(ctx.world_size) as interrupted:
