@@ -635,8 +635,8 @@ def test_runs_train_and_eval(tmp_path, small_data, capsys, extra):
     assert [r["iter"] for r in records if r["type"] == "train"] == [1, 2, 3]
     final = [r for r in records if r["type"] == "eval"][-1]
     assert 0 <= final["cnn"]["miou"] <= 1 and 0 <= final["vit"]["miou"] <= 1
-    assert int(result["conf"]["cnn"].sum()) == int((torch.stack([y for _, y in [ctcl.build_datasets(
-        "synthetic", None, [32, 32])[1][i] for i in range(3)]]) != 255).sum())
+    val = ctcl.build_datasets("synthetic", None, [32, 32])[1]  # the 3 small validation images
+    assert int(result["conf"]["cnn"].sum()) == sum(int((val[i][1] != 255).sum()) for i in range(3))
     ckpt = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
     assert ckpt["iter"] == 3 and ckpt["args"]["method"] == (extra[1] if extra[0] == "--method" else "ctcl")
 
@@ -1136,3 +1136,11 @@ def test_data_prep_weights_checks_the_mit_layout(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "weights" / "mit_b0.pth").read_bytes() == good.read_bytes()
     assert "non-commercial" in proc.stdout
+
+
+def test_readme_lists_every_inferred_flag():
+    section = (HERE / "README.md").read_text().split("## What we inferred", 1)[1].split("\n## ", 1)[0]
+    inferred = [a.option_strings[0] for a in ctcl.get_args_parser()._actions if "[I]" in (a.help or "")]
+    assert len(inferred) >= 10
+    missing = [flag for flag in inferred if f"`{flag}" not in section]
+    assert not missing, f"README's 'What we inferred' does not list {missing}"
