@@ -577,6 +577,26 @@ def test_no_selection_teaches_every_valid_pixel_and_region_both_ways():
     assert t["pbsd_cnn"] == pytest.approx(dml(images, target)[2]["dml_cnn"].item(), rel=1e-5)
 
 
+def test_learning_rate_schedules_and_groups():
+    model = ctcl.CTCL(3)
+    (sgd, adamw), schedulers = ctcl.build_optimizers(model, iters=100, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=10)
+    lrs = []
+    for _ in range(100):
+        lrs.append((sgd.param_groups[0]["lr"], adamw.param_groups[0]["lr"], adamw.param_groups[2]["lr"]))
+        for o in (sgd, adamw, *schedulers):
+            o.step()
+    for it in (0, 1, 37, 99):  # SGD: poly 0.9 every iteration
+        assert lrs[it][0] == pytest.approx(0.01 * (1 - it / 100) ** 0.9)
+    assert lrs[5][1] == pytest.approx(6e-5 * 5 / 10, rel=1e-3)  # ViT: linear warm-up over 10 iterations,
+    assert lrs[10][1] == pytest.approx(6e-5)  # then poly 1.0 over the remaining 90
+    assert lrs[55][1] == pytest.approx(6e-5 * (1 - 45 / 90))
+    assert lrs[55][2] == pytest.approx(10 * lrs[55][1])  # decoder and projectors: 10x
+    decays = {id(p): g["weight_decay"] for g in adamw.param_groups for p in g["params"]}
+    assert decays[id(model.vit.encoder.norm1.weight)] == 0 and decays[id(model.vit.encoder.block1[0].attn.q.bias)] == 0
+    assert decays[id(model.vit.encoder.block1[0].attn.q.weight)] == 0.01
+    assert {id(p) for g in sgd.param_groups for p in g["params"]} | set(decays) == {id(p) for p in model.parameters()}
+
+
 def test_sigmoid_rampup():
     assert ctcl.sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
     assert ctcl.sigmoid_rampup(50, 100) == pytest.approx(math.exp(-1.25))
