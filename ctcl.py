@@ -390,20 +390,26 @@ def pixel_bsd_masks(logits_cnn, logits_vit, target, ignore_index=255, learner_mu
     return cnn_teaches.to(logits_cnn.dtype), vit_teaches.to(logits_cnn.dtype)
 
 
-def masked_kl(student_logits, teacher_logits, mask, temperature=1.0):
-    """T² · Σ_pixels m · KL(sg softmax(z_t/T) || softmax(z_s/T)) / max(1, Σ m)."""
+def masked_kl(student_logits, teacher_logits, mask, temperature=1.0, denominator=None):
+    """T² · Σ_pixels m · KL(sg softmax(z_t/T) || softmax(z_s/T)) / max(1, Σ m).
+
+    `denominator` replaces Σ m (e.g. the count of valid pixels, so that a few selected
+    pixels do not weigh as much as the whole image)."""
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
-    return temperature ** 2 * (mask * kl).sum() / mask.sum().clamp_min(1)
+    denominator = mask.sum() if denominator is None else denominator
+    return temperature ** 2 * (mask * kl).sum() / denominator.clamp_min(1)
 
 
-def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, temperature=1.0):
+def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, temperature=1.0, valid=None):
     """loss_vit = masked_kl(z_v <- z_c, cnn_teaches), loss_cnn = masked_kl(z_c <- z_v, vit_teaches).
 
-    With both masks = every valid pixel, this is deep mutual learning (DML)."""
-    return (masked_kl(logits_cnn, logits_vit, vit_teaches, temperature),
-            masked_kl(logits_vit, logits_cnn, cnn_teaches, temperature))
+    Averaged over the transferred pixels [I], or over the `valid` pixels when a valid mask
+    is given. With both masks = every valid pixel, this is deep mutual learning (DML)."""
+    denominator = None if valid is None else valid.sum()
+    return (masked_kl(logits_cnn, logits_vit, vit_teaches, temperature, denominator),
+            masked_kl(logits_vit, logits_cnn, cnn_teaches, temperature, denominator))
 
 
 # ----------------------------------------------------------------------------------
@@ -457,12 +463,13 @@ class CTCL(nn.Module):
 
     def __init__(self, num_classes, *, method="ctcl", lambda_hfd=1.0, lambda_rbsd=1.0,
                  lambda_pbsd=1.0, region_size=32, margin=0.0, region_score="ce", temperature=1.0,
-                 pixel_rule="exclusive", output_stride=16, pretrained=False, vit_weights=None,
-                 ignore_index=255):
+                 pixel_rule="exclusive", pbsd_norm="selected", output_stride=16, pretrained=False,
+                 vit_weights=None, ignore_index=255):
         super().__init__()
         assert method in ("independent", "dml", "ctcl"), f"unknown method {method!r}"
         assert region_score in ("ce", "error") and pixel_rule in ("exclusive", "teacher-right", "all")
-        self.region_score, self.pixel_rule = region_score, pixel_rule
+        assert pbsd_norm in ("selected", "valid"), f"unknown pbsd_norm {pbsd_norm!r}"
+        self.region_score, self.pixel_rule, self.pbsd_norm = region_score, pixel_rule, pbsd_norm
         self.method, self.ignore_index, self.temperature = method, ignore_index, temperature
         self.region_size, self.margin = region_size, margin
         self.lambdas = {"hfd": lambda_hfd, "rbsd": lambda_rbsd, "pbsd": lambda_pbsd}
@@ -509,7 +516,8 @@ class CTCL(nn.Module):
             if self.pixel_rule != "all":
                 cnn_teaches, vit_teaches = pixel_bsd_masks(z_cnn.detach(), z_vit.detach(), target, self.ignore_index,
                                                            learner_must_be_wrong=self.pixel_rule == "exclusive")
-            kd["pbsd"] = pixel_bsd_loss(z_cnn, z_vit, cnn_teaches, vit_teaches, self.temperature)
+            kd["pbsd"] = pixel_bsd_loss(z_cnn, z_vit, cnn_teaches, vit_teaches, self.temperature,
+                                        valid if self.pbsd_norm == "valid" else None)
             stats["pixels_cnn_to_vit"] = cnn_teaches.sum() / n_valid
             stats["pixels_vit_to_cnn"] = vit_teaches.sum() / n_valid
         weight = {"dml": 1.0, **self.lambdas}
@@ -1068,6 +1076,7 @@ def build_model(args, num_classes):
         return CTCL(num_classes, method=args.method, lambda_hfd=args.lambda_hfd, lambda_rbsd=args.lambda_rbsd,
                     lambda_pbsd=args.lambda_pbsd, region_size=args.region_size, margin=args.rbsd_margin,
                     region_score=args.region_score, temperature=args.temperature, pixel_rule=args.pixel_rule,
+                    pbsd_norm=args.pbsd_norm,
                     output_stride=args.output_stride, pretrained=args.pretrained, vit_weights=args.vit_weights)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
         raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({error}): run "
@@ -1288,6 +1297,8 @@ def get_args_parser():
     a("--pixel-rule", default="exclusive", choices=["exclusive", "teacher-right", "all"], help="[I] pixel BSD "
       "transfers where the teacher is right and the learner wrong (exclusive), wherever the teacher is right, "
       "or on every valid pixel both ways (all: no selection)")
+    a("--pbsd-norm", default="selected", choices=["selected", "valid"], help="[I] pixel BSD averages its KL "
+      "over the transferred pixels (selected) or over all valid pixels")
     a("--temperature", type=float, default=1.0, help="[I] softmax temperature of pixel BSD and DML")
     a("--kd-warmup", type=int, default=None, help="[I] iterations of the sigmoid ramp of the distillation "
       "weight (default: 5%% of --iters)")

@@ -403,6 +403,16 @@ def test_pixel_bsd_loss_equals_reference(temperature):
     assert loss_cnn.item() == pytest.approx(ref_masked_kl(logits_cnn, logits_vit, vit, temperature), abs=1e-6)
 
 
+def test_pixel_bsd_loss_averaged_over_valid_pixels():
+    logits_cnn, logits_vit, target = pixel_inputs(seed=7)
+    cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, target)
+    valid = (target != 255).float()
+    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits_cnn, logits_vit, cnn, vit, valid=valid)
+    share = float(cnn.sum() / valid.sum())  # the reference averages over the selected pixels
+    assert loss_vit.item() == pytest.approx(ref_masked_kl(logits_vit, logits_cnn, cnn, 1.0) * share, abs=1e-6)
+    assert 0 < share < 1
+
+
 def test_pixel_bsd_gradients_flow_only_to_the_learner():
     logits_cnn, logits_vit, target = pixel_inputs(seed=4)
     cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, target)
@@ -646,7 +656,7 @@ def read_metrics(path):
 @pytest.mark.parametrize("extra", [["--method", "independent"], ["--method", "dml"], ["--method", "ctcl"],
                                    ["--lambda-hfd", "0"], ["--lambda-rbsd", "0"], ["--lambda-pbsd", "0"],
                                    ["--amp"], ["--region-score", "error", "--pixel-rule", "teacher-right"],
-                                   ["--rbsd-margin=-inf", "--pixel-rule", "all"]])
+                                   ["--rbsd-margin=-inf", "--pixel-rule", "all"], ["--pbsd-norm", "valid"]])
 def test_runs_train_and_eval(tmp_path, small_data, capsys, extra):
     result = run_main(tmp_path, "--iters", "3", *extra)
     out = capsys.readouterr().out
