@@ -443,6 +443,12 @@ def pixel_accuracy(conf):
 # ----------------------------------------------------------------------------------
 # The objective: both students' losses from one forward pass
 
+def upsample_logits(logits, size):
+    """Class scores in fp32, resized (bilinear) to the label's size: where CE, the masks and
+    the confusion matrix are computed."""
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+
+
 def sigmoid_rampup(step, length):
     """w(t) = exp(−5 (1 − t/T)²), rising from ~0 to 1 over T steps, then 1 [I]."""
     if length <= 0 or step >= length:
@@ -490,9 +496,8 @@ class CTCL(nn.Module):
     def forward(self, images, target, kd_weight=1.0):
         """Returns L_cnn, L_vit and a dict of detached numbers worth logging."""
         out_cnn, out_vit = self.cnn(images), self.vit(images)
-        size = target.shape[-2:]
-        z_cnn = F.interpolate(out_cnn["logits"].float(), size=size, mode="bilinear", align_corners=False)
-        z_vit = F.interpolate(out_vit["logits"].float(), size=size, mode="bilinear", align_corners=False)
+        z_cnn = upsample_logits(out_cnn["logits"], target.shape[-2:])
+        z_vit = upsample_logits(out_vit["logits"], target.shape[-2:])
         valid = (target != self.ignore_index).float()
         n_valid = valid.sum().clamp_min(1)
         ce_cnn = F.cross_entropy(z_cnn, target, ignore_index=self.ignore_index, reduction="none")
@@ -869,7 +874,7 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
         with autocast:
             logits = {"cnn": model.cnn(image)["logits"], "vit": model.vit(image)["logits"]}
         for name, z in logits.items():
-            logits[name] = F.interpolate(z.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+            logits[name] = upsample_logits(z, target.shape[-2:])
             conf[name] = conf[name] + confusion_matrix(logits[name].argmax(1), target, num_classes)
         if vis_dir is not None and k < vis_count and rank == 0:
             panel = render_panel(image[0], target[0], logits["cnn"], logits["vit"], model.region_size,
@@ -1088,6 +1093,7 @@ def build_model(args, num_classes):
 
 def train(args, ctx):
     spec = DATASETS[args.data]
+    ckpt = load_checkpoint(args.resume) if args.resume else None  # a bad checkpoint fails before any work
     train_set, val_set = build_datasets(args.data, args.data_root, args.crop_size, args.data_seed)
     if args.vit_weights is None and args.data != "synthetic" and ctx.is_main:
         print("warning: --vit-weights none trains MiT-B0 from scratch; expect numbers far below the paper's",
@@ -1102,8 +1108,7 @@ def train(args, ctx):
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16)
     torch.manual_seed(args.seed + ctx.rank)  # dropout and drop path differ across ranks
     start = 0
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
+    if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as error:
@@ -1353,8 +1358,6 @@ def fill_defaults(args):
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    if args.resume and not pathlib.Path(args.resume).is_file():
-        raise UserError(f"--resume {args.resume}: no such file")
     if args.vit_weights == "none":
         args.vit_weights = None
     elif not pathlib.Path(args.vit_weights).is_file():
