@@ -890,7 +890,8 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
     Returns {"cnn": conf, "vit": conf, "agreement": 2×2}, each summed over every rank's shard."""
     model.eval()
     conf = {"cnn": 0, "vit": 0, "agreement": 0}
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers,
+    # a generator of its own: evaluating must not move the training's random stream
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, generator=torch.Generator(),
                                          sampler=list(range(rank, len(dataset), world_size)))
     for k, (image, target) in enumerate(loader):
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
