@@ -279,14 +279,17 @@ def l2_normalize(x):
     return F.normalize(x, dim=1, eps=1e-12)
 
 
-def mimic_loss(student, teacher, weight=None):
-    """Σ_pixels w·||n(student) − sg(n(teacher))||² / max(1, Σ w); plain mean if w is None."""
+def mimic_loss(student, teacher, weight=None, denominator=None):
+    """Σ_pixels w·||n(student) − sg(n(teacher))||² / max(1, D); plain mean if w is None.
+
+    D is Σ w unless a `denominator` is given (e.g. the count of valid positions)."""
     if student.shape[-2:] != teacher.shape[-2:]:
         student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
     dist = (l2_normalize(student) - l2_normalize(teacher).detach()).pow(2).sum(dim=1)
     if weight is None:
         return dist.mean()
-    return (weight * dist).sum() / weight.sum().clamp_min(1)
+    denominator = weight.sum() if denominator is None else denominator
+    return (weight * dist).sum() / denominator.clamp_min(1)
 
 
 def projector(in_channels, out_channels):
@@ -352,25 +355,32 @@ def expand_region_mask(mask, cells_per_region, size):
 class RegionBSD(nn.Module):
     """Region-wise bidirectional selective distillation on the decoder features.
 
-        loss_vit = Σ_pixels m_c→v ||n(Q_v(F_v)) − sg(n(F_c))||² / max(1, Σ m_c→v)
-        loss_cnn = Σ_pixels m_v→c ||n(Q_c(F_c)) − sg(n(F_v))||² / max(1, Σ m_v→c)
+        loss_vit = Σ_pixels m_c→v ||n(Q_v(F_v)) − sg(n(F_c))||² / N_valid
+        loss_cnn = Σ_pixels m_v→c ||n(Q_c(F_c)) − sg(n(F_v))||² / N_valid
 
-    m_c→v is cnn_teaches expanded from the region grid to the feature grid."""
+    m_c→v is cnn_teaches expanded from the region grid to the feature grid; N_valid counts
+    the feature positions that cover a valid label pixel (`valid`, the label-grid mask),
+    so an untaught position adds 0, as in pixel-wise distillation for segmentation [I].
+    Without `valid`, each loss is averaged over its taught positions (÷ max(1, Σ m))."""
 
     def __init__(self, channels=256, region_size=32, feature_stride=4):
         super().__init__()
         assert region_size % feature_stride == 0, (
             f"region_size ({region_size}) must be a multiple of the feature stride ({feature_stride})")
-        self.cells_per_region = region_size // feature_stride
+        self.cells_per_region, self.feature_stride = region_size // feature_stride, feature_stride
         self.q_cnn = nn.Conv2d(channels, channels, 1)  # [I] each student's own projector
         self.q_vit = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, feat_cnn, feat_vit, cnn_teaches, vit_teaches):
+    def forward(self, feat_cnn, feat_vit, cnn_teaches, vit_teaches, valid=None):
         size = feat_cnn.shape[-2:]
         m_cnn_to_vit = expand_region_mask(cnn_teaches, self.cells_per_region, size)
         m_vit_to_cnn = expand_region_mask(vit_teaches, self.cells_per_region, size)
-        return (mimic_loss(self.q_cnn(feat_cnn), feat_vit, m_vit_to_cnn),
-                mimic_loss(self.q_vit(feat_vit), feat_cnn, m_cnn_to_vit))
+        n_valid = None
+        if valid is not None:  # a feature position is valid if its stride² label cell holds a valid pixel
+            stride = self.feature_stride
+            n_valid = F.max_pool2d(valid[:, None].float(), stride, stride, ceil_mode=True).sum()
+        return (mimic_loss(self.q_cnn(feat_cnn), feat_vit, m_vit_to_cnn, n_valid),
+                mimic_loss(self.q_vit(feat_vit), feat_cnn, m_cnn_to_vit, n_valid))
 
 
 # ----------------------------------------------------------------------------------
@@ -405,8 +415,9 @@ def masked_kl(student_logits, teacher_logits, mask, temperature=1.0, denominator
 def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, temperature=1.0, valid=None):
     """loss_vit = masked_kl(z_v <- z_c, cnn_teaches), loss_cnn = masked_kl(z_c <- z_v, vit_teaches).
 
-    Averaged over the transferred pixels [I], or over the `valid` pixels when a valid mask
-    is given. With both masks = every valid pixel, this is deep mutual learning (DML)."""
+    Averaged over the `valid` pixels when a valid mask is given (an untransferred pixel
+    adds 0, the convention of segmentation distillation [I]), else over the transferred
+    pixels. With both masks = every valid pixel, this is deep mutual learning (DML)."""
     denominator = None if valid is None else valid.sum()
     return (masked_kl(logits_cnn, logits_vit, vit_teaches, temperature, denominator),
             masked_kl(logits_vit, logits_cnn, cnn_teaches, temperature, denominator))
@@ -478,13 +489,13 @@ class CTCL(nn.Module):
 
     def __init__(self, num_classes, *, method="ctcl", lambda_hfd=1.0, lambda_rbsd=1.0,
                  lambda_pbsd=1.0, region_size=32, margin=0.0, region_score="ce", temperature=1.0,
-                 pixel_rule="exclusive", pbsd_norm="selected", output_stride=16, pretrained=False,
+                 pixel_rule="exclusive", bsd_norm="valid", output_stride=16, pretrained=False,
                  vit_weights=None, ignore_index=255):
         super().__init__()
         assert method in ("independent", "dml", "ctcl"), f"unknown method {method!r}"
-        assert region_score in ("ce", "error") and pixel_rule in ("exclusive", "teacher-right", "all")
-        assert pbsd_norm in ("selected", "valid"), f"unknown pbsd_norm {pbsd_norm!r}"
-        self.region_score, self.pixel_rule, self.pbsd_norm = region_score, pixel_rule, pbsd_norm
+        assert region_score in ("ce", "error") and pixel_rule in ("exclusive", "teacher-right", "lower-ce", "all")
+        assert bsd_norm in ("selected", "valid"), f"unknown bsd_norm {bsd_norm!r}"
+        self.region_score, self.pixel_rule, self.bsd_norm = region_score, pixel_rule, bsd_norm
         self.method, self.ignore_index, self.temperature = method, ignore_index, temperature
         self.region_size, self.margin = region_size, margin
         self.lambdas = {"hfd": lambda_hfd, "rbsd": lambda_rbsd, "pbsd": lambda_pbsd}
@@ -513,6 +524,7 @@ class CTCL(nn.Module):
         ce_vit = F.cross_entropy(z_vit, target, ignore_index=self.ignore_index, reduction="none")
         terms = {"ce_cnn": ce_cnn.sum() / n_valid, "ce_vit": ce_vit.sum() / n_valid}
         kd, stats = {}, {}  # kd: name -> (term of the CNN, term of the ViT), unweighted
+        norm = valid if self.bsd_norm == "valid" else None  # BSD's average: over valid pixels, or taught ones
         if self.method == "dml":
             kd["dml"] = pixel_bsd_loss(z_cnn, z_vit, valid, valid, self.temperature)
         if self.hfd is not None:
@@ -523,15 +535,16 @@ class CTCL(nn.Module):
                 cost_cnn, cost_vit = (z_cnn.argmax(1) != target).float(), (z_vit.argmax(1) != target).float()
             cnn_teaches, vit_teaches = region_bsd_masks(cost_cnn, cost_vit, target, self.region_size,
                                                         self.ignore_index, self.margin)
-            kd["rbsd"] = self.rbsd(out_cnn["feat"].float(), out_vit["feat"].float(), cnn_teaches, vit_teaches)
+            kd["rbsd"] = self.rbsd(out_cnn["feat"].float(), out_vit["feat"].float(), cnn_teaches, vit_teaches, norm)
             stats["regions_cnn_teaches"], stats["regions_vit_teaches"] = cnn_teaches.mean(), vit_teaches.mean()
         if self.use_pbsd:
             cnn_teaches = vit_teaches = valid  # pixel_rule "all": no selection, the DML term
-            if self.pixel_rule != "all":
+            if self.pixel_rule == "lower-ce":  # the student with the lower CE teaches: region BSD's rule, 1×1 regions
+                cnn_teaches, vit_teaches = region_bsd_masks(ce_cnn, ce_vit, target, 1, self.ignore_index)
+            elif self.pixel_rule != "all":
                 cnn_teaches, vit_teaches = pixel_bsd_masks(z_cnn.detach(), z_vit.detach(), target, self.ignore_index,
                                                            learner_must_be_wrong=self.pixel_rule == "exclusive")
-            kd["pbsd"] = pixel_bsd_loss(z_cnn, z_vit, cnn_teaches, vit_teaches, self.temperature,
-                                        valid if self.pbsd_norm == "valid" else None)
+            kd["pbsd"] = pixel_bsd_loss(z_cnn, z_vit, cnn_teaches, vit_teaches, self.temperature, norm)
             stats["pixels_cnn_to_vit"] = cnn_teaches.sum() / n_valid
             stats["pixels_vit_to_cnn"] = vit_teaches.sum() / n_valid
         weight = {"dml": 1.0, **self.lambdas}
@@ -1116,7 +1129,7 @@ def build_model(args, num_classes):
         return CTCL(num_classes, method=args.method, lambda_hfd=args.lambda_hfd, lambda_rbsd=args.lambda_rbsd,
                     lambda_pbsd=args.lambda_pbsd, region_size=args.region_size, margin=args.rbsd_margin,
                     region_score=args.region_score, temperature=args.temperature, pixel_rule=args.pixel_rule,
-                    pbsd_norm=args.pbsd_norm,
+                    bsd_norm=args.bsd_norm,
                     output_stride=args.output_stride, pretrained=args.pretrained, vit_weights=args.vit_weights)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
         raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({error}): run "
@@ -1334,11 +1347,12 @@ def get_args_parser():
       "there is lower than its peer's by more than this (--rbsd-margin=-inf: both teach everywhere)")
     a("--region-score", default="ce", choices=["ce", "error"], help="[I] a student's reliability in a "
       "region: its mean cross-entropy there, or its error rate")
-    a("--pixel-rule", default="exclusive", choices=["exclusive", "teacher-right", "all"], help="[I] pixel BSD "
-      "transfers where the teacher is right and the learner wrong (exclusive), wherever the teacher is right, "
-      "or on every valid pixel both ways (all: no selection)")
-    a("--pbsd-norm", default="selected", choices=["selected", "valid"], help="[I] pixel BSD averages its KL "
-      "over the transferred pixels (selected) or over all valid pixels")
+    a("--pixel-rule", default="exclusive", choices=["exclusive", "teacher-right", "lower-ce", "all"],
+      help="[I] pixel BSD transfers where the teacher is right and the learner wrong (exclusive), wherever the "
+      "teacher is right, from the student with the lower CE at each pixel (lower-ce), or on every valid pixel "
+      "both ways (all: no selection)")
+    a("--bsd-norm", default="valid", choices=["valid", "selected"], help="[I] both BSD terms average over all "
+      "valid positions, an untaught one adding 0 (valid: segmentation KD's convention), or over the taught ones")
     a("--temperature", type=float, default=1.0, help="[I] softmax temperature of pixel BSD and DML")
     a("--kd-warmup", type=int, default=None, help="[I] iterations of the sigmoid ramp of the distillation "
       "weight (default: 5%% of --iters)")

@@ -146,7 +146,8 @@ def test_mit_layer_norm_eps_and_drop_path():
 # ----------------------------------------------------------------------------------
 # Brute-force references, one loop per pixel
 
-def ref_mimic(student, teacher, weight=None):
+def ref_mimic(student, teacher, weight=None, denominator=None):
+    """Σ w·||n(s) − n(t)||² / max(1, Σ w), or / max(1, denominator) when one is given."""
     b, _, h, w = student.shape
     total, denom = 0.0, 0.0
     for i in range(b):
@@ -158,7 +159,31 @@ def ref_mimic(student, teacher, weight=None):
                 m = 1.0 if weight is None else float(weight[i, y, x])
                 total += m * float(((s - t) ** 2).sum())
                 denom += m
-    return total / max(1.0, denom)
+    return total / max(1.0, denom if denominator is None else denominator)
+
+
+def ref_valid_feature_cells(target, stride=4, ignore_index=255):
+    """How many stride×stride cells of the label grid (the last ones partial) hold a valid pixel."""
+    b, h, w = target.shape
+    count = 0
+    for i in range(b):
+        for fy in range(math.ceil(h / stride)):
+            for fx in range(math.ceil(w / stride)):
+                cell = target[i, fy * stride:(fy + 1) * stride, fx * stride:(fx + 1) * stride]
+                count += int(any(int(t) != ignore_index for t in cell.flatten()))
+    return count
+
+
+def ref_lower_ce_masks(ce_cnn, ce_vit, target, ignore_index=255):
+    b, h, w = target.shape
+    cnn, vit = torch.zeros(b, h, w), torch.zeros(b, h, w)
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                if int(target[i, y, x]) != ignore_index:
+                    cnn[i, y, x] = float(float(ce_cnn[i, y, x]) < float(ce_vit[i, y, x]))
+                    vit[i, y, x] = float(float(ce_vit[i, y, x]) < float(ce_cnn[i, y, x]))
+    return cnn, vit
 
 
 def ref_region_masks(ce_cnn, ce_vit, target, r, margin):
@@ -199,7 +224,7 @@ def ref_pixel_masks(logits_cnn, logits_vit, target, ignore_index=255, learner_mu
     return cnn, vit
 
 
-def ref_masked_kl(student, teacher, mask, temperature):
+def ref_masked_kl(student, teacher, mask, temperature, denominator=None):
     b, c, h, w = student.shape
     total, denom = 0.0, 0.0
     for i in range(b):
@@ -212,7 +237,7 @@ def ref_masked_kl(student, teacher, mask, temperature):
                 ps = (student[i, :, y, x].double() / temperature).softmax(0)
                 total += m * float((pt * (pt.log() - ps.log())).sum())
                 denom += m
-    return temperature ** 2 * total / max(1.0, denom)
+    return temperature ** 2 * total / max(1.0, denom if denominator is None else denominator)
 
 
 # ----------------------------------------------------------------------------------
@@ -301,7 +326,7 @@ def test_region_bsd_masks_empty_regions_and_ties_teach_nobody():
     assert (cnn * vit).sum() == 0 and cnn.sum() > 0 and vit.sum() > 0
 
 
-def ref_region_loss(q_student, feat_student, feat_teacher, mask, s):
+def ref_region_loss(q_student, feat_student, feat_teacher, mask, s, denominator=None):
     b, _, h, w = feat_student.shape
     expanded = torch.zeros(b, h, w)
     for i in range(b):
@@ -309,7 +334,7 @@ def ref_region_loss(q_student, feat_student, feat_teacher, mask, s):
             for x in range(w):
                 expanded[i, y, x] = mask[i, y // s, x // s]
     with torch.no_grad():
-        return ref_mimic(q_student(feat_student), feat_teacher, expanded)
+        return ref_mimic(q_student(feat_student), feat_teacher, expanded, denominator)
 
 
 @pytest.mark.parametrize("region_size", [8, 16, 32])
@@ -326,6 +351,28 @@ def test_region_bsd_loss_equals_reference(region_size):
     s = region_size // 4
     assert loss_vit.item() == pytest.approx(ref_region_loss(rbsd.q_vit, feat_vit, feat_cnn, cnn_teaches, s), abs=1e-6)
     assert loss_cnn.item() == pytest.approx(ref_region_loss(rbsd.q_cnn, feat_cnn, feat_vit, vit_teaches, s), abs=1e-6)
+
+
+@pytest.mark.parametrize("region_size", [8, 16])
+def test_region_bsd_loss_averaged_over_valid_positions(region_size):
+    """The default convention: Σ m·d over the feature positions that cover a valid label pixel."""
+    torch.manual_seed(2)
+    h, w = 37, 45
+    hf, wf = math.ceil(h / 4), math.ceil(w / 4)
+    rbsd = ctcl.RegionBSD(channels=6, region_size=region_size)
+    feat_cnn, feat_vit = torch.randn(2, 6, hf, wf), torch.randn(2, 6, hf, wf)
+    target = random_target(2, h, w, 3, ignore_frac=0.9, seed=4)  # mostly ignored: some cells hold no valid pixel
+    target[0, :16, :16] = 255
+    gh, gw = math.ceil(h / region_size), math.ceil(w / region_size)
+    cnn_teaches = (torch.rand(2, gh, gw) < 0.5).float()
+    vit_teaches = 1 - cnn_teaches
+    loss_cnn, loss_vit = rbsd(feat_cnn, feat_vit, cnn_teaches, vit_teaches, valid=target != 255)
+    n_valid = ref_valid_feature_cells(target)
+    assert 0 < n_valid < 2 * hf * wf
+    s = region_size // 4
+    want_vit = ref_region_loss(rbsd.q_vit, feat_vit, feat_cnn, cnn_teaches, s, n_valid)
+    want_cnn = ref_region_loss(rbsd.q_cnn, feat_cnn, feat_vit, vit_teaches, s, n_valid)
+    assert loss_vit.item() == pytest.approx(want_vit, rel=1e-5) and loss_cnn.item() == pytest.approx(want_cnn, rel=1e-5)
 
 
 def test_region_bsd_with_no_teaching_region_is_zero():
@@ -411,6 +458,16 @@ def test_pixel_bsd_loss_averaged_over_valid_pixels():
     share = float(cnn.sum() / valid.sum())  # the reference averages over the selected pixels
     assert loss_vit.item() == pytest.approx(ref_masked_kl(logits_vit, logits_cnn, cnn, 1.0) * share, abs=1e-6)
     assert 0 < share < 1
+
+
+def test_pixel_bsd_loss_over_valid_pixels_equals_reference():
+    logits_cnn, logits_vit, target = pixel_inputs(seed=8)
+    cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, target)
+    valid = (target != 255).float()
+    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits_cnn, logits_vit, cnn, vit, temperature=2.0, valid=valid)
+    n_valid = sum(int(t) != 255 for t in target.flatten())
+    assert loss_vit.item() == pytest.approx(ref_masked_kl(logits_vit, logits_cnn, cnn, 2.0, n_valid), rel=1e-5)
+    assert loss_cnn.item() == pytest.approx(ref_masked_kl(logits_cnn, logits_vit, vit, 2.0, n_valid), rel=1e-5)
 
 
 def test_pixel_bsd_gradients_flow_only_to_the_learner():
@@ -557,6 +614,53 @@ def test_objective_composes_terms_with_weights_and_ramp():
     assert 0 <= t["regions_cnn_teaches"] <= 1 and 0 <= t["pixels_vit_to_cnn"] <= 1
 
 
+@pytest.mark.parametrize("bsd_norm,pixel_rule", [("valid", "exclusive"), ("selected", "exclusive"),
+                                                  ("valid", "lower-ce")])
+def test_objective_equals_reference_with_loops_deciding_who_teaches(bsd_norm, pixel_rule):
+    """Every term of L_cnn and L_vit, recomputed from the students' own outputs: plain loops
+    decide which student teaches each region and pixel, and the learner is the other one.
+    A swap of the two masks anywhere in CTCL.forward changes L_cnn and L_vit."""
+    torch.manual_seed(0)
+    lam = dict(lambda_hfd=0.7, lambda_rbsd=1.3, lambda_pbsd=2.1)
+    model = ctcl.CTCL(4, region_size=16, bsd_norm=bsd_norm, pixel_rule=pixel_rule, **lam).eval()  # no dropout
+    images, target = torch.randn(2, 3, 40, 52), random_target(2, 40, 52, 4, ignore_frac=0.15, seed=6)
+    target[1, :20, :24] = 255  # a region with no valid pixel
+    loss_cnn, loss_vit, logged = model(images, target, kd_weight=0.6)
+    with torch.no_grad():
+        out_cnn, out_vit = model.cnn(images), model.vit(images)
+        z_cnn, z_vit = (F.interpolate(o["logits"], size=(40, 52), mode="bilinear", align_corners=False)
+                        for o in (out_cnn, out_vit))
+        ce_cnn, ce_vit = (F.cross_entropy(z, target, ignore_index=255, reduction="none") for z in (z_cnn, z_vit))
+        n_valid = sum(int(t) != 255 for t in target.flatten())
+        regions_cnn, regions_vit = ref_region_masks(ce_cnn, ce_vit, target, 16, 0.0)
+        if pixel_rule == "lower-ce":
+            pixels_cnn, pixels_vit = ref_lower_ce_masks(ce_cnn, ce_vit, target)
+        else:
+            pixels_cnn, pixels_vit = ref_pixel_masks(z_cnn, z_vit, target)
+        for m in (regions_cnn, regions_vit, pixels_cnn, pixels_vit):
+            assert 0 < m.sum() < m.numel()  # every direction teaches somewhere, not everywhere
+        valid_cells = ref_valid_feature_cells(target) if bsd_norm == "valid" else None
+        valid_pixels = n_valid if bsd_norm == "valid" else None
+        want = {
+            "ce_cnn": float(ce_cnn.sum()) / n_valid, "ce_vit": float(ce_vit.sum()) / n_valid,
+            "hfd_cnn": ref_mimic(model.hfd.cnn_to_vit(out_cnn["low"]), out_vit["low"]),
+            "hfd_vit": ref_mimic(model.hfd.vit_to_cnn(out_vit["low"]), out_cnn["low"]),
+            # the CNN learns where the ViT teaches, and the other way round
+            "rbsd_cnn": ref_region_loss(model.rbsd.q_cnn, out_cnn["feat"], out_vit["feat"], regions_vit, 4, valid_cells),
+            "rbsd_vit": ref_region_loss(model.rbsd.q_vit, out_vit["feat"], out_cnn["feat"], regions_cnn, 4, valid_cells),
+            "pbsd_cnn": ref_masked_kl(z_cnn, z_vit, pixels_vit, 1.0, valid_pixels),
+            "pbsd_vit": ref_masked_kl(z_vit, z_cnn, pixels_cnn, 1.0, valid_pixels),
+        }
+    for name, value in want.items():
+        assert logged[name].item() == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    for side, loss in (("cnn", loss_cnn), ("vit", loss_vit)):
+        kd = lam["lambda_hfd"] * want[f"hfd_{side}"] + lam["lambda_rbsd"] * want[f"rbsd_{side}"] + \
+            lam["lambda_pbsd"] * want[f"pbsd_{side}"]
+        assert loss.item() == pytest.approx(want[f"ce_{side}"] + 0.6 * kd, rel=1e-4)
+    assert logged["regions_cnn_teaches"].item() == pytest.approx(float(regions_cnn.mean()))
+    assert logged["pixels_vit_to_cnn"].item() == pytest.approx(float(pixels_vit.sum()) / n_valid)
+
+
 def test_objective_ce_ignores_255_and_methods_build_only_their_terms():
     torch.manual_seed(0)
     images, target = torch.randn(2, 3, 64, 64), random_target(2, 64, 64, 4, seed=3)
@@ -656,7 +760,7 @@ def read_metrics(path):
 @pytest.mark.parametrize("extra", [["--method", "independent"], ["--method", "dml"], ["--method", "ctcl"],
                                    ["--lambda-hfd", "0"], ["--lambda-rbsd", "0"], ["--lambda-pbsd", "0"],
                                    ["--amp"], ["--region-score", "error", "--pixel-rule", "teacher-right"],
-                                   ["--rbsd-margin=-inf", "--pixel-rule", "all"], ["--pbsd-norm", "valid"]])
+                                   ["--rbsd-margin=-inf", "--pixel-rule", "all"], ["--bsd-norm", "selected"], ["--pixel-rule", "lower-ce"]])
 def test_runs_train_and_eval(tmp_path, small_data, capsys, extra):
     result = run_main(tmp_path, "--iters", "3", *extra)
     out = capsys.readouterr().out
