@@ -25,6 +25,7 @@ a flag, and the README lists them under "What we inferred".
 import argparse
 import contextlib
 import functools
+import glob
 import json
 import math
 import os
@@ -944,12 +945,14 @@ PALETTE = voc_palette()
 DIRECTION_COLOURS = {"CNN teaches": (255, 140, 0), "ViT teaches": (30, 144, 255)}  # orange, blue
 PANEL_TILES = ("image", "truth", "CNN", "ViT", "regions", "pixels")
 PANEL_STRIP = 14  # height of each text strip under the tiles
+PANEL_TILE = 192  # small images are scaled up (nearest) to at least this short side: readable unzoomed
 
 
 def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ignore_index=255):
     """One row of tiles (image, truth, CNN, ViT, region directions, pixel transfers),
-    tile names below, then a legend of the two direction colours.
-    Size: (6·W, H + 2·PANEL_STRIP)."""
+    tile names below, then a legend of the two direction colours. Each tile is the image
+    scaled k = ceil(PANEL_TILE / min(H, W)) times (k ≥ 1, nearest neighbour, so every
+    label and mask pixel stays a sharp k×k block). Size: (6·kW, kH + 2·PANEL_STRIP)."""
     h, w = target.shape
     ce = [F.cross_entropy(z, target[None], ignore_index=ignore_index, reduction="none")
           for z in (logits_cnn, logits_vit)]
@@ -967,8 +970,11 @@ def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ign
         for mask, colour in zip((cnn_mask, vit_mask), DIRECTION_COLOURS.values()):
             tile[mask.cpu() > 0] = torch.tensor(colour, dtype=torch.uint8)
         tiles.append(tile)
+    k = max(1, math.ceil(PANEL_TILE / min(h, w)))
+    row = torch.cat(tiles, dim=1).repeat_interleave(k, dim=0).repeat_interleave(k, dim=1)
+    h, w = k * h, k * w
     canvas = PIL.Image.new("RGB", (6 * w, h + 2 * PANEL_STRIP), "white")
-    canvas.paste(PIL.Image.fromarray(torch.cat(tiles, dim=1).numpy()), (0, 0))
+    canvas.paste(PIL.Image.fromarray(row.numpy()), (0, 0))
     draw = PIL.ImageDraw.Draw(canvas)
     for i, name in enumerate(PANEL_TILES):
         draw.text((i * w + 2, h + 1), name, fill="black")
@@ -1369,6 +1375,8 @@ def get_args_parser():
     a("--output-stride", type=int, default=16, choices=[8, 16], help="output stride of the CNN")
     a("--vis", type=int, default=0, help="PNG panels written per evaluation to OUT/vis")
     a("--benchmark", action="store_true", help="time training steps of independent, dml and ctcl, then stop")
+    a("--summarize", nargs="+", metavar="RUN_DIR", help="print a Markdown table (mean ± std over seeds) of "
+      "finished runs, e.g. --summarize 'runs/table/*', then stop; trains nothing")
     return p
 
 
@@ -1462,15 +1470,79 @@ def benchmark(args, ctx, rounds=5, steps=3):
     return result
 
 
+# flags that do not change what a run learns: runs that differ only in these are seeds of one row
+NOT_RECIPE = {"seed", "out", "resume", "stop_at", "eval_only", "eval_every", "log_every", "workers", "gpu", "vis",
+              "data_root", "benchmark", "summarize"}
+
+
+def read_run(folder):
+    """(args, final eval record) of a finished run; UserError says why a folder is not one."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder")
+    if not (folder / "metrics.jsonl").is_file():
+        raise UserError(f"{folder}: no metrics.jsonl")
+    if (folder / "args.json").is_file():
+        args = json.loads((folder / "args.json").read_text())
+    elif (folder / "last.pt").is_file():  # runs made before args.json: the checkpoint keeps the flags
+        args = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)["args"]
+    else:
+        raise UserError(f"{folder}: neither args.json nor last.pt")
+    final = [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+             if r["type"] == "eval" and r["iter"] == args["iters"]]
+    if not final:
+        raise UserError(f"{folder}: unfinished (no evaluation at iteration {args['iters']})")
+    return args, final[-1]
+
+
+def summarize(folders):
+    """A Markdown table of finished runs: one row per recipe (runs that differ only in
+    --seed, --out and the like), mean ± std (n − 1) over its seeds, complementarity."""
+    runs, lines = [], []
+    for folder in folders:
+        try:
+            runs.append(read_run(folder))
+        except UserError as error:
+            lines.append(f"left out: {error}")
+    if not runs:
+        raise UserError("--summarize found no finished run (" + "; ".join(lines) + ")")
+    shared = set.intersection(*(set(args) for args, _ in runs)) - NOT_RECIPE
+    differ = sorted(k for k in shared if len({json.dumps(args[k]) for args, _ in runs}) > 1)
+    groups = {}
+    for args, record in runs:
+        groups.setdefault(tuple(json.dumps(args[k]) for k in differ), []).append(record)
+
+    def mean_std(values, scale=100):
+        values = torch.tensor(values, dtype=torch.float64) * scale
+        std = f" ± {values.std():.1f}" if len(values) > 1 else ""
+        return f"{values.mean():.1f}{std}"
+    shares = ("only_cnn", "only_vit", "both", "neither")
+    table = ["| " + " | ".join(differ or ["runs"]) + " | seeds | CNN mIoU | ViT mIoU | " +
+             " | ".join(f"{s.replace('_', ' ')} right" for s in shares) + " |",
+             "|" + "---|" * (max(1, len(differ)) + 3 + len(shares))]
+    for key, records in groups.items():
+        cells = [json.loads(v) for v in key] or ["all"]
+        cells += [len(records)] + [mean_std([r[s]["miou"] for r in records]) for s in ("cnn", "vit")]
+        cells += [mean_std([r["complementarity"][s] for r in records]) if all("complementarity" in r for r in records)
+                  else "–" for s in shares]
+        table.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines + table)
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
+        if args.summarize:
+            table = summarize(sorted({p for pattern in args.summarize for p in glob.glob(pattern) or [pattern]}))
+            print(table)
+            return table
         fill_defaults(args)
         ctx = Runtime(args.gpu, args.amp, args.out)
         if args.benchmark:
             return benchmark(args, ctx)
         if ctx.is_main:
             args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
         ctx.print(f"ctcl: data {args.data}, method {args.method}, {args.iters} iterations, batch "
                   f"{args.batch_size}, crop {args.crop_size}, device {ctx.device}, world size {ctx.world_size}")
         return train(args, ctx)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import urllib.error
 
+import numpy
 import pytest
 import torch
 import torch.nn as nn
@@ -848,10 +849,43 @@ def test_eval_only_and_vis_panels(tmp_path, small_data, capsys):
     panels = sorted((tmp_path / "eval" / "vis").glob("*.png"))
     assert len(panels) == 2
     import PIL.Image
-    with PIL.Image.open(panels[0]) as panel:  # 6 tiles of the 80x80 validation image, 2 text strips
-        assert panel.size == (6 * 80, 80 + 2 * ctcl.PANEL_STRIP)
-        legend_swatch = panel.getpixel((5, 80 + ctcl.PANEL_STRIP + 7))
+    with PIL.Image.open(panels[0]) as panel:  # 6 tiles of the 64x64 validation image scaled 3x, 2 text strips
+        assert panel.size == (6 * 192, 192 + 2 * ctcl.PANEL_STRIP)
+        legend_swatch = panel.getpixel((5, 192 + ctcl.PANEL_STRIP + 7))
+        truth = torch.from_numpy(numpy.array(panel.convert("RGB")))[:192, 192:384]
     assert legend_swatch == ctcl.DIRECTION_COLOURS["CNN teaches"]
+    label = ctcl.build_datasets("synthetic", None, [32, 32])[1][0][1]  # the first validation label
+    blocks = truth[::3, ::3]  # nearest neighbour: every label pixel is a sharp 3x3 block of its colour
+    assert torch.equal(blocks.repeat_interleave(3, 0).repeat_interleave(3, 1), truth)
+    assert torch.equal(blocks, ctcl.PALETTE[label])
+
+
+def test_summarize_groups_seeds_and_leaves_out_unfinished_runs(tmp_path, small_data, capsys):
+    for method in ("independent", "dml"):
+        for seed in (0, 1):
+            run_main(tmp_path, "--iters", "2", "--method", method, "--seed", str(seed), out=f"runs/{method}-s{seed}")
+    run_main(tmp_path, "--iters", "4", "--stop-at", "2", out="runs/unfinished")
+    (tmp_path / "runs" / "empty").mkdir()
+    capsys.readouterr()
+    table = ctcl.main(["--summarize", str(tmp_path / "runs" / "*")])
+    assert capsys.readouterr().out.strip() == table
+    lines = table.splitlines()
+    assert sum("left out" in line for line in lines) == 2
+    assert any("unfinished" in line and "left out" in line for line in lines)
+    assert any("empty: no metrics.jsonl" in line for line in lines)
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert header[:4] == ["method", "seeds", "CNN mIoU", "ViT mIoU"]  # only --method differs between rows
+    rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines[4:])}
+    assert set(rows) == {"independent", "dml"}
+    for method, row in rows.items():
+        finals = [[r for r in read_metrics(tmp_path / "runs" / f"{method}-s{s}" / "metrics.jsonl")
+                   if r["type"] == "eval"][-1] for s in (0, 1)]
+        for column, key in ((2, "cnn"), (3, "vit")):
+            a, b = (100 * f[key]["miou"] for f in finals)
+            mean, std = (a + b) / 2, abs(a - b) / math.sqrt(2)  # sample std of two numbers
+            assert row[1] == "2" and row[column] == f"{mean:.1f} ± {std:.1f}"
+        a, b = (100 * f["complementarity"]["only_cnn"] for f in finals)
+        assert row[4] == f"{(a + b) / 2:.1f} ± {abs(a - b) / math.sqrt(2):.1f}"
 
 
 @pytest.mark.parametrize("argv,message", [
