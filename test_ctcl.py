@@ -110,6 +110,117 @@ def test_mit_checkpoint_missing_or_misshaped_key_is_named(tmp_path):
         ctcl.SegFormer(3, encoder_weights=str(path))
 
 
+TINY_MIT = HERE / "mit_tiny_transformers.safetensors"
+
+
+def safetensors_metadata(path):
+    data = path.read_bytes()
+    return json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin", "transformers 5 names"])
+def test_mit_weights_from_transformers_compute_what_transformers_computes(tmp_path, layout):
+    """The fixture mit_tiny_transformers.safetensors was made outside the suite (transformers
+    is not a dependency) with transformers 5.23.0 and torch 2.14.1: SegformerForImageClassification
+    with a small MiT (widths 8/16/24/32, heads 1/2/3/4, depths 2/1/1/2, sr 8/4/2/1, MLP ratio 4,
+    no dropout or drop path); torch.manual_seed(0); every parameter, biases and LayerNorm gains
+    included, set to randn * 0.3 rounded to fp16 (the defaults 0/1 would hide a swapped
+    mapping); save_pretrained(safe_serialization=True), which writes the hub's layout
+    (segformer.encoder.block.I.J.attention.self.query ...). The file holds those weights
+    (F16), the four stage outputs transformers computed in fp32 for the input
+    torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0)) as fixture.stage1-4,
+    and, in its metadata, the names transformers 5 gives each weight in memory."""
+    state = ctcl.read_weights(TINY_MIT)  # the reader of --vit-weights, on a file the safetensors library wrote
+    expected = [state.pop(f"fixture.stage{i}") for i in range(1, 5)]
+    if layout == "bin":
+        torch.save(state, tmp_path / "pytorch_model.bin")
+        state = ctcl.read_weights(tmp_path / "pytorch_model.bin")
+    elif layout == "transformers 5 names":
+        names = json.loads(safetensors_metadata(TINY_MIT)["names_in_memory"])
+        state = {names[k]: v for k, v in state.items()}
+        assert any(".attention.q_proj." in k for k in state)
+    else:  # the file stores F16, read as such
+        assert state["segformer.encoder.block.0.0.attention.self.key.weight"].dtype == torch.float16
+    encoder = ctcl.MixTransformer(widths=(8, 16, 24, 32), heads=(1, 2, 3, 4), depths=(2, 1, 1, 2)).eval()
+    found = ctcl.load_encoder_weights(encoder, state)
+    assert found == ("transformers >= 5 (in memory)" if layout == "transformers 5 names" else "transformers (hub file)")
+    for module in encoder.modules():  # transformers uses eps 1e-5 in every LayerNorm; the official
+        if isinstance(module, nn.LayerNorm):  # code (and ctcl.py) 1e-6 in the block and stage norms
+            module.eps = 1e-5
+    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for got, want in zip(encoder(x), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def hub_name(official):
+    """The hub (transformers) name of an official MiT weight, written out by hand."""
+    kind, stage, rest = re.match(r"(patch_embed|block|norm)(\d)\.(.*)", official).groups()
+    stage = int(stage) - 1
+    if kind == "patch_embed":
+        return f"segformer.encoder.patch_embeddings.{stage}.{rest.replace('norm', 'layer_norm')}"
+    if kind == "norm":
+        return f"segformer.encoder.layer_norm.{stage}.{rest}"
+    block, rest = rest.split(".", 1)
+    table = {"norm1": "layer_norm_1", "norm2": "layer_norm_2", "attn.q": "attention.self.query",
+             "attn.proj": "attention.output.dense", "attn.sr": "attention.self.sr",
+             "attn.norm": "attention.self.layer_norm", "mlp.fc1": "mlp.dense1", "mlp.fc2": "mlp.dense2",
+             "mlp.dwconv.dwconv": "mlp.dwconv.dwconv"}
+    module, param = rest.rsplit(".", 1)
+    return f"segformer.encoder.block.{stage}.{block}.{table[module]}.{param}"
+
+
+def hub_state_dict(official):
+    """An official MiT state dict in the hub's layout: kv split into key and value, a classifier."""
+    hub = {"classifier.weight": torch.randn(1000, 256), "classifier.bias": torch.randn(1000)}
+    for name, tensor in official.items():
+        if ".attn.kv." in name:
+            key, value = tensor.chunk(2)
+            stem = hub_name(name.replace(".attn.kv.", ".attn.q.")).replace(".query.", ".{}.")
+            hub[stem.format("key")], hub[stem.format("value")] = key, value
+        else:
+            hub[hub_name(name)] = tensor
+    return hub
+
+
+def write_safetensors(tensors, path):
+    """The format in a few lines (the reader is checked against the library's own file above)."""
+    header, offset, blobs = {}, 0, []
+    for name, t in tensors.items():
+        blob = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_vit_weights_from_the_hub_layout_load_and_say_so(tmp_path, small_data, capsys, suffix):
+    source = ctcl.MixTransformer()
+    hub = hub_state_dict(source.state_dict())
+    path = tmp_path / f"model{suffix}"
+    write_safetensors(hub, path) if suffix == ".safetensors" else torch.save(hub, path)
+    result = run_main(tmp_path, "--iters", "1", "--vit-weights", str(path), "--vit-lr", "0")
+    assert f"MiT-B0 weights: {path} (transformers (hub file) layout)" in capsys.readouterr().out
+    for k, v in source.state_dict().items():  # lr 0: the encoder is still the checkpoint
+        assert torch.equal(result["model"].vit.encoder.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x00garbage that is no checkpoint" * 10, "not a readable checkpoint"),
+    (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all", "not a readable checkpoint"),
+    (None, "missing: block1.0.attn.kv.bias"),  # a foreign model: a ResNet's weights
+])
+def test_corrupted_or_foreign_vit_weights_are_one_line(tmp_path, small_data, capsys, content, message):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content) if content else torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(tmp_path, "--iters", "1", "--vit-weights", str(path))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
 def reference_attention(attn, x, h, w):
     """Efficient self-attention written head by head from the checkpoint's conventions."""
     b, n, c = x.shape
@@ -1295,15 +1406,27 @@ def test_data_prep_weights_checks_the_mit_layout(tmp_path):
     wrong = tmp_path / "wrong.pth"
     torch.save({"patch_embed1.proj.weight": torch.zeros(1)}, wrong)
     proc = run_prep("weights", tmp_path, TORCH_HOME=str(tmp_path / "torch"), MIT_B0_URLS=wrong.as_uri())
-    assert proc.returncode != 0 and "not the official MiT-B0 checkpoint" in proc.stderr
+    assert proc.returncode != 0 and "not a MiT-B0 checkpoint in a layout ctcl.py reads" in proc.stderr
     assert not (tmp_path / "weights" / "mit_b0.pth").exists()
     (tmp_path / "downloads" / "mit_b0.pth").unlink()
-    good = tmp_path / "good.pth"
-    torch.save(dict(ctcl.MixTransformer().state_dict(), **{"head.weight": torch.zeros(3, 256)}), good)
-    proc = run_prep("weights", tmp_path, TORCH_HOME=str(tmp_path / "torch"), MIT_B0_URLS=good.as_uri())
+    proc = run_prep("weights", tmp_path, TORCH_HOME=str(tmp_path / "torch"), MIT_B0_URLS="file:///nowhere/x.bin")
+    assert proc.returncode != 0 and "github.com/NVlabs/SegFormer" in proc.stderr  # the manual fallback
+    # the hub's file (transformers layout) behind a mirror that fails: the next mirror is tried
+    hub = tmp_path / "hub" / "pytorch_model.bin"
+    hub.parent.mkdir()
+    torch.save(hub_state_dict(ctcl.MixTransformer().state_dict()), hub)
+    mirrors = f"file:///nowhere/pytorch_model.bin {hub.as_uri()}"
+    proc = run_prep("weights", tmp_path, TORCH_HOME=str(tmp_path / "torch"), MIT_B0_URLS=mirrors)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "weights" / "mit_b0.pth").read_bytes() == good.read_bytes()
-    assert "non-commercial" in proc.stdout
+    assert (tmp_path / "weights" / "mit_b0.pth").read_bytes() == hub.read_bytes()
+    assert "transformers (hub file) layout" in proc.stdout and "non-commercial" in proc.stdout
+    # NVlabs' official file, put in the downloads folder by hand, is used as it is
+    for leftover in (tmp_path / "weights" / "mit_b0.pth", tmp_path / "downloads" / "mit_b0.pth"):
+        leftover.unlink()
+    torch.save(dict(ctcl.MixTransformer().state_dict(), **{"head.weight": torch.zeros(3, 256)}),
+               tmp_path / "downloads" / "mit_b0.pth")
+    proc = run_prep("weights", tmp_path, TORCH_HOME=str(tmp_path / "torch"), MIT_B0_URLS="file:///nowhere/x")
+    assert proc.returncode == 0 and "(official layout)" in proc.stdout, proc.stderr
 
 
 def test_readme_lists_every_inferred_flag():
