@@ -1284,7 +1284,7 @@ def train(args, ctx):
     batches = training_batches(train_set, batch_size=args.batch_size, start_iter=start, workers=args.workers,
                                seed=args.seed, rank=ctx.rank, world_size=ctx.world_size,
                                pin_memory=ctx.device.type == "cuda")
-    stop_at = min(args.stop_at or args.iters, args.iters)
+    stop_at = min(args.iters if args.stop_at is None else args.stop_at, args.iters)
     if start >= stop_at:
         ctx.print(f"the checkpoint is at iteration {start} already: nothing to train (--eval-only evaluates it)")
     first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)
@@ -1327,9 +1327,11 @@ def train(args, ctx):
 @contextlib.contextmanager
 def interrupt_to_checkpoint(world_size):
     """First Ctrl-C: finish the step, checkpoint, stop. A second one stops at once.
-    Under DDP the ranks could stop at different steps, so torchrun's handling is kept."""
+    Under DDP the ranks could stop at different steps, so torchrun's handling is kept;
+    where SIGINT is ignored (nohup), it stays ignored."""
     event = threading.Event()
-    if world_size > 1 or threading.current_thread() is not threading.main_thread():
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # under nohup: leave it so
+    if world_size > 1 or ignored or threading.current_thread() is not threading.main_thread():
         yield event
         return
 
@@ -1458,40 +1460,55 @@ def get_args_parser():
 
 
 def fill_defaults(args):
-    """Per-data-set defaults for the flags left unset, then checks of every value."""
+    """Per-data-set defaults for the flags left unset (None: a 0 given is a 0), then checks
+    of every value: each bad one is a one-line error before any work starts."""
     spec = DATASETS[args.data]
     real = args.data != "synthetic"
-    args.iters = args.iters if args.iters is not None else spec["iters"]
-    args.batch_size = args.batch_size or spec["batch"]
-    crop = args.crop_size or spec["crop"]
+
+    def given_or(value, default):
+        return default if value is None else value
+    args.iters = given_or(args.iters, spec["iters"])
+    args.batch_size = given_or(args.batch_size, spec["batch"])
+    crop = given_or(args.crop_size, spec["crop"])
     crop = [crop] * 2 if isinstance(crop, int) else list(crop) * (2 if len(crop) == 1 else 1)
-    args.crop_size = crop
-    args.eval_every = args.eval_every or max(1, args.iters // spec.get("evals", 5))
-    args.cnn_lr = spec.get("cnn_lr", 0.01) if args.cnn_lr is None else args.cnn_lr
-    args.vit_lr = spec.get("vit_lr", 6e-5) if args.vit_lr is None else args.vit_lr
-    args.log_every = args.log_every or max(1, min(50, args.iters // 30))
-    args.workers = args.workers if args.workers is not None else (8 if real else 0)
-    args.kd_warmup = args.kd_warmup if args.kd_warmup is not None else args.iters // 20
-    args.vit_warmup = args.vit_warmup if args.vit_warmup is not None else min(1500, args.iters // 10)
-    args.pretrained = real if args.pretrained is None else args.pretrained
-    args.vit_weights = args.vit_weights or ("weights/mit_b0.pth" if real else "none")
-    args.out = args.out or pathlib.Path("runs") / f"{args.data}-{args.method}-s{args.seed}"
+    args.eval_every = given_or(args.eval_every, max(1, args.iters // spec.get("evals", 5)))
+    args.cnn_lr = given_or(args.cnn_lr, spec.get("cnn_lr", 0.01))
+    args.vit_lr = given_or(args.vit_lr, spec.get("vit_lr", 6e-5))
+    args.log_every = given_or(args.log_every, max(1, min(50, args.iters // 30)))
+    args.workers = given_or(args.workers, 8 if real else 0)
+    args.kd_warmup = given_or(args.kd_warmup, args.iters // 20)
+    args.vit_warmup = given_or(args.vit_warmup, min(1500, args.iters // 10))
+    args.pretrained = given_or(args.pretrained, real)
+    args.vit_weights = given_or(args.vit_weights, "weights/mit_b0.pth" if real else "none")
+    args.out = given_or(args.out, pathlib.Path("runs") / f"{args.data}-{args.method}-s{args.seed}")
+    weights = {"--lambda-hfd": args.lambda_hfd, "--lambda-rbsd": args.lambda_rbsd, "--lambda-pbsd": args.lambda_pbsd,
+               "--cnn-lr": args.cnn_lr, "--vit-lr": args.vit_lr}
+    counts = {"--eval-every": args.eval_every, "--log-every": args.log_every, "--stop-at": given_or(args.stop_at, 1)}
     checks = [
         (args.iters >= 1, f"--iters must be at least 1, got {args.iters}"),
         (args.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs it), got {args.batch_size}"),
-        (len(crop) == 2 and min(crop) >= 32, f"--crop-size must be one or two sides of at least 32 "
-         f"(the ViT's coarsest stage is 1/32), got {args.crop_size}"),
+        (len(crop) == 2 and 32 <= min(crop) and max(crop) <= 4096, f"--crop-size must be one or two sides "
+         f"from 32 (the ViT's coarsest stage is 1/32) to 4096, got {' '.join(map(str, crop))}"),
+        *((n >= 1, f"{flag} must be at least 1, got {n}") for flag, n in counts.items()),
         (args.region_size >= 4 and args.region_size % 4 == 0, f"--region-size must be a positive multiple "
          f"of 4 (the feature stride), got {args.region_size}"),
-        (args.temperature > 0, f"--temperature must be positive, got {args.temperature}"),
-        (min(args.lambda_hfd, args.lambda_rbsd, args.lambda_pbsd) >= 0, "the --lambda-* weights must be >= 0"),
-        (min(args.cnn_lr, args.vit_lr) >= 0, "the learning rates must be >= 0"),
-        (args.vis >= 0 and args.workers >= 0, "--vis and --workers must be >= 0"),
+        *((math.isfinite(w) and w >= 0, f"{flag} must be a finite number >= 0, got {w}") for flag, w in weights.items()),
+        (math.isfinite(args.temperature) and args.temperature > 0, f"--temperature must be a finite number > 0, "
+         f"got {args.temperature}"),
+        (math.isfinite(args.rbsd_margin) or args.rbsd_margin == -math.inf, f"--rbsd-margin must be a finite number "
+         f"or -inf (every region taught both ways), got {args.rbsd_margin}"),
+        (min(args.kd_warmup, args.vit_warmup, args.vis, args.workers) >= 0,
+         "--kd-warmup, --vit-warmup, --vis and --workers must be >= 0"),
+        (0 <= args.seed < 10 ** 6 and 0 <= args.data_seed < 10 ** 6, "--seed and --data-seed must be whole numbers "
+         "from 0 to 999999 (the augmentation seeds are derived from them)"),
+        (args.gpu is None or args.gpu >= -1, f"--gpu must be a GPU index, or -1 for the CPU, got {args.gpu}"),
+        (args.vit_weights != "", "--vit-weights needs a path, or 'none'"),
         (not args.eval_only or args.resume, "--eval-only needs --resume CHECKPOINT"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    args.crop_size = crop
     if args.vit_weights == "none":
         args.vit_weights = None
     elif not pathlib.Path(args.vit_weights).is_file():
@@ -1575,14 +1592,14 @@ def read_run(folder):
 def summarize(folders):
     """A Markdown table of finished runs: one row per recipe (runs that differ only in
     --seed, --out and the like), mean ± std (n − 1) over its seeds, complementarity."""
-    runs, lines = [], []
+    runs, skipped = [], []
     for folder in folders:
         try:
             runs.append(read_run(folder))
         except UserError as error:
-            lines.append(f"left out: {error}")
+            skipped.append(str(error))
     if not runs:
-        raise UserError("--summarize found no finished run (" + "; ".join(lines) + ")")
+        raise UserError("--summarize found no finished run (" + "; ".join(skipped) + ")")
     shared = set.intersection(*(set(args) for args, _ in runs)) - NOT_RECIPE
     differ = sorted(k for k in shared if len({json.dumps(args[k]) for args, _ in runs}) > 1)
     groups = {}
@@ -1603,7 +1620,7 @@ def summarize(folders):
         cells += [mean_std([r["complementarity"][s] for r in records]) if all("complementarity" in r for r in records)
                   else "–" for s in shares]
         table.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines + table)
+    return "\n".join([f"left out: {reason}" for reason in skipped] + table)
 
 
 def main(argv=None):

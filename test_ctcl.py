@@ -937,7 +937,10 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, small_data, monkey
     assert ckpt["iter"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path, small_data, monkeypatch, capsys):
+@pytest.mark.parametrize("before", [signal.default_int_handler, signal.SIG_IGN])
+def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path, small_data, monkeypatch, capsys, before):
+    """Python's handler (a terminal): the step ends, a checkpoint is written, the run stops.
+    SIGINT ignored (nohup, `cmd &` in a script): it stays ignored and the run goes on."""
     ramp = ctcl.sigmoid_rampup
 
     def press_ctrl_c_in_step_2(step, length):
@@ -945,10 +948,16 @@ def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path, small_data, monkeypa
             signal.raise_signal(signal.SIGINT)
         return ramp(step, length)
     monkeypatch.setattr(ctcl, "sigmoid_rampup", press_ctrl_c_in_step_2)
-    result = run_main(tmp_path, "--iters", "5")
-    assert result["iter"] == 2 and "interrupted: checkpoint at iteration 2" in capsys.readouterr().out
-    assert torch.load(tmp_path / "out" / "last.pt", weights_only=True)["iter"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    previous = signal.signal(signal.SIGINT, before)  # as the suite may run in the background, set it here
+    try:
+        result = run_main(tmp_path, "--iters", "5")
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert after is before  # the handler that was there before the run is back
+    stopped_at = 2 if before is signal.default_int_handler else 5
+    assert result["iter"] == stopped_at and torch.load(tmp_path / "out" / "last.pt", weights_only=True)["iter"] == stopped_at
+    assert ("interrupted: checkpoint at iteration 2" in capsys.readouterr().out) == (stopped_at == 2)
 
 
 def test_eval_only_and_vis_panels(tmp_path, small_data, capsys):
@@ -1002,7 +1011,39 @@ def test_summarize_groups_seeds_and_leaves_out_unfinished_runs(tmp_path, small_d
 @pytest.mark.parametrize("argv,message", [
     (["--resume", "missing.pt"], "--resume missing.pt: no such file"),
     (["--region-size", "30"], "--region-size must be a positive multiple of 4"),
-    (["--crop-size", "16"], "--crop-size must be one or two sides of at least 32"),
+    (["--crop-size", "16"], "--crop-size must be one or two sides from 32"),
+    (["--crop-size", "64", "64", "64"], "--crop-size must be one or two sides from 32 (the ViT's coarsest stage "
+                                        "is 1/32) to 4096, got 64 64 64"),
+    (["--crop-size", "100000"], "--crop-size must be one or two sides from 32"),
+    (["--crop-size", "64", "-64"], "--crop-size must be one or two sides from 32"),
+    (["--iters", "0"], "--iters must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 2 (BatchNorm needs it), got 0"),
+    (["--batch-size", "-4"], "--batch-size must be at least 2"),
+    (["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
+    (["--log-every", "0"], "--log-every must be at least 1, got 0"),
+    (["--log-every", "-3"], "--log-every must be at least 1, got -3"),
+    (["--stop-at", "0"], "--stop-at must be at least 1, got 0"),
+    (["--region-size", "0"], "--region-size must be a positive multiple of 4"),
+    (["--lambda-hfd", "nan"], "--lambda-hfd must be a finite number >= 0, got nan"),
+    (["--lambda-rbsd", "inf"], "--lambda-rbsd must be a finite number >= 0, got inf"),
+    (["--lambda-pbsd", "-1"], "--lambda-pbsd must be a finite number >= 0, got -1.0"),
+    (["--cnn-lr", "nan"], "--cnn-lr must be a finite number >= 0, got nan"),
+    (["--vit-lr=-inf"], "--vit-lr must be a finite number >= 0, got -inf"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+    (["--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number > 0, got inf"),
+    (["--rbsd-margin", "nan"], "--rbsd-margin must be a finite number or -inf"),
+    (["--rbsd-margin", "inf"], "--rbsd-margin must be a finite number or -inf"),
+    (["--kd-warmup", "-1"], "--kd-warmup, --vit-warmup, --vis and --workers must be >= 0"),
+    (["--vit-warmup", "-5"], "--kd-warmup, --vit-warmup, --vis and --workers must be >= 0"),
+    (["--vis", "-1"], "--kd-warmup, --vit-warmup, --vis and --workers must be >= 0"),
+    (["--workers", "-2"], "--kd-warmup, --vit-warmup, --vis and --workers must be >= 0"),
+    (["--seed", "-1"], "--seed and --data-seed must be whole numbers from 0 to 999999"),
+    (["--seed", str(10 ** 20)], "--seed and --data-seed must be whole numbers from 0 to 999999"),
+    (["--data-seed", "-7"], "--seed and --data-seed must be whole numbers from 0 to 999999"),
+    (["--gpu", "-2"], "--gpu must be a GPU index, or -1 for the CPU, got -2"),
+    (["--vit-weights", ""], "--vit-weights needs a path, or 'none'"),
+    (["--summarize", "nowhere/*"], "--summarize found no finished run (nowhere/*: no such folder)"),
     (["--gpu", "7"], "--gpu 7"),
     (["--eval-only"], "--eval-only needs --resume"),
     (["--data", "voc", "--data-root", "nowhere", "--vit-weights", "none"], "run `bash data_prep.sh voc`"),
