@@ -823,6 +823,30 @@ def test_learning_rate_schedules_and_groups():
     assert {id(p) for g in sgd.param_groups for p in g["params"]} | set(decays) == {id(p) for p in model.parameters()}
 
 
+def test_each_projector_trains_with_the_student_that_owns_it():
+    """HFD's P_c→v and region BSD's Q_c in the CNN's SGD; P_v→c and Q_v in the ViT's AdamW
+    group of the decoder (10× lr; weight decay on weights, none on biases and norms).
+    No parameter in both optimisers, none in neither."""
+    model = ctcl.CTCL(3)
+    (sgd, adamw), _ = ctcl.build_optimizers(model, iters=100, cnn_lr=0.01, vit_lr=6e-5)
+    group_of = {}
+    for opt in (sgd, adamw):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                assert id(p) not in group_of, "a parameter in two groups"
+                group_of[id(p)] = (opt, group)
+    assert set(group_of) == {id(p) for p in model.parameters()}
+    for module in (model.hfd.cnn_to_vit, model.rbsd.q_cnn):
+        for p in module.parameters():
+            opt, group = group_of[id(p)]
+            assert opt is sgd and group["initial_lr"] == 0.01 and group["weight_decay"] == 1e-4
+    for module in (model.hfd.vit_to_cnn, model.rbsd.q_vit):
+        for p in module.parameters():
+            opt, group = group_of[id(p)]
+            assert opt is adamw and group["initial_lr"] == pytest.approx(10 * 6e-5)  # before the warm-up
+            assert group["weight_decay"] == (0.01 if p.ndim > 1 else 0.0)
+
+
 def test_sigmoid_rampup():
     assert ctcl.sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
     assert ctcl.sigmoid_rampup(50, 100) == pytest.approx(math.exp(-1.25))
