@@ -632,6 +632,22 @@ def test_confusion_matrix_and_iou_equal_brute_force():
     assert ctcl.pixel_accuracy(conf).item() == pytest.approx(int(ref.diag().sum()) / int(ref.sum()))
 
 
+def test_agreement_matrix_equals_per_pixel_count():
+    g = torch.Generator().manual_seed(3)
+    target = random_target(2, 9, 13, 3, ignore_frac=0.25, seed=3)
+    pred_cnn, pred_vit = torch.randint(0, 3, (2, 9, 13), generator=g), torch.randint(0, 3, (2, 9, 13), generator=g)
+    want = torch.zeros(2, 2, dtype=torch.int64)
+    for c, v, t in zip(pred_cnn.flatten().tolist(), pred_vit.flatten().tolist(), target.flatten().tolist()):
+        if t != 255:
+            want[int(c == t), int(v == t)] += 1
+    got = ctcl.agreement_matrix(pred_cnn, pred_vit, target)
+    assert torch.equal(got, want) and want[1, 0] > 0 and want[0, 1] > 0
+    shares = ctcl.complementarity(got)
+    assert shares["only_cnn"] == pytest.approx(int(want[1, 0]) / int(want.sum()))
+    assert shares["only_vit"] == pytest.approx(int(want[0, 1]) / int(want.sum()))
+    assert sum(shares.values()) == pytest.approx(1)
+
+
 def test_confusion_matrix_accumulates_over_a_split():
     pred, target = torch.randint(0, 3, (4, 5, 5)), torch.randint(0, 3, (4, 5, 5))
     total = sum(ctcl.confusion_matrix(pred[i], target[i], 3) for i in range(4))
@@ -942,7 +958,7 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, small_data, monke
         run_main(tmp_path, "--iters", "4", "--resume", str(last))
     assert last.read_bytes() == before
     assert torch.load(last, weights_only=True)["iter"] == 2
-    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in last.parent.iterdir()) == ["args.json", "last.pt", "metrics.jsonl"]
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, small_data, monkeypatch, capsys):
@@ -1135,9 +1151,10 @@ def test_torchrun_two_processes_gloo(tmp_path):
     valid_pixels = sum(int((val[i][1] != 255).sum()) for i in range(3))
     for rank in (rank0, rank1):
         assert int(rank["conf"]["cnn"].sum()) == valid_pixels == int(rank["conf"]["vit"].sum())
+        assert int(rank["conf"]["agreement"].sum()) == valid_pixels  # complementarity: summed over ranks too
     records = read_metrics(out / "metrics.jsonl")  # rank 0 alone writes: one line per iteration
     assert [r["iter"] for r in records if r["type"] == "train"] == [1, 2]
-    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt", "metrics.jsonl"]
     evals = [r for r in records if r["type"] == "eval"]
     assert len(evals) == 1
 
