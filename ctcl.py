@@ -1062,8 +1062,14 @@ def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ign
     return canvas
 
 
+def complementarity(agreement):
+    """Shares of the valid pixels where only the CNN, only the ViT, both or neither is right."""
+    share = (agreement.double() / agreement.sum().clamp_min(1)).tolist()
+    return {"only_cnn": share[1][0], "only_vit": share[0][1], "both": share[1][1], "neither": share[0][0]}
+
+
 def report(conf, class_names):
-    """A table of per-class IoU, mIoU and pixel accuracy for both students."""
+    """Per-class IoU, mIoU and pixel accuracy of both students, then their complementarity."""
     lines = [f"{'class':<16}{'CNN IoU':>9}{'ViT IoU':>9}"]
     iou = {name: iou_from_confusion(conf[name]) for name in ("cnn", "vit")}
     for k, cls in enumerate(class_names):
@@ -1075,12 +1081,6 @@ def report(conf, class_names):
     lines.append("valid pixels: " + ", ".join(f"{name.replace('_', ' ')} right {100 * share:.1f}%"
                                               for name, share in shares.items()))
     return "\n".join(lines)
-
-
-def complementarity(agreement):
-    """Shares of the valid pixels where only the CNN, only the ViT, both or neither is right."""
-    share = (agreement.double() / agreement.sum().clamp_min(1)).tolist()
-    return {"only_cnn": share[1][0], "only_vit": share[0][1], "both": share[1][1], "neither": share[0][0]}
 
 
 def eval_record(conf):
@@ -1580,7 +1580,7 @@ def read_run(folder):
     if (folder / "args.json").is_file():
         args = json.loads((folder / "args.json").read_text())
     elif (folder / "last.pt").is_file():  # runs made before args.json: the checkpoint keeps the flags
-        args = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)["args"]
+        args = torch.load(folder / "last.pt", map_location="cpu", weights_only=True, mmap=True)["args"]
     else:
         raise UserError(f"{folder}: neither args.json nor last.pt")
     final = [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
