@@ -1601,11 +1601,12 @@ def summarize(folders):
             skipped.append(str(error))
     if not runs:
         raise UserError("--summarize found no finished run (" + "; ".join(skipped) + ")")
-    shared = set.intersection(*(set(args) for args, _ in runs)) - NOT_RECIPE
-    differ = sorted(k for k in shared if len({json.dumps(args[k]) for args, _ in runs}) > 1)
+    # a flag that older runs did not record ("–") matters only where the runs that did record it differ
+    flags = set().union(*(args for args, _ in runs)) - NOT_RECIPE
+    differ = sorted(k for k in flags if len({json.dumps(args[k]) for args, _ in runs if k in args}) > 1)
     groups = {}
     for args, record in runs:
-        groups.setdefault(tuple(json.dumps(args[k]) for k in differ), []).append(record)
+        groups.setdefault(tuple(json.dumps(args.get(k, "–")) for k in differ), []).append(record)
 
     def mean_std(values, scale=100):
         values = torch.tensor(values, dtype=torch.float64) * scale

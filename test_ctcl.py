@@ -1020,6 +1020,21 @@ def test_eval_only_and_vis_panels(tmp_path, small_data, capsys):
     assert torch.equal(blocks, ctcl.PALETTE[label])
 
 
+def test_summarize_shows_a_flag_that_older_runs_did_not_record(tmp_path):
+    """Rows differ by --bsd-norm; a run made before the flag existed shows "–" there."""
+    for name, args in (("a", {"bsd_norm": "valid"}), ("b", {"bsd_norm": "selected"}), ("old", {"pbsd_norm": "x"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "args.json").write_text(json.dumps({"iters": 2, "method": "ctcl", "seed": 0, **args}))
+        record = {"type": "eval", "iter": 2, "cnn": {"miou": 0.5}, "vit": {"miou": 0.25}}
+        (folder / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    lines = ctcl.summarize(sorted(str(p) for p in tmp_path.iterdir()))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines.splitlines()]
+    assert rows[0][:3] == ["bsd_norm", "seeds", "CNN mIoU"]  # pbsd_norm: recorded once, so never differs
+    assert [r[:4] for r in rows[2:]] == [["valid", "1", "50.0", "25.0"], ["selected", "1", "50.0", "25.0"],
+                                         ["–", "1", "50.0", "25.0"]]
+
+
 def test_summarize_groups_seeds_and_leaves_out_unfinished_runs(tmp_path, small_data, capsys):
     for method in ("independent", "dml"):
         for seed in (0, 1):
