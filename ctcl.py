@@ -987,11 +987,12 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast:
             logits = {"cnn": model.cnn(image)["logits"], "vit": model.vit(image)["logits"]}
+        preds = {}
         for name, z in logits.items():
             logits[name] = upsample_logits(z, target.shape[-2:])
-            conf[name] = conf[name] + confusion_matrix(logits[name].argmax(1), target, num_classes)
-        conf["agreement"] = conf["agreement"] + agreement_matrix(logits["cnn"].argmax(1), logits["vit"].argmax(1),
-                                                                 target, model.ignore_index)
+            preds[name] = logits[name].argmax(1)
+            conf[name] = conf[name] + confusion_matrix(preds[name], target, num_classes)
+        conf["agreement"] = conf["agreement"] + agreement_matrix(preds["cnn"], preds["vit"], target, model.ignore_index)
         if vis_dir is not None and k < vis_count and rank == 0:
             panel = render_panel(image[0], target[0], logits["cnn"], logits["vit"], model.region_size,
                                  model.margin, model.ignore_index)
