@@ -3,6 +3,7 @@
 Every mask and loss is checked against a brute-force reference written here with
 plain Python loops. Run: python -m pytest -q test_ctcl.py
 """
+import contextlib
 import inspect
 import json
 import math
@@ -716,7 +717,7 @@ def test_teaching_piece_runs_alone(name):
 
 
 FORBIDDEN = re.compile(r"\.item\(|\.tolist\(|\.cpu\(|nonzero|\bfor\b|\bwhile\b|\[[^\]]*(mask|valid|keep|teaches)[^\]]*\]")
-NO_SYNC_PIECES = ["mimic_loss", "l2_normalize", "region_sums", "region_bsd_masks", "expand_region_mask",
+NO_SYNC_PIECES = ["mimic_loss", "normalized_distance", "region_sums", "region_bsd_masks", "expand_region_mask",
                   "RegionBSD", "HFD", "pixel_bsd_masks", "masked_kl", "pixel_bsd_loss", "confusion_matrix"]
 
 
@@ -726,6 +727,138 @@ def test_masking_has_no_host_sync_or_python_loop(name):
     code = re.sub(r'"""[\s\S]*?"""', "", source)
     code = "\n".join(line.split("#")[0] for line in code.splitlines())
     assert not FORBIDDEN.search(code), f"{name}: {FORBIDDEN.search(code).group(0)}"
+
+
+# ----------------------------------------------------------------------------------
+# The fast formulas equal the plain ones; the forward traces as one graph (no host sync)
+
+def plain_mimic_loss(student, teacher, weight=None, denominator=None):
+    """The formula as written, normalising both maps (what mimic_loss computed before)."""
+    if student.shape[-2:] != teacher.shape[-2:]:
+        student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+    dist = (F.normalize(student, dim=1) - F.normalize(teacher, dim=1).detach()).pow(2).sum(dim=1)
+    if weight is None:
+        return dist.mean()
+    denominator = weight.sum() if denominator is None else denominator
+    return (weight * dist).sum() / denominator.clamp_min(1)
+
+
+def plain_pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, temperature=1.0, valid=None):
+    """Four log_softmax, one per student and direction (what pixel_bsd_loss computed before)."""
+    def kl(student, teacher, mask):
+        log_s, log_t = F.log_softmax(student / temperature, 1), F.log_softmax(teacher.detach() / temperature, 1)
+        per_pixel = (log_t.exp() * (log_t - log_s)).sum(1)
+        denominator = mask.sum() if valid is None else valid.sum()
+        return temperature ** 2 * (mask * per_pixel).sum() / denominator.clamp_min(1)
+    return kl(logits_cnn, logits_vit, vit_teaches), kl(logits_vit, logits_cnn, cnn_teaches)
+
+
+def plain_pixel_bsd_masks(logits_cnn, logits_vit, target, ignore_index=255, learner_must_be_wrong=True):
+    valid, cnn_right, vit_right = target != ignore_index, logits_cnn.argmax(1) == target, logits_vit.argmax(1) == target
+    cnn, vit = valid & cnn_right, valid & vit_right
+    if learner_must_be_wrong:
+        cnn, vit = cnn & ~vit_right, vit & ~cnn_right
+    return cnn.float(), vit.float()
+
+
+def test_normalized_distance_equals_normalising_both_maps_including_zero_vectors():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 7, 5, 6, dtype=torch.float64), torch.randn(2, 7, 5, 6, dtype=torch.float64)
+    a[0, :, 1, 2] = 0  # an all-zero student vector: n(a) = 0, distance ||n(b)||² = 1
+    b[1, :, 3, 4] = 0
+    b[1, :, 0, 0] = 0
+    a[1, :, 0, 0] = 0  # both zero: distance 0
+    want = (F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(1)
+    torch.testing.assert_close(ctcl.normalized_distance(a, b), want, rtol=1e-12, atol=1e-12)
+    assert ctcl.normalized_distance(a, b)[0, 1, 2] == pytest.approx(1) and ctcl.normalized_distance(a, b)[1, 0, 0] == 0
+
+
+@pytest.mark.parametrize("method,pixel_rule", [("ctcl", "exclusive"), ("ctcl", "teacher-right"), ("dml", "exclusive")])
+def test_objective_and_gradients_equal_the_plain_formulas(monkeypatch, method, pixel_rule):
+    """L_cnn, L_vit (within 1e-6 relative) and every parameter's gradient (within 1e-5 of
+    its largest entry) from the faster formulas against the plain ones."""
+    torch.manual_seed(0)
+    model = ctcl.CTCL(4, method=method, region_size=16, pixel_rule=pixel_rule).eval()
+    images, target = torch.randn(2, 3, 48, 64), random_target(2, 48, 64, 4, seed=3)
+
+    def losses_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss_cnn, loss_vit, _ = model(images, target, kd_weight=0.8)
+        (loss_cnn + loss_vit).backward()
+        return (loss_cnn.item(), loss_vit.item()), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                    if p.grad is not None}
+    fast, fast_grads = losses_and_grads()
+    monkeypatch.setattr(ctcl, "mimic_loss", plain_mimic_loss)
+    monkeypatch.setattr(ctcl, "pixel_bsd_loss", plain_pixel_bsd_loss)
+    monkeypatch.setattr(ctcl, "pixel_bsd_masks", plain_pixel_bsd_masks)
+    plain, plain_grads = losses_and_grads()
+    assert fast == pytest.approx(plain, rel=1e-6)
+    assert fast_grads.keys() == plain_grads.keys() and len(fast_grads) > 100
+    for name, g in plain_grads.items():
+        assert (fast_grads[name] - g).abs().max() <= 1e-5 * g.abs().max() + 1e-12, name
+
+
+def test_pixel_masks_pick_the_first_maximum_on_ties_like_argmax():
+    logits_cnn = torch.zeros(1, 3, 1, 4)  # x = 0 and x = 3: a three-way tie, read as class 0
+    logits_cnn[0, 1:, 0, 1] = 1.0  # x = 1: classes 1 and 2 tie, read as class 1
+    logits_cnn[0, 2, 0, 2] = 1.0
+    logits_vit = torch.zeros(1, 3, 1, 4)
+    logits_vit[:, 2] = 5.0  # the ViT says class 2 everywhere
+    cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, torch.tensor([[[0, 1, 2, 2]]]))
+    assert cnn.tolist() == [[[1.0, 1.0, 0.0, 0.0]]] and vit.tolist() == [[[0.0, 0.0, 0.0, 1.0]]]
+
+
+@pytest.mark.parametrize("method", ["independent", "dml", "ctcl"])
+def test_forward_traces_as_one_graph_and_does_not_recompile_over_the_ramp(method):
+    """fullgraph=True fails on any .item(), data-dependent branch or boolean-mask indexing:
+    the CPU stand-in for torch.cuda.set_sync_debug_mode. The ramp's weight is a tensor,
+    so the rising distillation weight does not make a second graph."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = ctcl.CTCL(4, method=method, region_size=16)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    images, target = torch.randn(2, 3, 48, 48), random_target(2, 48, 48, 4, seed=1)
+    for step in (0, 3, 10):
+        kd_weight = torch.tensor(ctcl.sigmoid_rampup(step, 10))
+        torch.manual_seed(step)
+        got = compiled(images, target, kd_weight)
+        torch.manual_seed(step)
+        want = model(images, target, kd_weight)
+        assert [x.item() for x in got[:2]] == pytest.approx([x.item() for x in want[:2]], rel=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_compile_model_compiles_what_pays_on_each_device_without_recompiling(device):
+    """On the CPU the distillation modules, on a GPU the whole forward; a ctcl step
+    compiled so (eager backend, no C++ needed) gives eager's losses, one graph per part."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = ctcl.CTCL(4, region_size=16).eval()
+    eager = [model(torch.ones(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.long), torch.tensor(w))[0]
+             for w in (0.5, 1.0)]
+    ctcl.compile_model(model, torch.device(device), backend="eager")
+    compiled_parts = [name for name, m in model.named_modules() if m._compiled_call_impl is not None]
+    assert compiled_parts == ([""] if device == "cuda" else ["hfd", "rbsd"])
+    got = [model(torch.ones(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.long), torch.tensor(w))[0]
+           for w in (0.5, 1.0)]
+    assert [g.item() for g in got] == pytest.approx([e.item() for e in eager], rel=1e-6)
+    assert counters["stats"]["unique_graphs"] == (1 if device == "cuda" else 2)
+    torch._dynamo.reset()
+
+
+def test_compile_without_a_cpp_compiler_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(ctcl.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as exit_info:
+        ctcl.main(["--compile", "--iters", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--compile needs a C++ compiler" in err and "without --compile" in err
 
 
 # ----------------------------------------------------------------------------------
@@ -837,6 +970,22 @@ def test_learning_rate_schedules_and_groups():
     assert decays[id(model.vit.encoder.norm1.weight)] == 0 and decays[id(model.vit.encoder.block1[0].attn.q.bias)] == 0
     assert decays[id(model.vit.encoder.block1[0].attn.q.weight)] == 0.01
     assert {id(p) for g in sgd.param_groups for p in g["params"]} | set(decays) == {id(p) for p in model.parameters()}
+
+
+def test_fused_optimisers_take_the_same_steps():
+    """fused=True (what a GPU run uses) changes the kernels, not the update rule."""
+    images, target = torch.randn(2, 3, 32, 32), random_target(2, 32, 32, 3, seed=4)
+    params = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = ctcl.CTCL(3, method="independent").eval()
+        optimizers, schedulers = ctcl.build_optimizers(model, iters=10, cnn_lr=0.1, vit_lr=1e-3, fused=fused)
+        assert all(o.defaults["fused"] is fused for o in optimizers)
+        for _ in range(2):
+            ctcl.train_step(model, images, target, optimizers, schedulers, torch.amp.GradScaler("cpu", enabled=False),
+                            contextlib.nullcontext(), torch.tensor(1.0))
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(params[1], params[0], rtol=1e-5, atol=1e-6)
 
 
 def test_each_projector_trains_with_the_student_that_owns_it():
@@ -1132,7 +1281,8 @@ def test_bad_argument_from_the_shell_has_no_traceback(tmp_path):
 def test_benchmark_prints_json_line(capsys):
     result = ctcl.main(["--benchmark", "--gpu", "-1", "--crop-size", "32", "--batch-size", "2"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(last) == {"independent_ms", "dml_ms", "ctcl_ms", "ctcl_over_independent", "peak_mem_mb"}
+    assert set(last) == {"independent_ms", "dml_ms", "ctcl_ms", "ctcl_over_independent", "peak_mem_mb", "warmup_s"}
+    assert set(last["warmup_s"]) == {"independent", "dml", "ctcl"} and min(last["warmup_s"].values()) > 0
     assert last["ctcl_over_independent"] == pytest.approx(last["ctcl_ms"] / last["independent_ms"])
     assert result == last and last["peak_mem_mb"] > 0
 
