@@ -233,98 +233,6 @@ def init_mit_weights(module):
         nn.init.zeros_(module.bias)
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(data):
-    """The safetensors format, without the library: an 8-byte little-endian header length,
-    a JSON header {name: {dtype, shape, data_offsets}}, then the tensors' raw bytes."""
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    header.pop("__metadata__", None)
-    body = memoryview(data)[8 + size:]
-    tensors = {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        flat = torch.frombuffer(bytearray(body[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.reshape(info["shape"])
-    return tensors
-
-
-def read_weights(path):
-    """The tensors of a .safetensors file, or of a torch.save file (.pth, .bin; tensors only,
-    no code is unpickled). The format is told by the contents, not the file name."""
-    data = pathlib.Path(path).read_bytes()
-    try:
-        if data[8:9] == b"{":  # a safetensors header is JSON; a torch file starts with a zip or pickle mark
-            return read_safetensors(data)
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as error:  # whatever the damage, say which file and stop
-        raise ValueError(f"not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:80]})") from None
-
-
-# transformers' MiT names -> the official ones, for the hub's files (encoder.block.I.J ...) and for
-# what transformers >= 5 holds in memory (stages.I.blocks.J ...); stage I is official stage I+1
-MIT_STAGES = ((r"encoder\.patch_embeddings\.(\d+)|stages\.(\d+)\.patch_embeddings", "patch_embed{}"),
-              (r"encoder\.block\.(\d+)|stages\.(\d+)\.blocks", "block{}"),
-              (r"encoder\.layer_norm\.(\d+)|stages\.(\d+)\.layer_norm", "norm{}"))
-MIT_RENAMES = ((r"(patch_embed\d)\.layer_norm", r"\1.norm"), (r"layer_norm_1|layernorm_before", "norm1"),
-               (r"layer_norm_2|layernorm_after", "norm2"), (r"attention\.self\.query|attention\.q_proj", "attn.q"),
-               (r"attention\.self\.key|attention\.k_proj", "attn.k"),
-               (r"attention\.self\.value|attention\.v_proj", "attn.v"),
-               (r"attention\.output\.dense|attention\.o_proj", "attn.proj"),
-               (r"attention\.self\.sr|attention\.sequence_reduction\.sequence_reduction", "attn.sr"),
-               (r"attention\.self\.layer_norm|attention\.sequence_reduction\.layer_norm", "attn.norm"),
-               (r"mlp\.dense1", "mlp.fc1"), (r"mlp\.dense2", "mlp.fc2"))
-
-
-def mit_from_transformers(state_dict):
-    """Official MiT names for a transformers Segformer encoder. The official kv Linear is
-    transformers' key rows stacked on its value rows."""
-    renamed = {}
-    for name, tensor in state_dict.items():
-        name = name.removeprefix("segformer.")
-        for pattern, official in MIT_STAGES:
-            name = re.sub(f"^(?:{pattern})", lambda m: official.format(int(m[1] or m[2]) + 1), name)
-        for pattern, official in MIT_RENAMES:
-            name = re.sub(pattern, official, name)
-        renamed[name] = tensor
-    for key in [k for k in renamed if ".attn.k." in k and k.replace(".attn.k.", ".attn.v.") in renamed]:
-        value = renamed.pop(key.replace(".attn.k.", ".attn.v."))
-        renamed[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([renamed.pop(key), value])
-    return renamed
-
-
-def load_encoder_weights(encoder, state_dict):
-    """Load MiT weights with strict keys; returns the layout found: the official NVlabs
-    checkpoint, the Hugging Face hub's (transformers) file, or transformers >= 5's names.
-    Classifier heads are dropped. A missing, unexpected or misshaped key raises a
-    ValueError that names it."""
-    state_dict = state_dict.get("state_dict", state_dict)  # some dumps wrap the weights
-    layout = "official"
-    if any(".encoder.block." in f".{k}" for k in state_dict):
-        layout, state_dict = "transformers (hub file)", mit_from_transformers(state_dict)
-    elif any(k.startswith(("stages.", "segformer.stages.")) for k in state_dict):
-        layout, state_dict = "transformers >= 5 (in memory)", mit_from_transformers(state_dict)
-    heads = ("head.", "classifier.", "decode_head.")  # ImageNet classifiers, segmentation heads
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
-    own = encoder.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    misshaped = sorted(f"{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}"
-                       for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape)
-    problems = [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                for name, keys in (("missing", missing), ("unexpected", unexpected),
-                                   ("misshaped", misshaped)) if keys]
-    if problems:
-        raise ValueError(f"MiT checkpoint ({layout} layout) does not match MiT-B0: " + "; ".join(problems))
-    encoder.load_state_dict(state_dict, strict=True)
-    return layout
-
-
 class SegFormer(nn.Module):
     """MiT-B0 + all-MLP decoder. Returns {low, feat, logits}, all at stride 4."""
 
@@ -980,6 +888,101 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
             sets.append(FileSegmentation(pairs, len(spec["classes"]), lut))
         train, val = sets
     return Augmented(train, JointTransform(crop_size)), Augmented(val, JointTransform(None))
+
+
+# ----------------------------------------------------------------------------------
+# MiT-B0 ImageNet weights: the official checkpoint, or the Hugging Face hub's file
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(data):
+    """The safetensors format, without the library: an 8-byte little-endian header length,
+    a JSON header {name: {dtype, shape, data_offsets}}, then the tensors' raw bytes."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header.pop("__metadata__", None)
+    body = memoryview(data)[8 + size:]
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        flat = torch.frombuffer(bytearray(body[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors
+
+
+def read_weights(path):
+    """The tensors of a .safetensors file, or of a torch.save file (.pth, .bin; tensors only,
+    no code is unpickled). The format is told by the contents, not the file name."""
+    data = pathlib.Path(path).read_bytes()
+    try:
+        if data[8:9] == b"{":  # a safetensors header is JSON; a torch file starts with a zip or pickle mark
+            return read_safetensors(data)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # whatever the damage, say which file and stop
+        raise ValueError(f"not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:80]})") from None
+
+
+# transformers' MiT names -> the official ones, for the hub's files (encoder.block.I.J ...) and for
+# what transformers >= 5 holds in memory (stages.I.blocks.J ...); stage I is official stage I+1
+MIT_STAGES = ((r"encoder\.patch_embeddings\.(\d+)|stages\.(\d+)\.patch_embeddings", "patch_embed{}"),
+              (r"encoder\.block\.(\d+)|stages\.(\d+)\.blocks", "block{}"),
+              (r"encoder\.layer_norm\.(\d+)|stages\.(\d+)\.layer_norm", "norm{}"))
+MIT_RENAMES = ((r"(patch_embed\d)\.layer_norm", r"\1.norm"), (r"layer_norm_1|layernorm_before", "norm1"),
+               (r"layer_norm_2|layernorm_after", "norm2"), (r"attention\.self\.query|attention\.q_proj", "attn.q"),
+               (r"attention\.self\.key|attention\.k_proj", "attn.k"),
+               (r"attention\.self\.value|attention\.v_proj", "attn.v"),
+               (r"attention\.output\.dense|attention\.o_proj", "attn.proj"),
+               (r"attention\.self\.sr|attention\.sequence_reduction\.sequence_reduction", "attn.sr"),
+               (r"attention\.self\.layer_norm|attention\.sequence_reduction\.layer_norm", "attn.norm"),
+               (r"mlp\.dense1", "mlp.fc1"), (r"mlp\.dense2", "mlp.fc2"))
+
+
+def mit_from_transformers(state_dict):
+    """Official MiT names for a transformers Segformer encoder. The official kv Linear is
+    transformers' key rows stacked on its value rows."""
+    renamed = {}
+    for name, tensor in state_dict.items():
+        name = name.removeprefix("segformer.")
+        for pattern, official in MIT_STAGES:
+            name = re.sub(f"^(?:{pattern})", lambda m: official.format(int(m[1] or m[2]) + 1), name)
+        for pattern, official in MIT_RENAMES:
+            name = re.sub(pattern, official, name)
+        renamed[name] = tensor
+    for key in [k for k in renamed if ".attn.k." in k and k.replace(".attn.k.", ".attn.v.") in renamed]:
+        value = renamed.pop(key.replace(".attn.k.", ".attn.v."))
+        renamed[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([renamed.pop(key), value])
+    return renamed
+
+
+def load_encoder_weights(encoder, state_dict):
+    """Load MiT weights with strict keys; returns the layout found: the official NVlabs
+    checkpoint, the Hugging Face hub's (transformers) file, or transformers >= 5's names.
+    Classifier heads are dropped. A missing, unexpected or misshaped key raises a
+    ValueError that names it."""
+    state_dict = state_dict.get("state_dict", state_dict)  # some dumps wrap the weights
+    layout = "official"
+    if any(".encoder.block." in f".{k}" for k in state_dict):
+        layout, state_dict = "transformers (hub file)", mit_from_transformers(state_dict)
+    elif any(k.startswith(("stages.", "segformer.stages.")) for k in state_dict):
+        layout, state_dict = "transformers >= 5 (in memory)", mit_from_transformers(state_dict)
+    heads = ("head.", "classifier.", "decode_head.")  # ImageNet classifiers, segmentation heads
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
+    own = encoder.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    misshaped = sorted(f"{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}"
+                       for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape)
+    problems = [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                   ("misshaped", misshaped)) if keys]
+    if problems:
+        raise ValueError(f"MiT checkpoint ({layout} layout) does not match MiT-B0: " + "; ".join(problems))
+    encoder.load_state_dict(state_dict, strict=True)
+    return layout
 
 
 # ----------------------------------------------------------------------------------

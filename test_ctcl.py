@@ -649,6 +649,30 @@ def test_agreement_matrix_equals_per_pixel_count():
     assert sum(shares.values()) == pytest.approx(1)
 
 
+def test_evaluate_scores_logits_resized_to_each_labels_own_size_and_restores_training_mode():
+    """Images of sides that are not multiples of 4 or 32: each student's logits are resized to
+    the label's size before the argmax; counts against a per-image recomputation."""
+    torch.manual_seed(0)
+    model = ctcl.CTCL(3, method="independent")
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((37, 45), (50, 29))]
+    labels = [random_target(1, h, w, 3, seed=h)[0].to(torch.uint8) for h, w in ((37, 45), (50, 29))]
+    dataset = ctcl.Augmented(ctcl.TensorSegmentation(images, labels), ctcl.JointTransform(None))
+    conf = ctcl.evaluate(model, dataset, num_classes=3, device=torch.device("cpu"), autocast=contextlib.nullcontext())
+    assert model.training and model.cnn.training and model.vit.encoder.training
+    model.eval()
+    for student in ("cnn", "vit"):
+        want = torch.zeros(3, 3, dtype=torch.int64)
+        for k in range(2):
+            image, label = dataset[k]
+            with torch.no_grad():
+                logits = getattr(model, student)(image[None])["logits"]
+            pred = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False).argmax(1)[0]
+            for t, p in zip(label.flatten().tolist(), pred.flatten().tolist()):
+                if t != 255:
+                    want[t, p] += 1
+        assert torch.equal(conf[student], want), student
+
+
 def test_confusion_matrix_accumulates_over_a_split():
     pred, target = torch.randint(0, 3, (4, 5, 5)), torch.randint(0, 3, (4, 5, 5))
     total = sum(ctcl.confusion_matrix(pred[i], target[i], 3) for i in range(4))
@@ -988,6 +1012,30 @@ def test_fused_optimisers_take_the_same_steps():
     torch.testing.assert_close(params[1], params[0], rtol=1e-5, atol=1e-6)
 
 
+def test_optimiser_hyper_parameters():
+    (sgd, adamw), _ = ctcl.build_optimizers(ctcl.CTCL(3), iters=100, cnn_lr=0.01, vit_lr=6e-5)
+    assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 1e-4 and not sgd.defaults["nesterov"]
+    assert sgd.defaults["dampening"] == 0 and adamw.defaults["betas"] == (0.9, 0.999)
+    assert sorted({g["weight_decay"] for g in adamw.param_groups}) == [0.0, 0.01]
+
+
+def test_train_step_zeroes_gradients_and_steps_both_schedules():
+    """With both learning rates 0 the weights stay put, so two steps on one batch must leave
+    the same gradients (not their sum); each step moves both schedules by one iteration."""
+    torch.manual_seed(0)
+    model = ctcl.CTCL(3, method="dml").eval()
+    optimizers, schedulers = ctcl.build_optimizers(model, iters=10, cnn_lr=0.0, vit_lr=0.0, vit_warmup=2)
+    images, target = torch.randn(2, 3, 32, 32), random_target(2, 32, 32, 3, seed=8)
+    grads = []
+    for _ in range(2):
+        ctcl.train_step(model, images, target, optimizers, schedulers, torch.amp.GradScaler("cpu", enabled=False),
+                        contextlib.nullcontext(), torch.tensor(1.0))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for first, second in zip(*grads):
+        torch.testing.assert_close(second, first)
+    assert [s.last_epoch for s in schedulers] == [2, 2]
+
+
 def test_each_projector_trains_with_the_student_that_owns_it():
     """HFD's P_c→v and region BSD's Q_c in the CNN's SGD; P_v→c and Q_v in the ViT's AdamW
     group of the decoder (10× lr; weight decay on weights, none on biases and norms).
@@ -1037,6 +1085,91 @@ def test_each_student_trains_only_its_own_side():
 
 
 # ----------------------------------------------------------------------------------
+# Data: the joint transform, the resumable sampler
+
+def banded_pair(h=40, w=112):
+    """A label of 16-px vertical bands valued 0, 40, …, 240 (a bilinear resize would make
+    values between them) and an image whose red channel repeats the label, blue = 200."""
+    label = (torch.arange(w) // 16 * 40).expand(h, w).to(torch.uint8).clone()
+    return torch.stack([label, torch.zeros_like(label), torch.full_like(label, 200)]), label
+
+
+def unnormalise(image):
+    mean, std = (torch.tensor(c)[:, None, None] for c in (ctcl.IMAGENET_MEAN, ctcl.IMAGENET_STD))
+    return (image * std + mean) * 255
+
+
+def test_normalisation_uses_imagenet_mean_and_std():
+    image = torch.tensor([255, 0, 51], dtype=torch.uint8)[:, None, None].expand(3, 4, 5)
+    out, label = ctcl.JointTransform(None)(image, torch.full((4, 5), 7, dtype=torch.uint8))
+    want = [(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0.2 - 0.406) / 0.225]
+    torch.testing.assert_close(out[:, 2, 3], torch.tensor(want), rtol=1e-6, atol=1e-6)
+    assert label.dtype == torch.int64 and label.eq(7).all()
+
+
+def test_image_and_label_get_the_same_scale_crop_and_flip():
+    """Over 24 draws: labels keep their values (nearest), the padding is 255 in the label
+    exactly where the image is padded with 0, and inside the bands the image's red channel
+    equals the label (same crop, same flip). Both flips occur."""
+    image, label = banded_pair()
+    transform = ctcl.JointTransform((48, 64))
+    flips = set()
+    for seed in range(24):
+        torch.manual_seed(seed)
+        out, out_label = transform(image, label)
+        assert out.shape == (3, 48, 64) and out_label.shape == (48, 64)
+        rgb = unnormalise(out)
+        padded = out_label == 255
+        assert set(out_label.unique().tolist()) <= {0, 40, 80, 120, 160, 200, 240, 255}
+        assert torch.equal(padded, rgb.abs().amax(0) < 0.5), seed  # the image is 0 only in its padding
+        inside = ~padded
+        for dx in (-2, -1, 1, 2):  # away from band edges, where resizing blends the image
+            inside &= out_label == out_label.roll(dx, dims=1)
+        assert inside.sum() > 100 and (rgb[0][inside] - out_label[inside].float()).abs().max() < 2, seed
+        columns = out_label.masked_fill(padded, -1).amax(0)
+        real = columns[columns >= 0]
+        flips.add(bool((real[1:] <= real[:-1]).all()))  # bands descending: flipped
+    assert flips == {True, False}
+
+
+def test_sampler_shards_an_epoch_and_resumes_mid_epoch():
+    data = list(range(10))
+    epoch_indices, seeds = [], set()
+    for epoch in (0, 1):
+        shards = []
+        for rank in (0, 1):
+            sampler = ctcl.ResumableSampler(data, num_replicas=2, rank=rank, seed=3)
+            sampler.set_epoch(epoch)
+            pairs = list(sampler)
+            shards.append([i for i, _ in pairs])
+            seeds |= {s for _, s in pairs}
+            sampler.skip = 3
+            assert list(sampler) == pairs[3:] and len(sampler) == len(pairs) - 3
+        assert sorted(shards[0] + shards[1]) == data  # each index once per epoch, across the ranks
+        epoch_indices.append(shards[0] + shards[1])
+    assert epoch_indices[0] != epoch_indices[1] and len(seeds) == 20  # reshuffled; a seed per draw
+
+
+def test_training_batches_after_a_resume_are_the_batches_of_the_whole_run():
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, item):
+            return torch.tensor(item)  # (index, augmentation seed)
+    batches = ctcl.training_batches(Items(), batch_size=2, start_iter=0, workers=0, seed=5, rank=0, world_size=1,
+                                    pin_memory=False)
+    whole = [next(batches) for _ in range(12)]  # 5 batches per epoch: crosses two epoch boundaries
+    sampler = ctcl.ResumableSampler(Items(), seed=5)
+    assert whole[0].tolist() == [list(pair) for pair in list(sampler)[:2]]  # iteration 1: the epoch's first two
+    for start in (1, 4, 5, 7):
+        resumed = ctcl.training_batches(Items(), batch_size=2, start_iter=start, workers=0, seed=5, rank=0,
+                                        world_size=1, pin_memory=False)
+        for k in range(start, 12):
+            assert torch.equal(next(resumed), whole[k]), (start, k)
+
+
+# ----------------------------------------------------------------------------------
 # The program: runs, resume, checkpoints, errors, DDP
 
 SMALL = ["--crop-size", "32", "--batch-size", "2", "--log-every", "1", "--eval-every", "100"]
@@ -1078,6 +1211,17 @@ def test_runs_train_and_eval(tmp_path, small_data, capsys, extra):
 
 def state_of(result):
     return {k: v.clone() for k, v in result["model"].state_dict().items()}
+
+
+def test_the_loop_weights_distillation_by_the_ramp_over_kd_warmup(tmp_path, small_data, monkeypatch):
+    """Iteration k (from 1) gets w(k − 1) of a ramp --kd-warmup long, as a tensor."""
+    calls, weights = [], []
+    ramp, step = ctcl.sigmoid_rampup, ctcl.train_step
+    monkeypatch.setattr(ctcl, "sigmoid_rampup", lambda s, n: calls.append((s, n)) or ramp(s, n))
+    monkeypatch.setattr(ctcl, "train_step", lambda *a: weights.append(a[-1]) or step(*a))
+    run_main(tmp_path, "--iters", "5", "--kd-warmup", "3")
+    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3), (4, 3)]
+    assert [float(w) for w in weights] == pytest.approx([ramp(k, 3) for k in range(5)])
 
 
 def test_resume_is_exact(tmp_path, small_data):
