@@ -264,7 +264,7 @@ def normalized_distance(a, b, eps=1e-12):
     """||n(a) − n(b)||² at each pixel, where n(x) = x / max(||x||, eps) over the channels.
 
     Expanded as ||n(a)||² + ||n(b)||² − 2·n(a)·n(b): two norms and one dot product per
-    pixel, so the normalised maps are never built (3× cheaper than normalising both, the
+    pixel, so the normalised maps are never built (about 2× cheaper than normalising both, the
     same value up to fp32 rounding). ||n(x)||² is 1, or 0 for an all-zero x."""
     norm_a, norm_b = torch.linalg.vector_norm(a, dim=1), torch.linalg.vector_norm(b, dim=1)
     inv_a, inv_b = 1 / norm_a.clamp_min(eps), 1 / norm_b.clamp_min(eps)
@@ -1116,7 +1116,7 @@ def eval_record(conf):
 def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500, fused=False):
     """CNN side: SGD + poly(0.9). ViT side: AdamW (no decay on norms and biases, decoder and
     projectors at 10× lr) + linear warm-up, then poly(1.0). Both stepped every iteration.
-    fused=True (on GPUs): one kernel per optimiser step instead of one per parameter group."""
+    fused=True (on GPUs): torch's fused kernels do each update in one pass over the weights."""
     cnn_params, vit_encoder, vit_heads = model.parameter_groups()
     sgd = torch.optim.SGD(cnn_params, lr=cnn_lr, momentum=0.9, weight_decay=1e-4, fused=fused)
     groups = []
@@ -1227,7 +1227,7 @@ def compile_model(model, device, backend="inductor"):
     """torch.compile in place (state_dict keys unchanged) where it paid in our measurements
     (README, Speed): on a GPU the whole forward, both students and the losses, so that
     SegFormer's many small kernels fuse; on the CPU only the distillation modules, because
-    inductor's whole-model graph ran slower than eager there. The step stays eager without it."""
+    inductor's whole-model graph was no faster than eager there. The step stays eager without it."""
     parts = [model] if device.type == "cuda" else [m for m in (model.hfd, model.rbsd) if m is not None]
     for module in parts:
         module.compile(backend=backend)
@@ -1323,9 +1323,9 @@ def train(args, ctx):
     with interrupt_to_checkpoint(ctx.world_size) as interrupted:
         for it in range(start + 1, stop_at + 1):
             images, target = (t.to(ctx.device, non_blocking=True) for t in next(batches))
-            kd_weight = torch.full((), sigmoid_rampup(it - 1, args.kd_warmup), device=ctx.device)  # a tensor:
-            loss, terms = train_step(net, images, target, optimizers, schedulers, scaler, ctx.autocast(),
-                                     kd_weight)  # a compiled forward does not recompile as the ramp rises
+            # w(t) as a tensor, so that a compiled forward does not recompile as the ramp rises
+            kd_weight = torch.full((), sigmoid_rampup(it - 1, args.kd_warmup), device=ctx.device)
+            loss, terms = train_step(net, images, target, optimizers, schedulers, scaler, ctx.autocast(), kd_weight)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), it, first_bad)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v
@@ -1486,7 +1486,7 @@ def get_args_parser():
     a("--output-stride", type=int, default=16, choices=[8, 16], help="output stride of the CNN")
     a("--vis", type=int, default=0, help="PNG panels written per evaluation to OUT/vis")
     a("--compile", action="store_true", help="torch.compile the forward: all of it on a GPU, the distillation "
-      "modules on the CPU (needs a C++ compiler; first steps take minutes)")
+      "modules on the CPU (needs a C++ compiler; the first step compiles: seconds on the CPU, minutes on a GPU)")
     a("--benchmark", action="store_true", help="time training steps of independent, dml and ctcl, then stop")
     a("--summarize", nargs="+", metavar="RUN_DIR", help="print a Markdown table (mean ± std over seeds) of "
       "finished runs, e.g. --summarize 'runs/table/*', then stop; trains nothing")
