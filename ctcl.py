@@ -521,19 +521,18 @@ class CTCL(nn.Module):
         norm = valid if self.bsd_norm == "valid" else None  # BSD's average: over valid pixels, or taught ones
         if self.method == "dml":
             kd["dml"] = pixel_bsd_loss(z_cnn, z_vit, valid, valid, self.temperature)
-        # the distillation reads features channels-last (the ViT's own layout): its per-pixel channel
-        # reductions then run over contiguous memory, 2-3× faster on the CPU than across layouts
-        low_cnn, low_vit, feat_cnn, feat_vit = (out[key].float().contiguous(memory_format=torch.channels_last)
-                                                for key in ("low", "feat") for out in (out_cnn, out_vit))
+        def both(key):  # the distillation reads features channels-last (the ViT's own layout): its per-pixel
+            # channel reductions then run over contiguous memory, 2-3× faster on the CPU than across layouts
+            return [out[key].float().contiguous(memory_format=torch.channels_last) for out in (out_cnn, out_vit)]
         if self.hfd is not None:
-            kd["hfd"] = self.hfd(low_cnn, low_vit)
+            kd["hfd"] = self.hfd(*both("low"))
         if self.rbsd is not None:
             cost_cnn, cost_vit = ce_cnn, ce_vit
             if self.region_score == "error":  # compare error rates instead of mean CE
                 cost_cnn, cost_vit = (z_cnn.argmax(1) != target).float(), (z_vit.argmax(1) != target).float()
             cnn_teaches, vit_teaches = region_bsd_masks(cost_cnn, cost_vit, target, self.region_size,
                                                         self.ignore_index, self.margin)
-            kd["rbsd"] = self.rbsd(feat_cnn, feat_vit, cnn_teaches, vit_teaches, norm)
+            kd["rbsd"] = self.rbsd(*both("feat"), cnn_teaches, vit_teaches, norm)
             stats["regions_cnn_teaches"], stats["regions_vit_teaches"] = cnn_teaches.mean(), vit_teaches.mean()
         if self.use_pbsd:
             cnn_teaches = vit_teaches = valid  # pixel_rule "all": no selection, the DML term
