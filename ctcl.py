@@ -378,14 +378,23 @@ class RegionBSD(nn.Module):
 # ----------------------------------------------------------------------------------
 # Pixel-wise BSD: which predictions are transferred, in the logit space
 
+def first_argmax(logits):
+    """argmax over the classes (dim 1), the first maximum on ties like torch.argmax: the largest
+    C − c among the classes c that reach the maximum. On the CPU argmax's (and max's) reduction
+    across the classes of an NCHW map is 3× slower than amax's. Fewer than 32,768 classes."""
+    n = logits.shape[1]
+    reversed_index = torch.arange(n, 0, -1, dtype=torch.int16, device=logits.device).view(1, n, 1, 1)
+    is_max = logits == logits.amax(dim=1, keepdim=True)
+    return n - (is_max * reversed_index).amax(dim=1)
+
+
 def pixel_bsd_masks(logits_cnn, logits_vit, target, ignore_index=255, learner_must_be_wrong=True):
     """cnn_teaches = valid & (argmax z_c == y) & (argmax z_v != y) [I]; vit_teaches the mirror.
     With learner_must_be_wrong=False, a right teacher teaches whatever the learner says.
 
     Logits (B, C, H, W) at label resolution; outputs float {0,1} of shape (B, H, W)."""
     valid = target != ignore_index
-    cnn_right = logits_cnn.max(dim=1).indices == target  # = argmax (first maximum), 5× faster on the CPU
-    vit_right = logits_vit.max(dim=1).indices == target
+    cnn_right, vit_right = first_argmax(logits_cnn) == target, first_argmax(logits_vit) == target
     cnn_teaches, vit_teaches = valid & cnn_right, valid & vit_right
     if learner_must_be_wrong:
         cnn_teaches, vit_teaches = cnn_teaches & ~vit_right, vit_teaches & ~cnn_right
@@ -398,21 +407,27 @@ def masked_kl(log_p_student, log_p_teacher, mask, denominator=None):
     `denominator` replaces Σ m (e.g. the count of valid pixels, so that a few selected
     pixels do not weigh as much as the whole image)."""
     log_p_teacher = log_p_teacher.detach()
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
+    p_teacher = log_p_teacher.exp()  # KL = Σ_c p_t·log p_t − Σ_c p_t·log p_s: no full-size subtraction to undo
+    kl = (p_teacher * log_p_teacher).sum(dim=1) - (p_teacher * log_p_student).sum(dim=1)
     denominator = mask.sum() if denominator is None else denominator
     return (mask * kl).sum() / denominator.clamp_min(1)
 
 
-def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, temperature=1.0, valid=None):
+def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, temperature=1.0, valid=None,
+                   log_probs=False):
     """loss_vit = T²·masked_kl(p_v <- p_c, cnn_teaches), loss_cnn = T²·masked_kl(p_c <- p_v, vit_teaches),
     with p = softmax(z / T): one log_softmax per student serves as learner and as teacher.
 
     Averaged over the `valid` pixels when a valid mask is given (an untransferred pixel
     adds 0, the convention of segmentation distillation [I]), else over the transferred
-    pixels. With both masks = every valid pixel, this is deep mutual learning (DML)."""
+    pixels. With both masks = every valid pixel, this is deep mutual learning (DML).
+    log_probs=True: the inputs are log_softmax(z) already (CE's, in CTCL.forward), which at
+    T = 1 is what the KL needs; at any T, log_softmax(log_softmax(z) / T) = log_softmax(z / T)."""
     denominator = None if valid is None else valid.sum()
-    log_p_cnn = F.log_softmax(logits_cnn / temperature, dim=1)
-    log_p_vit = F.log_softmax(logits_vit / temperature, dim=1)
+    log_p_cnn, log_p_vit = logits_cnn, logits_vit
+    if temperature != 1 or not log_probs:
+        log_p_cnn = F.log_softmax(logits_cnn / temperature, dim=1)
+        log_p_vit = F.log_softmax(logits_vit / temperature, dim=1)
     return (temperature ** 2 * masked_kl(log_p_cnn, log_p_vit, vit_teaches, denominator),
             temperature ** 2 * masked_kl(log_p_vit, log_p_cnn, cnn_teaches, denominator))
 
@@ -514,13 +529,15 @@ class CTCL(nn.Module):
         z_vit = upsample_logits(out_vit["logits"], target.shape[-2:])
         valid = (target != self.ignore_index).float()
         n_valid = valid.sum().clamp_min(1)
-        ce_cnn = F.cross_entropy(z_cnn, target, ignore_index=self.ignore_index, reduction="none")
-        ce_vit = F.cross_entropy(z_vit, target, ignore_index=self.ignore_index, reduction="none")
+        # CE = nll(log_softmax(z)), as F.cross_entropy computes it; the KL terms reuse the log_softmax
+        log_p_cnn, log_p_vit = F.log_softmax(z_cnn, dim=1), F.log_softmax(z_vit, dim=1)
+        ce_cnn = F.nll_loss(log_p_cnn, target, ignore_index=self.ignore_index, reduction="none")
+        ce_vit = F.nll_loss(log_p_vit, target, ignore_index=self.ignore_index, reduction="none")
         terms = {"ce_cnn": ce_cnn.sum() / n_valid, "ce_vit": ce_vit.sum() / n_valid}
         kd, stats = {}, {}  # kd: name -> (term of the CNN, term of the ViT), unweighted
         norm = valid if self.bsd_norm == "valid" else None  # BSD's average: over valid pixels, or taught ones
         if self.method == "dml":
-            kd["dml"] = pixel_bsd_loss(z_cnn, z_vit, valid, valid, self.temperature)
+            kd["dml"] = pixel_bsd_loss(log_p_cnn, log_p_vit, valid, valid, self.temperature, log_probs=True)
         def both(key):  # the distillation reads features channels-last (the ViT's own layout): its per-pixel
             # channel reductions then run over contiguous memory, 2-3× faster on the CPU than across layouts
             return [out[key].float().contiguous(memory_format=torch.channels_last) for out in (out_cnn, out_vit)]
@@ -529,7 +546,7 @@ class CTCL(nn.Module):
         if self.rbsd is not None:
             cost_cnn, cost_vit = ce_cnn, ce_vit
             if self.region_score == "error":  # compare error rates instead of mean CE
-                cost_cnn, cost_vit = (z_cnn.argmax(1) != target).float(), (z_vit.argmax(1) != target).float()
+                cost_cnn, cost_vit = [(first_argmax(z) != target).float() for z in (z_cnn, z_vit)]
             cnn_teaches, vit_teaches = region_bsd_masks(cost_cnn, cost_vit, target, self.region_size,
                                                         self.ignore_index, self.margin)
             kd["rbsd"] = self.rbsd(*both("feat"), cnn_teaches, vit_teaches, norm)
@@ -541,7 +558,8 @@ class CTCL(nn.Module):
             elif self.pixel_rule != "all":
                 cnn_teaches, vit_teaches = pixel_bsd_masks(z_cnn.detach(), z_vit.detach(), target, self.ignore_index,
                                                            learner_must_be_wrong=self.pixel_rule == "exclusive")
-            kd["pbsd"] = pixel_bsd_loss(z_cnn, z_vit, cnn_teaches, vit_teaches, self.temperature, norm)
+            kd["pbsd"] = pixel_bsd_loss(log_p_cnn, log_p_vit, cnn_teaches, vit_teaches, self.temperature, norm,
+                                        log_probs=True)
             stats["pixels_cnn_to_vit"] = cnn_teaches.sum() / n_valid
             stats["pixels_vit_to_cnn"] = vit_teaches.sum() / n_valid
         weight = {"dml": 1.0, **self.lambdas}

@@ -555,10 +555,13 @@ def test_pixel_bsd_masks_teacher_right_rule():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
-def test_pixel_bsd_loss_equals_reference(temperature):
+@pytest.mark.parametrize("log_probs", [False, True])
+def test_pixel_bsd_loss_equals_reference(temperature, log_probs):
+    """From logits, or from log_softmax(z) with log_probs=True (CTCL.forward shares CE's)."""
     logits_cnn, logits_vit, target = pixel_inputs(seed=3)
     cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, target)
-    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits_cnn, logits_vit, cnn, vit, temperature=temperature)
+    inputs = [F.log_softmax(z, 1) for z in (logits_cnn, logits_vit)] if log_probs else [logits_cnn, logits_vit]
+    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(*inputs, cnn, vit, temperature=temperature, log_probs=log_probs)
     assert loss_vit.item() == pytest.approx(ref_masked_kl(logits_vit, logits_cnn, cnn, temperature), abs=1e-6)
     assert loss_cnn.item() == pytest.approx(ref_masked_kl(logits_cnn, logits_vit, vit, temperature), abs=1e-6)
 
@@ -742,7 +745,7 @@ def test_teaching_piece_runs_alone(name):
 
 FORBIDDEN = re.compile(r"\.item\(|\.tolist\(|\.cpu\(|nonzero|\bfor\b|\bwhile\b|\[[^\]]*(mask|valid|keep|teaches)[^\]]*\]")
 NO_SYNC_PIECES = ["mimic_loss", "normalized_distance", "region_sums", "region_bsd_masks", "expand_region_mask",
-                  "RegionBSD", "HFD", "pixel_bsd_masks", "masked_kl", "pixel_bsd_loss", "confusion_matrix"]
+                  "RegionBSD", "HFD", "first_argmax", "pixel_bsd_masks", "masked_kl", "pixel_bsd_loss", "confusion_matrix"]
 
 
 @pytest.mark.parametrize("name", NO_SYNC_PIECES)
@@ -767,8 +770,10 @@ def plain_mimic_loss(student, teacher, weight=None, denominator=None):
     return (weight * dist).sum() / denominator.clamp_min(1)
 
 
-def plain_pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, temperature=1.0, valid=None):
-    """Four log_softmax, one per student and direction (what pixel_bsd_loss computed before)."""
+def plain_pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, temperature=1.0, valid=None,
+                         log_probs=False):
+    """Four log_softmax, one per student and direction (what pixel_bsd_loss computed before);
+    log-probabilities in are logits like any others: log_softmax(log_softmax(z)) = log_softmax(z)."""
     def kl(student, teacher, mask):
         log_s, log_t = F.log_softmax(student / temperature, 1), F.log_softmax(teacher.detach() / temperature, 1)
         per_pixel = (log_t.exp() * (log_t - log_s)).sum(1)
@@ -830,6 +835,13 @@ def test_pixel_masks_pick_the_first_maximum_on_ties_like_argmax():
     logits_vit[:, 2] = 5.0  # the ViT says class 2 everywhere
     cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, torch.tensor([[[0, 1, 2, 2]]]))
     assert cnn.tolist() == [[[1.0, 1.0, 0.0, 0.0]]] and vit.tolist() == [[[0.0, 0.0, 0.0, 1.0]]]
+
+
+def test_first_argmax_is_torch_argmax_including_ties():
+    torch.manual_seed(0)
+    for logits in (torch.randn(2, 21, 9, 7), torch.randint(0, 3, (2, 21, 9, 7)).float(), torch.zeros(1, 5, 2, 2)):
+        assert torch.equal(ctcl.first_argmax(logits).long(), logits.argmax(1))
+    assert ctcl.first_argmax(torch.zeros(1, 5, 2, 2)).eq(0).all()  # all tied: the first class
 
 
 @pytest.mark.parametrize("method", ["independent", "dml", "ctcl"])
