@@ -105,7 +105,7 @@ class DeepLabV3Plus(nn.Module):
         low = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
         context = self.aspp(b.layer4(b.layer3(b.layer2(low))))
         context = F.interpolate(context, size=low.shape[-2:], mode="bilinear", align_corners=False)
-        # the decoder runs channels-last, like the ViT's: its 3x3 convs are 4-6% faster so on the CPU,
+        # the decoder runs channels-last, like the ViT's: its convs are 4-6% faster so on the CPU,
         # and the distillation then reads both students' features in one layout (mixed: 2-3× slower)
         fused = torch.cat([context, self.low_proj(low)], dim=1).contiguous(memory_format=torch.channels_last)
         feat = self.fuse(fused)
@@ -383,8 +383,8 @@ class RegionBSD(nn.Module):
 
 def first_argmax(logits):
     """argmax over the classes (dim 1), the first maximum on ties like torch.argmax: the largest
-    C − c among the classes c that reach the maximum. On the CPU argmax's (and max's) reduction
-    across the classes of an NCHW map is 3× slower than amax's. Fewer than 32,768 classes."""
+    C − c among the classes c that reach the maximum. On the CPU, for 4×21×256×256 NCHW logits,
+    3× faster than max(dim=1) and 8× faster than argmax. Fewer than 32,768 classes."""
     n = logits.shape[1]
     reversed_index = torch.arange(n, 0, -1, dtype=torch.int16, device=logits.device).view(1, n, 1, 1)
     is_max = logits == logits.amax(dim=1, keepdim=True)
@@ -542,8 +542,8 @@ class CTCL(nn.Module):
         norm = valid if self.bsd_norm == "valid" else None  # BSD's average: over valid pixels, or taught ones
         if self.method == "dml":
             kd["dml"] = pixel_bsd_loss(log_p_cnn, log_p_vit, valid, valid, self.temperature, log_probs=True)
-        def both(key):  # the distillation reads features channels-last (the ViT's own layout): its per-pixel
-            # channel reductions then run over contiguous memory, 2-3× faster on the CPU than across layouts
+        def both(key):  # the distillation reads features channels-last, both decoders' layout (the CNN's low
+            # features are converted): per-pixel reductions over channels are 2-3× faster so on the CPU
             return [out[key].float().contiguous(memory_format=torch.channels_last) for out in (out_cnn, out_vit)]
         if self.hfd is not None:
             kd["hfd"] = self.hfd(*both("low"))

@@ -745,7 +745,8 @@ def test_teaching_piece_runs_alone(name):
 
 FORBIDDEN = re.compile(r"\.item\(|\.tolist\(|\.cpu\(|nonzero|\bfor\b|\bwhile\b|\[[^\]]*(mask|valid|keep|teaches)[^\]]*\]")
 NO_SYNC_PIECES = ["mimic_loss", "normalized_distance", "region_sums", "region_bsd_masks", "expand_region_mask",
-                  "RegionBSD", "HFD", "first_argmax", "pixel_bsd_masks", "masked_kl", "pixel_bsd_loss", "confusion_matrix"]
+                  "RegionBSD", "HFD", "first_argmax", "pixel_bsd_masks", "masked_kl", "pixel_bsd_loss",
+                  "confusion_matrix"]
 
 
 @pytest.mark.parametrize("name", NO_SYNC_PIECES)
