@@ -1507,7 +1507,8 @@ def get_args_parser():
     a("--output-stride", type=int, default=16, choices=[8, 16], help="output stride of the CNN")
     a("--vis", type=int, default=0, help="PNG panels written per evaluation to OUT/vis")
     a("--compile", action="store_true", help="torch.compile the forward: all of it on a GPU, the distillation "
-      "modules on the CPU (needs a C++ compiler; the first step compiles: seconds on the CPU, minutes on a GPU)")
+      "modules on the CPU (needs a C++ compiler; the first step compiles: seconds for those modules, about 2 "
+      "minutes for the whole forward on our CPU)")
     a("--benchmark", action="store_true", help="time training steps of independent, dml and ctcl, then stop")
     a("--summarize", nargs="+", metavar="RUN_DIR", help="print a Markdown table (mean ± std over seeds) of "
       "finished runs, e.g. --summarize 'runs/table/*', then stop; trains nothing")
