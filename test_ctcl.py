@@ -838,6 +838,16 @@ def test_pixel_masks_pick_the_first_maximum_on_ties_like_argmax():
     assert cnn.tolist() == [[[1.0, 1.0, 0.0, 0.0]]] and vit.tolist() == [[[0.0, 0.0, 0.0, 1.0]]]
 
 
+def test_students_meet_in_one_memory_layout():
+    """Decoder features channels-last in both students, logits NCHW at label size in both: an op
+    between two layouts, or a gradient of one added to one of the other, is 2-4× slower (README, Speed)."""
+    torch.manual_seed(0)
+    model, images = ctcl.CTCL(4), torch.randn(2, 3, 64, 64)
+    for out in (model.cnn(images), model.vit(images)):
+        assert out["feat"].is_contiguous(memory_format=torch.channels_last) and not out["feat"].is_contiguous()
+        assert ctcl.upsample_logits(out["logits"], (64, 64)).is_contiguous()
+
+
 def test_first_argmax_is_torch_argmax_including_ties():
     torch.manual_seed(0)
     for logits in (torch.randn(2, 21, 9, 7), torch.randint(0, 3, (2, 21, 9, 7)).float(), torch.zeros(1, 5, 2, 2)):
