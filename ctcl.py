@@ -424,7 +424,7 @@ def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, temperature
     Averaged over the `valid` pixels when a valid mask is given (an untransferred pixel
     adds 0, the convention of segmentation distillation [I]), else over the transferred
     pixels. With both masks = every valid pixel, this is deep mutual learning (DML).
-    log_probs=True: the inputs are log_softmax(z) already (CE's, in CTCL.forward), which at
+    log_probs=True: the inputs are log_softmax(z) already (CE's, in CTCL.objective), which at
     T = 1 is what the KL needs; at any T, log_softmax(log_softmax(z) / T) = log_softmax(z / T)."""
     denominator = None if valid is None else valid.sum()
     log_p_cnn, log_p_vit = logits_cnn, logits_vit
@@ -528,7 +528,10 @@ class CTCL(nn.Module):
 
     def forward(self, images, target, kd_weight=1.0):
         """Returns L_cnn, L_vit and a dict of detached numbers worth logging."""
-        out_cnn, out_vit = self.cnn(images), self.vit(images)
+        return self.objective(self.cnn(images), self.vit(images), target, kd_weight)
+
+    def objective(self, out_cnn, out_vit, target, kd_weight=1.0):
+        """L_cnn, L_vit and the logged numbers from both students' outputs and the label."""
         z_cnn = upsample_logits(out_cnn["logits"], target.shape[-2:])
         z_vit = upsample_logits(out_vit["logits"], target.shape[-2:])
         valid = (target != self.ignore_index).float()
