@@ -1020,7 +1020,7 @@ def test_learning_rate_schedules_and_groups():
 
 
 def test_fused_optimisers_take_the_same_steps():
-    """fused=True (what a GPU run uses) changes the kernels, not the update rule."""
+    """fused=True (what every run uses, on the CPU too) changes the kernels, not the update rule."""
     images, target = torch.randn(2, 3, 32, 32), random_target(2, 32, 32, 3, seed=4)
     params = []
     for fused in (False, True):
