@@ -254,8 +254,10 @@ class SegFormer(nn.Module):
     def forward(self, x):
         maps = self.encoder(x)
         size = maps[0].shape[-2:]
-        fused = torch.cat([F.interpolate(lin(m), size=size, mode="bilinear", align_corners=False)
-                           for lin, m in zip(self.linear, maps)], dim=1)
+        branches = [lin(m) for lin, m in zip(self.linear, maps)]
+        # stage 1 is at stride 4 already: resizing it to its own size is an exact identity that costs a copy
+        fused = torch.cat([b if b.shape[-2:] == size else
+                           F.interpolate(b, size=size, mode="bilinear", align_corners=False) for b in branches], dim=1)
         feat = self.fuse(fused)
         return {"low": maps[0], "feat": feat, "logits": self.classifier(self.dropout(feat))}
 
