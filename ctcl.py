@@ -69,31 +69,36 @@ def conv_bn_relu(in_channels, out_channels, kernel_size=1):
         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
-def dilate_stage(stage, dilation):
-    """Run a ResNet BasicBlock stage at stride 1 with dilated 3x3 convs [I].
+def dilate_stage(stage, dilation, previous=1):
+    """Run a ResNet BasicBlock stage at stride 1 with dilated 3x3 convs [I]. The stage's first
+    3x3 (the one that used to stride) keeps the previous stage's dilation, every later one gets
+    `dilation`, as torchvision's dilated Bottleneck stages and CIRKD's ResNet-18 do.
 
     torchvision refuses replace_stride_with_dilation for BasicBlock, so we edit the
     built convs; their weights keep their shapes, so ImageNet weights still load."""
     stage[0].conv1.stride = (1, 1)
     if stage[0].downsample is not None:
         stage[0].downsample[0].stride = (1, 1)
-    for block in stage:
-        for conv in (block.conv1, block.conv2):
-            conv.dilation, conv.padding = (dilation, dilation), (dilation, dilation)
+    convs = [conv for block in stage for conv in (block.conv1, block.conv2)]
+    for conv, d in zip(convs, [previous] + [dilation] * (len(convs) - 1)):
+        conv.dilation, conv.padding = (d, d), (d, d)
 
 
 class DeepLabV3Plus(nn.Module):
-    """ResNet-18 + ASPP + DeepLabV3+ decoder. Returns {low, feat, logits}, all at stride 4."""
+    """ResNet-18 + ASPP + DeepLabV3+ decoder. Returns {low, mid, last, feat, logits}: layer1
+    (stride 4), layer2 (stride 8), the encoder's output after ASPP (stride 16 or 8), the
+    decoder feature and the class scores (both stride 4)."""
 
     def __init__(self, num_classes, output_stride=16, pretrained=False):
         super().__init__()
         assert output_stride in (8, 16), f"output_stride must be 8 or 16, got {output_stride}"
+        self.output_stride = output_stride
         weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1 if pretrained else None
         self.backbone = torchvision.models.resnet18(weights=weights)
         del self.backbone.fc, self.backbone.avgpool  # a dense head replaces them
         if output_stride == 8:
             dilate_stage(self.backbone.layer3, 2)
-        dilate_stage(self.backbone.layer4, 2 if output_stride == 16 else 4)
+        dilate_stage(self.backbone.layer4, *((2, 1) if output_stride == 16 else (4, 2)))
         rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
         self.aspp = ASPP(512, list(rates), out_channels=256)
         self.low_proj = conv_bn_relu(64, 48)
@@ -103,13 +108,11 @@ class DeepLabV3Plus(nn.Module):
     def forward(self, x):
         b = self.backbone
         low = b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))
-        context = self.aspp(b.layer4(b.layer3(b.layer2(low))))
-        context = F.interpolate(context, size=low.shape[-2:], mode="bilinear", align_corners=False)
-        # the decoder runs channels-last, like the ViT's: its convs are 3-6% faster so on the CPU,
-        # and the distillation then reads both students' features in one layout (mixed: 2-3× slower)
-        fused = torch.cat([context, self.low_proj(low)], dim=1).contiguous(memory_format=torch.channels_last)
-        feat = self.fuse(fused)
-        return {"low": low, "feat": feat, "logits": self.classifier(feat)}
+        mid = b.layer2(low)
+        last = self.aspp(b.layer4(b.layer3(mid)))
+        context = F.interpolate(last, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        feat = self.fuse(torch.cat([context, self.low_proj(low)], dim=1))
+        return {"low": low, "mid": mid, "last": last, "feat": feat, "logits": self.classifier(feat)}
 
 
 # ----------------------------------------------------------------------------------
@@ -193,7 +196,8 @@ class MiTBlock(nn.Module):
 
 
 class MixTransformer(nn.Module):
-    """MiT encoder; the defaults are MiT-B0. forward(x) returns the 4 stage maps (NCHW)."""
+    """MiT encoder; the defaults are MiT-B0. forward(x) returns the 4 stage maps (NCHW);
+    forward(x, stages=(2,)) runs stage 2 alone on a stage-1 map x."""
 
     def __init__(self, widths=(32, 64, 160, 256), heads=(1, 2, 5, 8), depths=(2, 2, 2, 2),
                  sr_ratios=(8, 4, 2, 1), mlp_ratio=4, drop_path=0.1):
@@ -213,9 +217,9 @@ class MixTransformer(nn.Module):
             in_channels = dim
         self.apply(init_mit_weights)
 
-    def forward(self, x):
+    def forward(self, x, stages=(1, 2, 3, 4)):
         maps = []
-        for i in range(1, len(self.widths) + 1):
+        for i in stages:
             x, h, w = getattr(self, f"patch_embed{i}")(x)
             for block in getattr(self, f"block{i}"):
                 x = block(x, h, w)
@@ -237,7 +241,9 @@ def init_mit_weights(module):
 
 
 class SegFormer(nn.Module):
-    """MiT-B0 + all-MLP decoder. Returns {low, feat, logits}, all at stride 4."""
+    """MiT-B0 + all-MLP decoder. Returns {low, mid, last, feat, logits}: the stage-1 (stride 4),
+    stage-2 (stride 8) and stage-4 (stride 32) maps, the decoder feature and the class scores
+    (both stride 4)."""
 
     def __init__(self, num_classes, encoder_weights=None, embed_dim=256, drop_path=0.1):
         super().__init__()
@@ -254,39 +260,36 @@ class SegFormer(nn.Module):
     def forward(self, x):
         maps = self.encoder(x)
         size = maps[0].shape[-2:]
-        branches = [lin(m) for lin, m in zip(self.linear, maps)]
-        # stage 1 is at stride 4 already: resizing it to its own size is an exact identity that costs a copy
-        fused = torch.cat([b if b.shape[-2:] == size else
-                           F.interpolate(b, size=size, mode="bilinear", align_corners=False) for b in branches], dim=1)
+        fused = torch.cat([F.interpolate(lin(m), size=size, mode="bilinear", align_corners=False)
+                           for lin, m in zip(self.linear, maps)], dim=1)
         feat = self.fuse(fused)
-        return {"low": maps[0], "feat": feat, "logits": self.classifier(self.dropout(feat))}
+        return {"low": maps[0], "mid": maps[1], "last": maps[3], "feat": feat,
+                "logits": self.classifier(self.dropout(feat))}
 
 
 # ----------------------------------------------------------------------------------
 # HFD: heterogeneous feature distillation, in the low-layer feature space
 
-def normalized_distance(a, b, eps=1e-12):
-    """||n(a) − n(b)||² at each pixel, where n(x) = x / max(||x||, eps) over the channels.
-
-    Expanded as ||n(a)||² + ||n(b)||² − 2·n(a)·n(b): two norms and one dot product per
-    pixel, so the normalised maps are never built (about 2× cheaper than normalising both, the
-    same value up to fp32 rounding). ||n(x)||² is 1, or 0 for an all-zero x."""
-    norm_a, norm_b = torch.linalg.vector_norm(a, dim=1), torch.linalg.vector_norm(b, dim=1)
-    inv_a, inv_b = 1 / norm_a.clamp_min(eps), 1 / norm_b.clamp_min(eps)
-    return (norm_a * inv_a) ** 2 + (norm_b * inv_b) ** 2 - 2 * torch.linalg.vecdot(a, b, dim=1) * inv_a * inv_b
+def normalized_distance(a, b):
+    """||n(a) − n(b)||² at each position, n = L2 normalisation over the channels (dim 1)."""
+    return (F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(dim=1)
 
 
 def mimic_loss(student, teacher, weight=None, denominator=None):
-    """Σ_pixels w·||n(student) − sg(n(teacher))||² / max(1, D); plain mean if w is None.
+    """Σ_positions w·||n(student) − sg(n(teacher))||² / max(1, D); the plain mean if w is None.
 
-    D is Σ w unless a `denominator` is given (e.g. the count of valid positions)."""
-    if student.shape[-2:] != teacher.shape[-2:]:
-        student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
-    dist = normalized_distance(student, teacher.detach())
-    if weight is None:
-        return dist.mean()
-    denominator = weight.sum() if denominator is None else denominator
-    return (weight * dist).sum() / denominator.clamp_min(1)
+    D is Σ w unless a `denominator` is given (e.g. the count of valid positions). In fp32 with
+    autocast off: for features that nearly agree the distance is a small difference of large
+    numbers, which bf16/fp16 would turn into noise."""
+    with torch.autocast(student.device.type, enabled=False):
+        student, teacher = student.float(), teacher.detach().float()
+        if student.shape[-2:] != teacher.shape[-2:]:
+            student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+        dist = normalized_distance(student, teacher)
+        if weight is None:
+            return dist.mean()
+        denominator = weight.sum() if denominator is None else denominator
+        return (weight * dist).sum() / denominator.clamp_min(1)
 
 
 def projector(in_channels, out_channels):
@@ -294,33 +297,53 @@ def projector(in_channels, out_channels):
     return nn.Sequential(conv_bn_relu(in_channels, out_channels), nn.Conv2d(out_channels, out_channels, 1))
 
 
+def frozen(module, **kwargs):
+    """module as a fixed function inside a loss: its weights detached (they get no gradient
+    from it) and its buffers copied (BatchNorm's running statistics are not changed by what
+    goes through). It runs in the module's mode: in training, BatchNorm uses the batch's own
+    statistics and drop path is active, as in the module's own forward [I]."""
+    def call(x):
+        state = {name: p.detach() for name, p in module.named_parameters()}
+        state.update({name: b.clone() for name, b in module.named_buffers()})
+        return torch.func.functional_call(module, state, (x,), kwargs)
+    return call
+
+
 class HFD(nn.Module):
-    """Heterogeneous feature distillation on the stride-4 features.
+    """Heterogeneous feature distillation, as the paper's framework figure draws it: each
+    student's stage-1 feature F1, projected into the peer's form by a projector Γ of its own,
+    goes through the peer's next stage S, and must give what S made of the peer's own F1:
 
-        loss_cnn = mean_pixels ||n(P_c→v(f_c)) − sg(n(f_v))||²
-        loss_vit = mean_pixels ||n(P_v→c(f_v)) − sg(n(f_c))||²
+        loss_cnn = mean_positions ||n(S_v(Γ_c(F1_c))) − sg(n(F2_v))||²   ("ViT to CNNs")
+        loss_vit = mean_positions ||n(S_c(Γ_v(F1_v))) − sg(n(F2_c))||²   ("CNNs to ViT")
 
-    Each student owns the projector into its peer's space [I]; the target is always
-    detached and has no learnable map on it, so nothing can collapse."""
+    S_v is MiT stage 2, S_c ResNet layer2, both passed in as fixed functions (`frozen`), so
+    each loss trains only the learner's stage 1 and its projector [I]. Without the stages and
+    targets (the earlier reading, --hfd stage1), S is the identity and F2 = F1: Γ_c(F1_c)
+    imitates F1_v directly."""
 
     def __init__(self, cnn_channels=64, vit_channels=32):
         super().__init__()
-        self.cnn_to_vit = projector(cnn_channels, vit_channels)
-        self.vit_to_cnn = projector(vit_channels, cnn_channels)
+        self.cnn_to_vit = projector(cnn_channels, vit_channels)  # Γ_c, trained with the CNN
+        self.vit_to_cnn = projector(vit_channels, cnn_channels)  # Γ_v, trained with the ViT
 
-    def forward(self, low_cnn, low_vit):
-        return (mimic_loss(self.cnn_to_vit(low_cnn), low_vit),
-                mimic_loss(self.vit_to_cnn(low_vit), low_cnn))
+    def forward(self, low_cnn, low_vit, next_cnn=None, next_vit=None, cnn_stage=None, vit_stage=None):
+        def identity(x):
+            return x
+        cnn_stage, vit_stage = cnn_stage or identity, vit_stage or identity
+        next_cnn = low_cnn if next_cnn is None else next_cnn
+        next_vit = low_vit if next_vit is None else next_vit
+        return (mimic_loss(vit_stage(self.cnn_to_vit(low_cnn)), next_vit),
+                mimic_loss(cnn_stage(self.vit_to_cnn(low_vit)), next_cnn))
 
 
 # ----------------------------------------------------------------------------------
-# Region-wise BSD: who teaches whom, region by region, in the decoder feature space
+# Region-wise BSD: who teaches whom, region by region, on the encoders' last features
 
 def region_sums(x, region_size):
     """Sum a (B, H, W) map over region_size² blocks; the last row/column may be partial."""
     h, w = x.shape[-2:]
-    pad_h, pad_w = -h % region_size, -w % region_size
-    x = F.pad(x, (0, pad_w, 0, pad_h))
+    x = F.pad(x, (0, -w % region_size, 0, -h % region_size))
     b, hp, wp = x.shape
     return x.reshape(b, hp // region_size, region_size, wp // region_size, region_size).sum((2, 4))
 
@@ -337,9 +360,8 @@ def region_bsd_masks(ce_cnn, ce_vit, target, region_size=32, ignore_index=255, m
     count = region_sums(valid, region_size)
     mean_cnn = region_sums(ce_cnn.detach() * valid, region_size) / count.clamp_min(1)
     mean_vit = region_sums(ce_vit.detach() * valid, region_size) / count.clamp_min(1)
-    has_valid = count > 0
-    cnn_teaches = has_valid & (mean_vit - mean_cnn > margin)
-    vit_teaches = has_valid & (mean_cnn - mean_vit > margin)
+    cnn_teaches = (count > 0) & (mean_vit - mean_cnn > margin)
+    vit_teaches = (count > 0) & (mean_cnn - mean_vit > margin)
     return cnn_teaches.to(ce_cnn.dtype), vit_teaches.to(ce_cnn.dtype)
 
 
@@ -350,17 +372,19 @@ def expand_region_mask(mask, cells_per_region, size):
 
 
 class RegionBSD(nn.Module):
-    """Region-wise bidirectional selective distillation on the decoder features.
+    """Region-wise bidirectional selective distillation on two feature maps of one grid
+    (stride `feature_stride`): the encoders' last features on the stride-32 grid by default,
+    where a 32-pixel region is one cell; the decoder features at stride 4 in the earlier reading.
 
-        loss_vit = Σ_pixels m_c→v ||n(Q_v(F_v)) − sg(n(F_c))||² / N_valid
-        loss_cnn = Σ_pixels m_v→c ||n(Q_c(F_c)) − sg(n(F_v))||² / N_valid
+        loss_vit = Σ_positions m_c→v·v ||n(Γ_v(F_v)) − sg(n(F_c))||² / N_valid
+        loss_cnn = Σ_positions m_v→c·v ||n(Γ_c(F_c)) − sg(n(F_v))||² / N_valid
 
-    m_c→v is cnn_teaches expanded from the region grid to the feature grid; N_valid counts
-    the feature positions that cover a valid label pixel (`valid`, the label-grid mask),
-    so an untaught position adds 0, as in pixel-wise distillation for segmentation [I].
-    Without `valid`, each loss is averaged over its taught positions (÷ max(1, Σ m))."""
+    m_c→v is cnn_teaches expanded from the region grid to the feature grid; v marks the
+    positions whose label cell holds a valid pixel (from the label-grid mask `valid`), and
+    N_valid counts them, so an untaught position adds 0, as in pixel-wise distillation for
+    segmentation [I]. per_taught=True divides by Σ m·v instead. Each learner owns its projector Γ."""
 
-    def __init__(self, channels=256, region_size=32, feature_stride=4):
+    def __init__(self, channels=256, region_size=32, feature_stride=32):
         super().__init__()
         assert region_size % feature_stride == 0, (
             f"region_size ({region_size}) must be a multiple of the feature stride ({feature_stride})")
@@ -368,14 +392,15 @@ class RegionBSD(nn.Module):
         self.q_cnn = nn.Conv2d(channels, channels, 1)  # [I] each student's own projector
         self.q_vit = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, feat_cnn, feat_vit, cnn_teaches, vit_teaches, valid=None):
+    def forward(self, feat_cnn, feat_vit, cnn_teaches, vit_teaches, valid=None, per_taught=False):
         size = feat_cnn.shape[-2:]
         m_cnn_to_vit = expand_region_mask(cnn_teaches, self.cells_per_region, size)
         m_vit_to_cnn = expand_region_mask(vit_teaches, self.cells_per_region, size)
         n_valid = None
-        if valid is not None:  # a feature position is valid if its stride² label cell holds a valid pixel
-            stride = self.feature_stride
-            n_valid = F.max_pool2d(valid[:, None].float(), stride, stride, ceil_mode=True).sum()
+        if valid is not None:  # a position is valid if its stride² label cell holds a valid pixel
+            cells = F.max_pool2d(valid[:, None].float(), self.feature_stride, ceil_mode=True)[:, 0, :size[0], :size[1]]
+            m_cnn_to_vit, m_vit_to_cnn = m_cnn_to_vit * cells, m_vit_to_cnn * cells
+            n_valid = None if per_taught else cells.sum()
         return (mimic_loss(self.q_cnn(feat_cnn), feat_vit, m_vit_to_cnn, n_valid),
                 mimic_loss(self.q_vit(feat_vit), feat_cnn, m_cnn_to_vit, n_valid))
 
@@ -383,58 +408,39 @@ class RegionBSD(nn.Module):
 # ----------------------------------------------------------------------------------
 # Pixel-wise BSD: which predictions are transferred, in the logit space
 
-def first_argmax(logits):
-    """argmax over the classes (dim 1), the first maximum on ties like torch.argmax: the largest
-    C − c among the classes c that reach the maximum. On the CPU, for 4×21×256×256 NCHW logits,
-    3× faster than max(dim=1) and 8× faster than argmax. Fewer than 32,768 classes."""
-    n = logits.shape[1]
-    reversed_index = torch.arange(n, 0, -1, dtype=torch.int16, device=logits.device).view(1, n, 1, 1)
-    is_max = logits == logits.amax(dim=1, keepdim=True)
-    return n - (is_max * reversed_index).amax(dim=1)
-
-
 def pixel_bsd_masks(logits_cnn, logits_vit, target, ignore_index=255, learner_must_be_wrong=True):
     """cnn_teaches = valid & (argmax z_c == y) & (argmax z_v != y) [I]; vit_teaches the mirror.
     With learner_must_be_wrong=False, a right teacher teaches whatever the learner says.
 
     Logits (B, C, H, W) at label resolution; outputs float {0,1} of shape (B, H, W)."""
     valid = target != ignore_index
-    cnn_right, vit_right = first_argmax(logits_cnn) == target, first_argmax(logits_vit) == target
+    cnn_right, vit_right = logits_cnn.argmax(1) == target, logits_vit.argmax(1) == target
     cnn_teaches, vit_teaches = valid & cnn_right, valid & vit_right
     if learner_must_be_wrong:
         cnn_teaches, vit_teaches = cnn_teaches & ~vit_right, vit_teaches & ~cnn_right
     return cnn_teaches.to(logits_cnn.dtype), vit_teaches.to(logits_cnn.dtype)
 
 
-def masked_kl(log_p_student, log_p_teacher, mask, denominator=None):
-    """Σ_pixels m · KL(sg p_t || p_s) / max(1, Σ m), from log-probabilities (B, C, H, W).
+def masked_kl(logits_student, logits_teacher, mask, temperature=1.0, denominator=None):
+    """T²·Σ_pixels m·KL(sg softmax(z_t/T) || softmax(z_s/T)) / max(1, D), D = Σ m unless given
+    (e.g. the count of valid pixels). In fp32 with autocast off, like mimic_loss."""
+    with torch.autocast(logits_student.device.type, enabled=False):
+        log_p_student = F.log_softmax(logits_student.float() / temperature, dim=1)
+        log_p_teacher = F.log_softmax(logits_teacher.detach().float() / temperature, dim=1)
+        kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1)
+        denominator = mask.sum() if denominator is None else denominator
+        return temperature ** 2 * (mask * kl).sum() / denominator.clamp_min(1)
 
-    `denominator` replaces Σ m (e.g. the count of valid pixels, so that a few selected
-    pixels do not weigh as much as the whole image)."""
-    log_p_teacher = log_p_teacher.detach()
-    p_teacher = log_p_teacher.exp()  # KL = Σ_c p_t·log p_t − Σ_c p_t·log p_s: no full-size subtraction to undo
-    kl = (p_teacher * log_p_teacher).sum(dim=1) - (p_teacher * log_p_student).sum(dim=1)
-    denominator = mask.sum() if denominator is None else denominator
-    return (mask * kl).sum() / denominator.clamp_min(1)
 
-
-def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, temperature=1.0, valid=None,
-                   log_probs=False):
-    """loss_vit = T²·masked_kl(p_v <- p_c, cnn_teaches), loss_cnn = T²·masked_kl(p_c <- p_v, vit_teaches),
-    with p = softmax(z / T): one log_softmax per student serves as learner and as teacher.
+def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, temperature=1.0, valid=None):
+    """loss_vit = masked_kl(z_v <- z_c, cnn_teaches), loss_cnn = masked_kl(z_c <- z_v, vit_teaches).
 
     Averaged over the `valid` pixels when a valid mask is given (an untransferred pixel
     adds 0, the convention of segmentation distillation [I]), else over the transferred
-    pixels. With both masks = every valid pixel, this is deep mutual learning (DML).
-    log_probs=True: the inputs are log_softmax(z) already (CE's, in CTCL.objective), which at
-    T = 1 is what the KL needs; at any T, log_softmax(log_softmax(z) / T) = log_softmax(z / T)."""
+    pixels. With both masks = every valid pixel, this is deep mutual learning (DML)."""
     denominator = None if valid is None else valid.sum()
-    log_p_cnn, log_p_vit = logits_cnn, logits_vit
-    if temperature != 1 or not log_probs:
-        log_p_cnn = F.log_softmax(logits_cnn / temperature, dim=1)
-        log_p_vit = F.log_softmax(logits_vit / temperature, dim=1)
-    return (temperature ** 2 * masked_kl(log_p_cnn, log_p_vit, vit_teaches, denominator),
-            temperature ** 2 * masked_kl(log_p_vit, log_p_cnn, cnn_teaches, denominator))
+    return (masked_kl(logits_cnn, logits_vit, vit_teaches, temperature, denominator),
+            masked_kl(logits_vit, logits_cnn, cnn_teaches, temperature, denominator))
 
 
 # ----------------------------------------------------------------------------------
@@ -479,9 +485,8 @@ def agreement_matrix(pred_cnn, pred_vit, target, ignore_index=255):
 
 def upsample_logits(logits, size):
     """Class scores in fp32, resized (bilinear) to the label's size: where CE, the masks and
-    the confusion matrix are computed. NCHW for both students (the ViT's come channels-last):
-    every per-pixel op between the two maps then reads both alike, 2-3× faster on the CPU."""
-    return F.interpolate(logits.float().contiguous(), size=size, mode="bilinear", align_corners=False)
+    the confusion matrix are computed."""
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
 
 def sigmoid_rampup(step, length):
@@ -503,13 +508,15 @@ class CTCL(nn.Module):
     not built at all (no idle parameters for DDP)."""
 
     def __init__(self, num_classes, *, method="ctcl", lambda_hfd=1.0, lambda_rbsd=1.0,
-                 lambda_pbsd=1.0, region_size=32, margin=0.0, region_score="ce", temperature=1.0,
-                 pixel_rule="exclusive", bsd_norm="valid", output_stride=16, pretrained=False,
-                 vit_weights=None, ignore_index=255):
+                 lambda_pbsd=1.0, hfd="next-stage", rbsd_feature="encoder", region_size=32, margin=0.0,
+                 region_score="ce", temperature=1.0, pixel_rule="exclusive", bsd_norm="valid",
+                 output_stride=16, pretrained=False, vit_weights=None, ignore_index=255):
         super().__init__()
         assert method in ("independent", "dml", "ctcl"), f"unknown method {method!r}"
+        assert hfd in ("next-stage", "stage1") and rbsd_feature in ("encoder", "decoder")
         assert region_score in ("ce", "error") and pixel_rule in ("exclusive", "teacher-right", "lower-ce", "all")
         assert bsd_norm in ("selected", "valid"), f"unknown bsd_norm {bsd_norm!r}"
+        self.hfd_mode, self.rbsd_feature = hfd, rbsd_feature
         self.region_score, self.pixel_rule, self.bsd_norm = region_score, pixel_rule, bsd_norm
         self.method, self.ignore_index, self.temperature = method, ignore_index, temperature
         self.region_size, self.margin = region_size, margin
@@ -518,11 +525,13 @@ class CTCL(nn.Module):
         self.vit = SegFormer(num_classes, encoder_weights=vit_weights)
         ctcl = method == "ctcl"
         self.hfd = HFD(64, 32) if ctcl and lambda_hfd else None
-        self.rbsd = RegionBSD(256, region_size=region_size) if ctcl and lambda_rbsd else None
+        # the encoders' last features meet on the ViT's stride-32 grid; the decoders' at stride 4
+        self.rbsd = RegionBSD(256, region_size, 32 if rbsd_feature == "encoder" else 4) \
+            if ctcl and lambda_rbsd else None
         self.use_pbsd = ctcl and bool(lambda_pbsd)
 
     def parameter_groups(self):
-        """(CNN-side, ViT-side) parameters; a projector trains with the student that owns it."""
+        """(CNN-side, ViT encoder, ViT heads) parameters; a projector trains with the student that owns it."""
         cnn = [self.cnn] + ([self.hfd.cnn_to_vit] if self.hfd else []) + ([self.rbsd.q_cnn] if self.rbsd else [])
         vit_heads = [self.vit.linear, self.vit.fuse, self.vit.classifier]
         vit_heads += ([self.hfd.vit_to_cnn] if self.hfd else []) + ([self.rbsd.q_vit] if self.rbsd else [])
@@ -538,27 +547,33 @@ class CTCL(nn.Module):
         z_vit = upsample_logits(out_vit["logits"], target.shape[-2:])
         valid = (target != self.ignore_index).float()
         n_valid = valid.sum().clamp_min(1)
-        # CE = nll(log_softmax(z)), as F.cross_entropy computes it; the KL terms reuse the log_softmax
-        log_p_cnn, log_p_vit = F.log_softmax(z_cnn, dim=1), F.log_softmax(z_vit, dim=1)
-        ce_cnn = F.nll_loss(log_p_cnn, target, ignore_index=self.ignore_index, reduction="none")
-        ce_vit = F.nll_loss(log_p_vit, target, ignore_index=self.ignore_index, reduction="none")
+        ce_cnn = F.cross_entropy(z_cnn, target, ignore_index=self.ignore_index, reduction="none")
+        ce_vit = F.cross_entropy(z_vit, target, ignore_index=self.ignore_index, reduction="none")
         terms = {"ce_cnn": ce_cnn.sum() / n_valid, "ce_vit": ce_vit.sum() / n_valid}
         kd, stats = {}, {}  # kd: name -> (term of the CNN, term of the ViT), unweighted
-        norm = valid if self.bsd_norm == "valid" else None  # BSD's average: over valid pixels, or taught ones
         if self.method == "dml":
-            kd["dml"] = pixel_bsd_loss(log_p_cnn, log_p_vit, valid, valid, self.temperature, log_probs=True)
-        def both(key):  # the distillation reads features channels-last, both decoders' layout (the CNN's low
-            # features are converted): per-pixel reductions over channels are 2-3× faster so on the CPU
-            return [out[key].float().contiguous(memory_format=torch.channels_last) for out in (out_cnn, out_vit)]
+            kd["dml"] = pixel_bsd_loss(z_cnn, z_vit, valid, valid, self.temperature)
         if self.hfd is not None:
-            kd["hfd"] = self.hfd(*both("low"))
+            if self.hfd_mode == "next-stage":  # through the peer's next stage, a fixed function here
+                vit_stage = frozen(self.vit.encoder, stages=(2,))
+                kd["hfd"] = self.hfd(out_cnn["low"], out_vit["low"], out_cnn["mid"], out_vit["mid"],
+                                     cnn_stage=frozen(self.cnn.backbone.layer2),
+                                     vit_stage=lambda x: vit_stage(x)[0])
+            else:
+                kd["hfd"] = self.hfd(out_cnn["low"], out_vit["low"])
         if self.rbsd is not None:
             cost_cnn, cost_vit = ce_cnn, ce_vit
             if self.region_score == "error":  # compare error rates instead of mean CE
-                cost_cnn, cost_vit = [(first_argmax(z) != target).float() for z in (z_cnn, z_vit)]
+                cost_cnn, cost_vit = [(z.argmax(1) != target).float() for z in (z_cnn, z_vit)]
             cnn_teaches, vit_teaches = region_bsd_masks(cost_cnn, cost_vit, target, self.region_size,
                                                         self.ignore_index, self.margin)
-            kd["rbsd"] = self.rbsd(*both("feat"), cnn_teaches, vit_teaches, norm)
+            if self.rbsd_feature == "encoder":  # ASPP's output pooled from stride 16 (or 8) to 32
+                f_vit = out_vit["last"]
+                f_cnn = F.avg_pool2d(out_cnn["last"], 32 // self.cnn.output_stride, ceil_mode=True)
+            else:
+                f_cnn, f_vit = out_cnn["feat"], out_vit["feat"]
+            kd["rbsd"] = self.rbsd(f_cnn, f_vit, cnn_teaches, vit_teaches, valid,
+                                   per_taught=self.bsd_norm == "selected")
             stats["regions_cnn_teaches"], stats["regions_vit_teaches"] = cnn_teaches.mean(), vit_teaches.mean()
         if self.use_pbsd:
             cnn_teaches = vit_teaches = valid  # pixel_rule "all": no selection, the DML term
@@ -567,8 +582,8 @@ class CTCL(nn.Module):
             elif self.pixel_rule != "all":
                 cnn_teaches, vit_teaches = pixel_bsd_masks(z_cnn.detach(), z_vit.detach(), target, self.ignore_index,
                                                            learner_must_be_wrong=self.pixel_rule == "exclusive")
-            kd["pbsd"] = pixel_bsd_loss(log_p_cnn, log_p_vit, cnn_teaches, vit_teaches, self.temperature, norm,
-                                        log_probs=True)
+            kd["pbsd"] = pixel_bsd_loss(z_cnn, z_vit, cnn_teaches, vit_teaches, self.temperature,
+                                        valid if self.bsd_norm == "valid" else None)
             stats["pixels_cnn_to_vit"] = cnn_teaches.sum() / n_valid
             stats["pixels_vit_to_cnn"] = vit_teaches.sum() / n_valid
         weight = {"dml": 1.0, **self.lambdas}
@@ -727,42 +742,45 @@ class Augmented(torch.utils.data.Dataset):
             return self.transform(image, label)
 
 
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (a shuffled shard per rank, reshuffled each epoch) that yields
-    (index, augmentation seed) pairs and can start `skip` samples into an epoch."""
+class TrainingSampler(torch.utils.data.Sampler):
+    """Endless (index, augmentation seed) pairs for one process, from iteration `start_iter` on.
 
-    def __init__(self, dataset, *, num_replicas=1, rank=0, seed=0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                         drop_last=True)
-        self.skip = 0
+    Each epoch is a fresh permutation of the data set (from the seed and the epoch), cut into
+    global batches of `batch_size`; process `rank` takes its 1/world_size slice of each, and a
+    sample's augmentation seed is its place in the epoch. So the processes together see the
+    very batches, augmented alike, that one process sees, and a resumed run the batches it
+    would have seen."""
+
+    def __init__(self, size, *, batch_size, seed=0, rank=0, world_size=1, start_iter=0):
+        assert batch_size % world_size == 0, "the global batch must split evenly across the processes"
+        self.size, self.batch_size, self.seed, self.start_iter = size, batch_size, seed, start_iter
+        self.local = batch_size // world_size
+        self.first = rank * self.local
 
     def __iter__(self):
-        base = (self.seed * 1_000_003 + self.epoch) * 1_000_003 * self.num_replicas
-        for position, index in enumerate(super().__iter__()):
-            if position >= self.skip:
-                yield index, base + position * self.num_replicas + self.rank
-
-    def __len__(self):
-        return super().__len__() - self.skip
+        per_epoch = self.size // self.batch_size
+        epoch, skip = divmod(self.start_iter, per_epoch)
+        while True:
+            draw = (self.seed * 1_000_003 + epoch) * 1_000_003  # distinct for every seed, epoch and place
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(draw)).tolist()
+            for start in range(skip * self.batch_size, per_epoch * self.batch_size, self.batch_size):
+                for place in range(start + self.first, start + self.first + self.local):
+                    yield order[place], draw + place
+            epoch, skip = epoch + 1, 0
 
 
 def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, world_size, pin_memory):
-    """Endless batches; iteration k of a run gets the same batch whether or not it resumed."""
-    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
-    per_epoch = len(sampler) // batch_size
-    if per_epoch == 0:
-        raise UserError(f"the training set has {len(dataset)} images, fewer than one batch of "
-                        f"{batch_size} per process: lower --batch-size")
-    epoch, skip_batches = divmod(start_iter, per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        sampler.skip = skip_batches * batch_size
-        # the loader's own generator keeps worker seeding off the global random stream
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
-            pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch))
-        yield from loader
-        epoch, skip_batches = epoch + 1, 0
+    """One DataLoader for the whole run: its workers live as long as the run. Iteration k of a
+    run gets the same batch whether or not it resumed, with any number of workers."""
+    if len(dataset) < batch_size:
+        raise UserError(f"the training set has {len(dataset)} images, fewer than one batch of {batch_size}: "
+                        "lower --batch-size")
+    sampler = TrainingSampler(len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                              start_iter=start_iter)
+    # the loader's own generator keeps its worker seeding off the global random stream
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
+                                            num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
+                                            generator=torch.Generator().manual_seed(seed)))
 
 
 # Real data sets, read from their standard layouts. Each has load(index) like above.
@@ -1021,10 +1039,12 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
 
     Returns {"cnn": conf, "vit": conf, "agreement": 2×2}, each summed over every rank's shard."""
     model.eval()
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False  # whole images vary in size
     conf = {"cnn": 0, "vit": 0, "agreement": 0}
     # a generator of its own: evaluating must not move the training's random stream
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, generator=torch.Generator(),
-                                         sampler=list(range(rank, len(dataset), world_size)))
+                                         sampler=list(range(rank, len(dataset), world_size)),
+                                         pin_memory=device.type == "cuda")
     for k, (image, target) in enumerate(loader):
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast:
@@ -1044,6 +1064,7 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
         for c in conf.values():
             torch.distributed.all_reduce(c)
     model.train()
+    torch.backends.cudnn.benchmark = benchmark
     return conf
 
 
@@ -1250,23 +1271,18 @@ def train_step(model, images, target, optimizers, schedulers, scaler, autocast, 
     return loss.detach(), terms
 
 
-def compile_model(model, device, backend="inductor"):
-    """torch.compile in place (state_dict keys unchanged) where it paid in our measurements
-    (README, Speed): on a GPU the whole forward, both students and the losses, so that
-    SegFormer's many small kernels fuse; on the CPU only the distillation modules, because
-    inductor's whole-model graph was no faster than eager there. The step stays eager without it."""
-    parts = [model] if device.type == "cuda" else [m for m in (model.hfd, model.rbsd) if m is not None]
-    for module in parts:
-        module.compile(backend=backend)
-
-
-def build_model(args, num_classes):
-    """The two students with the projectors of --method; pretrained weights as asked."""
+def build_model(args, num_classes, ctx=None):
+    """The two students with the projectors of --method; pretrained weights as asked. Under
+    DDP the main process builds first (fetching the ImageNet weights into the torch cache);
+    the others wait at a barrier and then read the cache."""
+    ddp = ctx is not None and ctx.world_size > 1
+    if ddp and not ctx.is_main:
+        torch.distributed.barrier()
     try:
         return CTCL(num_classes, method=args.method, lambda_hfd=args.lambda_hfd, lambda_rbsd=args.lambda_rbsd,
-                    lambda_pbsd=args.lambda_pbsd, region_size=args.region_size, margin=args.rbsd_margin,
-                    region_score=args.region_score, temperature=args.temperature, pixel_rule=args.pixel_rule,
-                    bsd_norm=args.bsd_norm,
+                    lambda_pbsd=args.lambda_pbsd, hfd=args.hfd, rbsd_feature=args.rbsd_feature,
+                    region_size=args.region_size, margin=args.rbsd_margin, region_score=args.region_score,
+                    temperature=args.temperature, pixel_rule=args.pixel_rule, bsd_norm=args.bsd_norm,
                     output_stride=args.output_stride, pretrained=args.pretrained, vit_weights=args.vit_weights)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
         raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({error}): run "
@@ -1274,6 +1290,9 @@ def build_model(args, num_classes):
                         "TORCH_HOME), or pass --no-pretrained") from None
     except ValueError as error:  # a MiT checkpoint in another layout
         raise UserError(f"--vit-weights {args.vit_weights}: {error}") from None
+    finally:  # also when the main process failed: the others then try, and fail with the same line
+        if ddp and ctx.is_main:
+            torch.distributed.barrier()
 
 
 def train(args, ctx):
@@ -1285,7 +1304,7 @@ def train(args, ctx):
               file=sys.stderr)
     num_classes = len(spec["classes"])
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = build_model(args, num_classes).to(ctx.device)
+    model = build_model(args, num_classes, ctx).to(ctx.device)
     if model.vit.weights_layout:
         ctx.print(f"MiT-B0 weights: {args.vit_weights} ({model.vit.weights_layout} layout)")
     if ctx.world_size > 1 and ctx.device.type == "cuda":
@@ -1334,8 +1353,8 @@ def train(args, ctx):
                                                     for k, v in vars(args).items()}})
 
     net = model
-    if args.compile:
-        compile_model(model, ctx.device)
+    if args.compile:  # in place, so the state dict keeps its keys
+        model.compile()
     if ctx.world_size > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -1364,12 +1383,12 @@ def train(args, ctx):
                 means = dict(zip(keys, (torch.stack([sums[k] for k in keys]) / count).tolist()))
                 elapsed, tick = time.time() - tick, time.time()
                 lrs = [optimizers[0].param_groups[0]["lr"], optimizers[1].param_groups[0]["lr"]]
-                rate = count * args.batch_size * ctx.world_size / elapsed
+                rate = count * args.batch_size / elapsed  # --batch-size is the global batch
                 ctx.print(log_line(it, args.iters, lrs, means, rate, (stop_at - it) * elapsed / count))
                 ctx.log({"type": "train", "iter": it, "lr_cnn": lrs[0], "lr_vit": lrs[1],
                          "images_per_s": rate, **means})
                 sums, count = {}, 0
-            if it % args.eval_every == 0 or last:
+            if it % args.save_every == 0 or it % args.eval_every == 0 or last:
                 check_finite(first_bad, args.out, ctx.world_size)
                 checkpoint(it)
                 if it % args.eval_every == 0 or it == args.iters:
@@ -1430,8 +1449,11 @@ class Runtime:
             self.device = torch.device("cpu")
         if self.world_size > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        # bf16 where the hardware has it (no loss scaling needed), else fp16 with a scaler
-        bf16 = self.device.type == "cpu" or torch.cuda.is_bf16_supported()
+        if self.device.type == "cuda":  # training crops have one size: let cuDNN pick its fastest kernels
+            torch.backends.cudnn.benchmark = True
+            torch.set_float32_matmul_precision("high")  # TF32 matrix products; cuDNN's convolutions use TF32 already
+        # bf16 where the hardware has it natively (no loss scaling needed), else fp16 with a scaler
+        bf16 = self.device.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False)
         self.amp, self.amp_dtype = amp, torch.bfloat16 if bf16 else torch.float16
         self.fp16 = amp and not bf16
 
@@ -1469,10 +1491,13 @@ def get_args_parser():
     a("--iters", type=int, default=None, help="training iterations (default: per data set, see README)")
     a("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this iteration, to split "
       "a run across job time limits; the schedule still runs to --iters (default: --iters)")
-    a("--batch-size", type=int, default=None, help="images per step and process (default: per data set)")
+    a("--batch-size", type=int, default=None, help="images per step, all processes together: torchrun splits "
+      "it evenly, so 1 or K GPUs run one recipe (default: per data set)")
     a("--crop-size", type=int, nargs="+", default=None, help="training crop, one side or H W (default: per data set)")
     a("--eval-every", type=int, default=None, help="evaluate and checkpoint every N iterations "
       "(default: iters/5; synthetic: once, at the end)")
+    a("--save-every", type=int, default=2000, help="also checkpoint every N iterations: about 10 minutes of a "
+      "VOC or Cityscapes run on one current GPU (README)")
     a("--log-every", type=int, default=None, help="log line every N iterations (default: iters/30, at most 50)")
     a("--workers", type=int, default=None, help="data-loading processes (default: 0 synthetic, 8 otherwise)")
     a("--seed", type=int, default=0, help="seed of weights, sampling and augmentation")
@@ -1485,8 +1510,13 @@ def get_args_parser():
     a("--lambda-hfd", type=float, default=1.0, help="[I] weight of HFD (0 = ablation)")
     a("--lambda-rbsd", type=float, default=1.0, help="[I] weight of region-wise BSD (0 = ablation)")
     a("--lambda-pbsd", type=float, default=1.0, help="[I] weight of pixel-wise BSD (0 = ablation)")
+    a("--hfd", default="next-stage", choices=["next-stage", "stage1"], help="[I] HFD through the peer's next "
+      "stage, aligned with the peer's stage-2 feature (the paper's figure), or the projected stage-1 feature "
+      "aligned with the peer's stage-1 feature (our earlier reading)")
+    a("--rbsd-feature", default="encoder", choices=["encoder", "decoder"], help="[I] region BSD on the encoders' "
+      "last features on the stride-32 grid (the paper's figure), or on the decoder features at stride 4")
     a("--region-size", type=int, default=32, help="[I] side of a region-BSD region in label pixels "
-      "(a multiple of 4)")
+      "(a multiple of 32; of 4 with --rbsd-feature decoder)")
     a("--rbsd-margin", type=float, default=0.0, help="[I] a student teaches a region only if its mean CE "
       "there is lower than its peer's by more than this (--rbsd-margin=-inf: both teach everywhere)")
     a("--region-score", default="ce", choices=["ce", "error"], help="[I] a student's reliability in a "
@@ -1503,7 +1533,7 @@ def get_args_parser():
     a("--cnn-lr", type=float, default=None, help="[I] SGD learning rate of the CNN student "
       "(default: 0.01; synthetic, from scratch: 0.02)")
     a("--vit-lr", type=float, default=None, help="[I] AdamW learning rate of the ViT encoder, decoder ×10 "
-      "(default: 6e-5; synthetic, from scratch: 3e-4)")
+      "(default: 6e-5; synthetic, from scratch: 6e-4)")
     a("--vit-warmup", type=int, default=None, help="[I] linear warm-up of the ViT's learning rate "
       "(default: min(1500, iters/10))")
     a("--pretrained", action=argparse.BooleanOptionalAction, default=None,
@@ -1512,9 +1542,8 @@ def get_args_parser():
       "(default: weights/mit_b0.pth for real data, none for synthetic)")
     a("--output-stride", type=int, default=16, choices=[8, 16], help="output stride of the CNN")
     a("--vis", type=int, default=0, help="PNG panels written per evaluation to OUT/vis")
-    a("--compile", action="store_true", help="torch.compile the forward: all of it on a GPU, the distillation "
-      "modules on the CPU (needs a C++ compiler; the first step compiles: seconds for those modules, about 2 "
-      "minutes for the whole forward on our CPU)")
+    a("--compile", action="store_true", help="torch.compile the forward (both students and the losses); "
+      "needs a C++ compiler, and the first step compiles")
     a("--benchmark", action="store_true", help="time training steps of independent, dml and ctcl, then stop")
     a("--summarize", nargs="+", metavar="RUN_DIR", help="print a Markdown table (mean ± std over seeds) of "
       "finished runs, e.g. --summarize 'runs/table/*', then stop; trains nothing")
@@ -1545,15 +1574,24 @@ def fill_defaults(args):
     args.out = given_or(args.out, pathlib.Path("runs") / f"{args.data}-{args.method}-s{args.seed}")
     weights = {"--lambda-hfd": args.lambda_hfd, "--lambda-rbsd": args.lambda_rbsd, "--lambda-pbsd": args.lambda_pbsd,
                "--cnn-lr": args.cnn_lr, "--vit-lr": args.vit_lr}
-    counts = {"--eval-every": args.eval_every, "--log-every": args.log_every, "--stop-at": given_or(args.stop_at, 1)}
+    counts = {"--eval-every": args.eval_every, "--log-every": args.log_every, "--save-every": args.save_every,
+              "--stop-at": given_or(args.stop_at, 1)}
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cpu = args.gpu == -1 or (args.gpu is None and not torch.cuda.is_available())
+    stride = 32 if args.rbsd_feature == "encoder" else 4  # the grid region BSD works on
     checks = [
         (args.iters >= 1, f"--iters must be at least 1, got {args.iters}"),
         (args.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs it), got {args.batch_size}"),
+        (args.batch_size % world == 0, f"--batch-size {args.batch_size} does not split evenly across {world} "
+         f"processes: it is the global batch, so make it a multiple of {world}"),
+        (args.batch_size // world >= 2 or not cpu, f"--batch-size {args.batch_size} leaves one image per process, "
+         "and BatchNorm needs two on the CPU (no SyncBatchNorm there): raise it to at least 2 per process"),
         (len(crop) == 2 and 32 <= min(crop) and max(crop) <= 4096, f"--crop-size must be one or two sides "
          f"from 32 (the ViT's coarsest stage is 1/32) to 4096, got {' '.join(map(str, crop))}"),
         *((n >= 1, f"{flag} must be at least 1, got {n}") for flag, n in counts.items()),
-        (args.region_size >= 4 and args.region_size % 4 == 0, f"--region-size must be a positive multiple "
-         f"of 4 (the feature stride), got {args.region_size}"),
+        (args.region_size >= stride and args.region_size % stride == 0, f"--region-size must be a positive "
+         f"multiple of {stride} (the stride of the features that --rbsd-feature {args.rbsd_feature} compares), "
+         f"got {args.region_size}"),
         *((math.isfinite(w) and w >= 0, f"{flag} must be a finite number >= 0, got {w}") for flag, w in weights.items()),
         (math.isfinite(args.temperature) and args.temperature > 0, f"--temperature must be a finite number > 0, "
          f"got {args.temperature}"),
@@ -1595,7 +1633,7 @@ def benchmark(args, ctx, rounds=5, steps=3):
                      output_stride=args.output_stride).to(ctx.device)
         optimizers, schedulers = build_optimizers(model, iters=10 ** 6)
         if args.compile:
-            compile_model(model, ctx.device)
+            model.compile()
         runs[method] = dict(model=model, optimizers=optimizers, schedulers=schedulers, times=[], peak=0)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16)
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
