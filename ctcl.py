@@ -1,33 +1,27 @@
 """CTCL: CNN-Transformer Collaborative Learning for semantic segmentation, in one file.
 
-A reference implementation of Zhu, Luo, Zheng, Wang and Wang, "A Good Student is
-Cooperative and Reliable: CNN-Transformer Collaborative Learning for Semantic
-Segmentation", ICCV 2023 (arXiv 2307.12574). Two students learn together with no
-pre-trained teacher: a ResNet-18 DeepLabV3+ (CNN) and a SegFormer-B0 (ViT).
-  * HFD, heterogeneous feature distillation: each student mimics the other's
-    low-layer features through a projector of its own.
-  * Region-wise BSD: in each region of the decoder feature space, the student with
-    the lower cross-entropy there teaches the other one.
-  * Pixel-wise BSD: a prediction is transferred only where the teacher is right and
-    the learner is wrong.
+A reference implementation of Zhu, Luo, Zheng, Wang and Wang, "A Good Student is Cooperative
+and Reliable: CNN-Transformer Collaborative Learning for Semantic Segmentation", ICCV 2023
+(arXiv 2307.12574), built from its abstract and its framework figure. Two students learn
+together with no pre-trained teacher: a ResNet-18 DeepLabV3+ (CNN) and a SegFormer-B0 (ViT).
+  * HFD: each student's stage-1 feature, projected into the peer's form, goes through the
+    peer's next stage and must give what that stage makes of the peer's own feature.
+  * Region-wise BSD: on the encoders' last features, in each region the student with the
+    lower cross-entropy there teaches the other one.
+  * Pixel-wise BSD: a prediction is transferred only where the teacher is right and the learner wrong.
 
-Run it:
-    python ctcl.py                                   # synthetic data, CPU, a few minutes
+    python ctcl.py                                    # synthetic data on the CPU, under 3 minutes
     bash data_prep.sh voc && python ctcl.py --data voc --gpu 0
-    torchrun --nproc_per_node=4 ctcl.py --data voc   # DDP, one process per GPU
-    python ctcl.py --method independent              # baselines: independent, dml
-    python ctcl.py --benchmark --gpu 0               # ms/step of independent, dml, ctcl
-    python ctcl.py --summarize 'runs/table/*'        # mean ± std over seeds of finished runs
-    python -m pytest -q test_ctcl.py                 # the tests
+    torchrun --nproc_per_node=4 ctcl.py --data voc    # the same recipe on 4 GPUs (DDP)
+    python ctcl.py --method independent               # baselines: independent, dml
+    python -m pytest -q test_ctcl.py                  # the tests
 
-Choices the paper's abstract leaves open are marked [I] (interpreted) below; each is
-a flag, and the README lists them under "What we inferred".
+Choices the abstract and the figure leave open are marked [I] (interpreted); each is a flag,
+and the README lists them under "What we inferred".
 """
 import argparse
-import contextlib
 import functools
 import glob
-import io
 import json
 import math
 import os
@@ -35,9 +29,7 @@ import pathlib
 import re
 import resource
 import shutil
-import signal
 import sys
-import threading
 import time
 import urllib.error
 
@@ -48,8 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision import tv_tensors
+from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.ops import StochasticDepth
 from torchvision.transforms import v2
 
@@ -64,18 +56,16 @@ class UserError(Exception):
 # The CNN student: ResNet-18 DeepLabV3+
 
 def conv_bn_relu(in_channels, out_channels, kernel_size=1):
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
 
 
 def dilate_stage(stage, dilation, previous=1):
-    """Run a ResNet BasicBlock stage at stride 1 with dilated 3x3 convs [I]. The stage's first
-    3x3 (the one that used to stride) keeps the previous stage's dilation, every later one gets
-    `dilation`, as torchvision's dilated Bottleneck stages and CIRKD's ResNet-18 do.
-
-    torchvision refuses replace_stride_with_dilation for BasicBlock, so we edit the
-    built convs; their weights keep their shapes, so ImageNet weights still load."""
+    """Run a ResNet BasicBlock stage at stride 1 with dilated 3x3 convs [I]: the stage's first 3x3
+    (the one that used to stride) keeps the previous stage's dilation, every later one gets
+    `dilation`, as torchvision's dilated Bottleneck stages and CIRKD's ResNet-18 do. torchvision
+    refuses replace_stride_with_dilation for BasicBlock, so we edit the built convs (same shapes:
+    ImageNet weights still load)."""
     stage[0].conv1.stride = (1, 1)
     if stage[0].downsample is not None:
         stage[0].downsample[0].stride = (1, 1)
@@ -85,9 +75,9 @@ def dilate_stage(stage, dilation, previous=1):
 
 
 class DeepLabV3Plus(nn.Module):
-    """ResNet-18 + ASPP + DeepLabV3+ decoder. Returns {low, mid, last, feat, logits}: layer1
-    (stride 4), layer2 (stride 8), the encoder's output after ASPP (stride 16 or 8), the
-    decoder feature and the class scores (both stride 4)."""
+    """ResNet-18 + ASPP + DeepLabV3+ decoder. Returns {low, mid, last, feat, logits}: layer1 (stride 4),
+    layer2 (stride 8), the encoder's output after ASPP (stride 16 or 8), the decoder feature and the
+    class scores (both stride 4)."""
 
     def __init__(self, num_classes, output_stride=16, pretrained=False):
         super().__init__()
@@ -99,8 +89,7 @@ class DeepLabV3Plus(nn.Module):
         if output_stride == 8:
             dilate_stage(self.backbone.layer3, 2)
         dilate_stage(self.backbone.layer4, *((2, 1) if output_stride == 16 else (4, 2)))
-        rates = (6, 12, 18) if output_stride == 16 else (12, 24, 36)
-        self.aspp = ASPP(512, list(rates), out_channels=256)
+        self.aspp = ASPP(512, [6, 12, 18] if output_stride == 16 else [12, 24, 36], out_channels=256)
         self.low_proj = conv_bn_relu(64, 48)
         self.fuse = nn.Sequential(conv_bn_relu(256 + 48, 256, 3), conv_bn_relu(256, 256, 3))
         self.classifier = nn.Conv2d(256, num_classes, 1)
@@ -129,8 +118,7 @@ class OverlapPatchEmbed(nn.Module):
 
     def forward(self, x):
         x = self.proj(x)
-        h, w = x.shape[-2:]
-        return self.norm(x.flatten(2).transpose(1, 2)), h, w
+        return self.norm(x.flatten(2).transpose(1, 2)), *x.shape[-2:]
 
 
 class EfficientSelfAttention(nn.Module):
@@ -150,8 +138,7 @@ class EfficientSelfAttention(nn.Module):
         b, n, c = x.shape
         q = self.q(x).reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
         if hasattr(self, "sr"):
-            x = self.sr(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
-            x = self.norm(x)
+            x = self.norm(self.sr(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2))
         k, v = self.kv(x).reshape(b, -1, 2, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)  # default scale: head_dim ** -0.5
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
@@ -204,17 +191,14 @@ class MixTransformer(nn.Module):
         super().__init__()
         self.widths = widths
         rates = torch.linspace(0, drop_path, sum(depths)).tolist()  # rises block by block
-        in_channels = 3
         for i, (dim, n_heads, depth, sr) in enumerate(zip(widths, heads, depths, sr_ratios), 1):
             patch, stride = (7, 4) if i == 1 else (3, 2)
-            setattr(self, f"patch_embed{i}",
-                    OverlapPatchEmbed(in_channels, dim, patch_size=patch, stride=stride))
-            first = sum(depths[:i - 1])
+            setattr(self, f"patch_embed{i}", OverlapPatchEmbed(widths[i - 2] if i > 1 else 3, dim,
+                                                               patch_size=patch, stride=stride))
             setattr(self, f"block{i}", nn.ModuleList(
-                MiTBlock(dim, heads=n_heads, sr_ratio=sr, mlp_ratio=mlp_ratio,
-                         drop_path=rates[first + j]) for j in range(depth)))
+                MiTBlock(dim, heads=n_heads, sr_ratio=sr, mlp_ratio=mlp_ratio, drop_path=rates[sum(depths[:i - 1]) + j])
+                for j in range(depth)))
             setattr(self, f"norm{i}", nn.LayerNorm(dim, eps=1e-6))
-            in_channels = dim
         self.apply(init_mit_weights)
 
     def forward(self, x, stages=(1, 2, 3, 4)):
@@ -223,8 +207,7 @@ class MixTransformer(nn.Module):
             x, h, w = getattr(self, f"patch_embed{i}")(x)
             for block in getattr(self, f"block{i}"):
                 x = block(x, h, w)
-            x = getattr(self, f"norm{i}")(x)
-            x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+            x = getattr(self, f"norm{i}")(x).transpose(1, 2).reshape(x.shape[0], -1, h, w)
             maps.append(x)
         return maps
 
@@ -251,16 +234,14 @@ class SegFormer(nn.Module):
         self.weights_layout = None
         if encoder_weights is not None:
             self.weights_layout = load_encoder_weights(self.encoder, read_weights(encoder_weights))
-        # a per-token Linear is a 1x1 conv on the map
-        self.linear = nn.ModuleList(nn.Conv2d(w, embed_dim, 1) for w in self.encoder.widths)
+        self.linear = nn.ModuleList(nn.Conv2d(w, embed_dim, 1) for w in self.encoder.widths)  # per-token Linears
         self.fuse = conv_bn_relu(4 * embed_dim, embed_dim)
         self.dropout = nn.Dropout2d(0.1)
         self.classifier = nn.Conv2d(embed_dim, num_classes, 1)
 
     def forward(self, x):
         maps = self.encoder(x)
-        size = maps[0].shape[-2:]
-        fused = torch.cat([F.interpolate(lin(m), size=size, mode="bilinear", align_corners=False)
+        fused = torch.cat([F.interpolate(lin(m), size=maps[0].shape[-2:], mode="bilinear", align_corners=False)
                            for lin, m in zip(self.linear, maps)], dim=1)
         feat = self.fuse(fused)
         return {"low": maps[0], "mid": maps[1], "last": maps[3], "feat": feat,
@@ -276,11 +257,9 @@ def normalized_distance(a, b):
 
 
 def mimic_loss(student, teacher, weight=None, denominator=None):
-    """Σ_positions w·||n(student) − sg(n(teacher))||² / max(1, D); the plain mean if w is None.
-
-    D is Σ w unless a `denominator` is given (e.g. the count of valid positions). In fp32 with
-    autocast off: for features that nearly agree the distance is a small difference of large
-    numbers, which bf16/fp16 would turn into noise."""
+    """Σ_positions w·||n(student) − sg(n(teacher))||² / max(1, D), D = Σ w unless given (e.g. the
+    count of valid positions); the plain mean without w. In fp32 with autocast off: for features
+    that nearly agree the distance is a small difference of large numbers, noise in bf16/fp16."""
     with torch.autocast(student.device.type, enabled=False):
         student, teacher = student.float(), teacher.detach().float()
         if student.shape[-2:] != teacher.shape[-2:]:
@@ -288,8 +267,7 @@ def mimic_loss(student, teacher, weight=None, denominator=None):
         dist = normalized_distance(student, teacher)
         if weight is None:
             return dist.mean()
-        denominator = weight.sum() if denominator is None else denominator
-        return (weight * dist).sum() / denominator.clamp_min(1)
+        return (weight * dist).sum() / (weight.sum() if denominator is None else denominator).clamp_min(1)
 
 
 def projector(in_channels, out_channels):
@@ -298,10 +276,10 @@ def projector(in_channels, out_channels):
 
 
 def frozen(module, **kwargs):
-    """module as a fixed function inside a loss: its weights detached (they get no gradient
-    from it) and its buffers copied (BatchNorm's running statistics are not changed by what
-    goes through). It runs in the module's mode: in training, BatchNorm uses the batch's own
-    statistics and drop path is active, as in the module's own forward [I]."""
+    """module as a fixed function inside a loss: its weights detached (they get no gradient from
+    it) and its buffers copied (BatchNorm's running statistics are not changed by what goes
+    through). It runs in the module's mode: in training, BatchNorm uses the batch's statistics
+    and drop path is active, as in the module's own forward [I]."""
     def call(x):
         state = {name: p.detach() for name, p in module.named_parameters()}
         state.update({name: b.clone() for name, b in module.named_buffers()})
@@ -310,17 +288,16 @@ def frozen(module, **kwargs):
 
 
 class HFD(nn.Module):
-    """Heterogeneous feature distillation, as the paper's framework figure draws it: each
-    student's stage-1 feature F1, projected into the peer's form by a projector Γ of its own,
-    goes through the peer's next stage S, and must give what S made of the peer's own F1:
+    """Heterogeneous feature distillation, as the paper's framework figure draws it: each student's
+    stage-1 feature F1, projected into the peer's form by a projector Γ of its own, goes through
+    the peer's next stage S and must give what S made of the peer's own F1:
 
         loss_cnn = mean_positions ||n(S_v(Γ_c(F1_c))) − sg(n(F2_v))||²   ("ViT to CNNs")
         loss_vit = mean_positions ||n(S_c(Γ_v(F1_v))) − sg(n(F2_c))||²   ("CNNs to ViT")
 
-    S_v is MiT stage 2, S_c ResNet layer2, both passed in as fixed functions (`frozen`), so
-    each loss trains only the learner's stage 1 and its projector [I]. Without the stages and
-    targets (the earlier reading, --hfd stage1), S is the identity and F2 = F1: Γ_c(F1_c)
-    imitates F1_v directly."""
+    S_v is MiT stage 2, S_c ResNet layer2, passed in as fixed functions (`frozen`), so each loss
+    trains only the learner's stage 1 and its projector [I]. Without stages and targets (our
+    earlier reading, --hfd stage1) S is the identity and F2 = F1: Γ_c(F1_c) imitates F1_v."""
 
     def __init__(self, cnn_channels=64, vit_channels=32):
         super().__init__()
@@ -331,10 +308,8 @@ class HFD(nn.Module):
         def identity(x):
             return x
         cnn_stage, vit_stage = cnn_stage or identity, vit_stage or identity
-        next_cnn = low_cnn if next_cnn is None else next_cnn
-        next_vit = low_vit if next_vit is None else next_vit
-        return (mimic_loss(vit_stage(self.cnn_to_vit(low_cnn)), next_vit),
-                mimic_loss(cnn_stage(self.vit_to_cnn(low_vit)), next_cnn))
+        return (mimic_loss(vit_stage(self.cnn_to_vit(low_cnn)), low_vit if next_vit is None else next_vit),
+                mimic_loss(cnn_stage(self.vit_to_cnn(low_vit)), low_cnn if next_cnn is None else next_cnn))
 
 
 # ----------------------------------------------------------------------------------
@@ -349,10 +324,9 @@ def region_sums(x, region_size):
 
 
 def region_bsd_masks(ce_cnn, ce_vit, target, region_size=32, ignore_index=255, margin=0.0):
-    """Which student teaches each region_size² block of the label grid.
-
-    Reliability of a student in block R = its mean CE over R's valid pixels [I] (any
-    per-pixel cost map works: pass 0/1 error maps to compare error rates instead).
+    """Which student teaches each region_size² block R of the label grid. A student's
+    reliability in R is its mean CE over R's valid pixels [I] (any per-pixel cost map works:
+    0/1 error maps compare error rates instead).
         cnn_teaches[R] = R has a valid pixel and  mean_CE_vit(R) − mean_CE_cnn(R) > margin
     and vit_teaches the mirror image; ties and empty blocks: neither.
     Inputs (B, H, W); outputs float {0,1} of shape (B, ceil(H/r), ceil(W/r))."""
@@ -372,24 +346,24 @@ def expand_region_mask(mask, cells_per_region, size):
 
 
 class RegionBSD(nn.Module):
-    """Region-wise bidirectional selective distillation on two feature maps of one grid
-    (stride `feature_stride`): the encoders' last features on the stride-32 grid by default,
-    where a 32-pixel region is one cell; the decoder features at stride 4 in the earlier reading.
+    """Region-wise bidirectional selective distillation on two feature maps of one grid (stride
+    `feature_stride`): the encoders' last features on the stride-32 grid by default, where a
+    32-pixel region is one cell; the decoder features at stride 4 in our earlier reading.
 
         loss_vit = Σ_positions m_c→v·v ||n(Γ_v(F_v)) − sg(n(F_c))||² / N_valid
         loss_cnn = Σ_positions m_v→c·v ||n(Γ_c(F_c)) − sg(n(F_v))||² / N_valid
 
-    m_c→v is cnn_teaches expanded from the region grid to the feature grid; v marks the
-    positions whose label cell holds a valid pixel (from the label-grid mask `valid`), and
-    N_valid counts them, so an untaught position adds 0, as in pixel-wise distillation for
-    segmentation [I]. per_taught=True divides by Σ m·v instead. Each learner owns its projector Γ."""
+    m_c→v is cnn_teaches expanded from the region grid to the feature grid; v marks the positions
+    whose label cell holds a valid pixel (from the label-grid mask `valid`) and N_valid counts
+    them, so an untaught position adds 0, as in pixel-wise distillation for segmentation [I].
+    per_taught=True divides by Σ m·v instead. Each learner owns its projector Γ [I]."""
 
     def __init__(self, channels=256, region_size=32, feature_stride=32):
         super().__init__()
         assert region_size % feature_stride == 0, (
             f"region_size ({region_size}) must be a multiple of the feature stride ({feature_stride})")
         self.cells_per_region, self.feature_stride = region_size // feature_stride, feature_stride
-        self.q_cnn = nn.Conv2d(channels, channels, 1)  # [I] each student's own projector
+        self.q_cnn = nn.Conv2d(channels, channels, 1)
         self.q_vit = nn.Conv2d(channels, channels, 1)
 
     def forward(self, feat_cnn, feat_vit, cnn_teaches, vit_teaches, valid=None, per_taught=False):
@@ -411,7 +385,6 @@ class RegionBSD(nn.Module):
 def pixel_bsd_masks(logits_cnn, logits_vit, target, ignore_index=255, learner_must_be_wrong=True):
     """cnn_teaches = valid & (argmax z_c == y) & (argmax z_v != y) [I]; vit_teaches the mirror.
     With learner_must_be_wrong=False, a right teacher teaches whatever the learner says.
-
     Logits (B, C, H, W) at label resolution; outputs float {0,1} of shape (B, H, W)."""
     valid = target != ignore_index
     cnn_right, vit_right = logits_cnn.argmax(1) == target, logits_vit.argmax(1) == target
@@ -428,72 +401,31 @@ def masked_kl(logits_student, logits_teacher, mask, temperature=1.0, denominator
         log_p_student = F.log_softmax(logits_student.float() / temperature, dim=1)
         log_p_teacher = F.log_softmax(logits_teacher.detach().float() / temperature, dim=1)
         kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1)
-        denominator = mask.sum() if denominator is None else denominator
-        return temperature ** 2 * (mask * kl).sum() / denominator.clamp_min(1)
+        return temperature ** 2 * (mask * kl).sum() / (mask.sum() if denominator is None else denominator).clamp_min(1)
 
 
 def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, temperature=1.0, valid=None):
-    """loss_vit = masked_kl(z_v <- z_c, cnn_teaches), loss_cnn = masked_kl(z_c <- z_v, vit_teaches).
-
-    Averaged over the `valid` pixels when a valid mask is given (an untransferred pixel
-    adds 0, the convention of segmentation distillation [I]), else over the transferred
-    pixels. With both masks = every valid pixel, this is deep mutual learning (DML)."""
+    """loss_vit = masked_kl(z_v <- z_c, cnn_teaches), loss_cnn = masked_kl(z_c <- z_v, vit_teaches),
+    averaged over the `valid` pixels when given (an untransferred pixel adds 0, the convention of
+    segmentation distillation [I]), else over the transferred ones. With both masks = every valid
+    pixel, this is deep mutual learning (DML)."""
     denominator = None if valid is None else valid.sum()
     return (masked_kl(logits_cnn, logits_vit, vit_teaches, temperature, denominator),
             masked_kl(logits_vit, logits_cnn, cnn_teaches, temperature, denominator))
 
 
 # ----------------------------------------------------------------------------------
-# Evaluation: confusion matrix and IoU
-
-def confusion_matrix(pred, target, num_classes, ignore_index=255):
-    """(C, C) int64 counts, rows = ground truth, columns = prediction.
-
-    Pixels whose target lies outside [0, C) (e.g. ignore_index) are dropped. Made with
-    scatter_add, so it stays on the device with no host sync."""
-    keep = (target >= 0) & (target < num_classes)
-    index = torch.where(keep, target * num_classes + pred, torch.zeros_like(target))
-    conf = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=pred.device)
-    conf.scatter_add_(0, index.flatten().long(), keep.flatten().long())
-    return conf.reshape(num_classes, num_classes)
-
-
-def iou_from_confusion(conf):
-    """IoU_k = TP / (TP + FP + FN); a class with zero union is NaN and left out of the mean."""
-    conf = conf.double()
-    tp = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - tp
-    per_class = tp / union  # 0/0 = NaN for a class absent from prediction and target
-    return per_class.nanmean(), per_class
-
-
-def pixel_accuracy(conf):
-    return conf.diag().sum().double() / conf.sum().clamp_min(1)
-
-
-def agreement_matrix(pred_cnn, pred_vit, target, ignore_index=255):
-    """(2, 2) int64 counts of valid pixels; rows: CNN wrong/right, columns: ViT wrong/right.
-
-    [1, 0] counts the pixels where only the CNN is right (what it could teach the ViT),
-    [0, 1] the mirror image: the students' complementarity. Accumulate it like conf."""
-    cnn_right = torch.where(target == ignore_index, ignore_index, (pred_cnn == target).long())
-    return confusion_matrix((pred_vit == target).long(), cnn_right, 2)
-
-
-# ----------------------------------------------------------------------------------
 # The objective: both students' losses from one forward pass
 
 def upsample_logits(logits, size):
-    """Class scores in fp32, resized (bilinear) to the label's size: where CE, the masks and
-    the confusion matrix are computed."""
+    """Class scores in fp32, resized (bilinear) to the label's size, where CE, the masks and the
+    confusion matrix are computed."""
     return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
 
 def sigmoid_rampup(step, length):
     """w(t) = exp(−5 (1 − t/T)²), rising from ~0 to 1 over T steps, then 1 [I]."""
-    if length <= 0 or step >= length:
-        return 1.0
-    return math.exp(-5.0 * (1.0 - step / length) ** 2)
+    return 1.0 if length <= 0 or step >= length else math.exp(-5.0 * (1.0 - step / length) ** 2)
 
 
 class CTCL(nn.Module):
@@ -502,36 +434,32 @@ class CTCL(nn.Module):
         L_cnn = CE_cnn + w(t)·(λ_hfd·HFD_cnn + λ_rbsd·RBSD_cnn + λ_pbsd·PBSD_cnn)
         L_vit = CE_vit + w(t)·(λ_hfd·HFD_vit + λ_rbsd·RBSD_vit + λ_pbsd·PBSD_vit)
 
-    Every teacher side is detached, so one backward of L_cnn + L_vit gives each
-    student only its own gradients. method="independent" keeps the CE terms alone,
-    "dml" adds KL(sg p_peer || p_self) on every valid pixel. A term whose λ is 0 is
-    not built at all (no idle parameters for DDP)."""
+    Every teacher side is detached, so one backward of L_cnn + L_vit gives each student only its
+    own gradients. method="independent" keeps the CE terms alone, "dml" adds KL(sg p_peer || p_self)
+    on every valid pixel. A term whose λ is 0 is not built at all (no idle parameters for DDP)."""
 
-    def __init__(self, num_classes, *, method="ctcl", lambda_hfd=1.0, lambda_rbsd=1.0,
-                 lambda_pbsd=1.0, hfd="next-stage", rbsd_feature="encoder", region_size=32, margin=0.0,
-                 region_score="ce", temperature=1.0, pixel_rule="exclusive", bsd_norm="valid",
-                 output_stride=16, pretrained=False, vit_weights=None, ignore_index=255):
+    def __init__(self, num_classes, *, method="ctcl", lambda_hfd=1.0, lambda_rbsd=1.0, lambda_pbsd=1.0,
+                 hfd="next-stage", rbsd_feature="encoder", region_size=32, margin=0.0, region_score="ce",
+                 temperature=1.0, pixel_rule="exclusive", bsd_norm="valid", output_stride=16, pretrained=False,
+                 vit_weights=None, ignore_index=255):
         super().__init__()
-        assert method in ("independent", "dml", "ctcl"), f"unknown method {method!r}"
-        assert hfd in ("next-stage", "stage1") and rbsd_feature in ("encoder", "decoder")
-        assert region_score in ("ce", "error") and pixel_rule in ("exclusive", "teacher-right", "lower-ce", "all")
-        assert bsd_norm in ("selected", "valid"), f"unknown bsd_norm {bsd_norm!r}"
-        self.hfd_mode, self.rbsd_feature = hfd, rbsd_feature
-        self.region_score, self.pixel_rule, self.bsd_norm = region_score, pixel_rule, bsd_norm
-        self.method, self.ignore_index, self.temperature = method, ignore_index, temperature
+        assert method in ("independent", "dml", "ctcl") and hfd in ("next-stage", "stage1") and \
+            rbsd_feature in ("encoder", "decoder") and region_score in ("ce", "error") and \
+            pixel_rule in ("exclusive", "teacher-right", "lower-ce", "all") and bsd_norm in ("selected", "valid")
+        self.method, self.hfd_mode, self.rbsd_feature, self.region_score = method, hfd, rbsd_feature, region_score
+        self.pixel_rule, self.bsd_norm, self.temperature, self.ignore_index = pixel_rule, bsd_norm, temperature, ignore_index
         self.region_size, self.margin = region_size, margin
-        self.lambdas = {"hfd": lambda_hfd, "rbsd": lambda_rbsd, "pbsd": lambda_pbsd}
+        self.lambdas = {"dml": 1.0, "hfd": lambda_hfd, "rbsd": lambda_rbsd, "pbsd": lambda_pbsd}
         self.cnn = DeepLabV3Plus(num_classes, output_stride=output_stride, pretrained=pretrained)
         self.vit = SegFormer(num_classes, encoder_weights=vit_weights)
         ctcl = method == "ctcl"
         self.hfd = HFD(64, 32) if ctcl and lambda_hfd else None
         # the encoders' last features meet on the ViT's stride-32 grid; the decoders' at stride 4
-        self.rbsd = RegionBSD(256, region_size, 32 if rbsd_feature == "encoder" else 4) \
-            if ctcl and lambda_rbsd else None
+        self.rbsd = RegionBSD(256, region_size, 32 if rbsd_feature == "encoder" else 4) if ctcl and lambda_rbsd else None
         self.use_pbsd = ctcl and bool(lambda_pbsd)
 
     def parameter_groups(self):
-        """(CNN-side, ViT encoder, ViT heads) parameters; a projector trains with the student that owns it."""
+        """(CNN side, ViT encoder, ViT heads) parameters; a projector trains with the student that owns it."""
         cnn = [self.cnn] + ([self.hfd.cnn_to_vit] if self.hfd else []) + ([self.rbsd.q_cnn] if self.rbsd else [])
         vit_heads = [self.vit.linear, self.vit.fuse, self.vit.classifier]
         vit_heads += ([self.hfd.vit_to_cnn] if self.hfd else []) + ([self.rbsd.q_vit] if self.rbsd else [])
@@ -543,37 +471,32 @@ class CTCL(nn.Module):
 
     def objective(self, out_cnn, out_vit, target, kd_weight=1.0):
         """L_cnn, L_vit and the logged numbers from both students' outputs and the label."""
-        z_cnn = upsample_logits(out_cnn["logits"], target.shape[-2:])
-        z_vit = upsample_logits(out_vit["logits"], target.shape[-2:])
+        z_cnn, z_vit = (upsample_logits(out["logits"], target.shape[-2:]) for out in (out_cnn, out_vit))
         valid = (target != self.ignore_index).float()
         n_valid = valid.sum().clamp_min(1)
-        ce_cnn = F.cross_entropy(z_cnn, target, ignore_index=self.ignore_index, reduction="none")
-        ce_vit = F.cross_entropy(z_vit, target, ignore_index=self.ignore_index, reduction="none")
+        ce_cnn, ce_vit = (F.cross_entropy(z, target, ignore_index=self.ignore_index, reduction="none")
+                          for z in (z_cnn, z_vit))
         terms = {"ce_cnn": ce_cnn.sum() / n_valid, "ce_vit": ce_vit.sum() / n_valid}
         kd, stats = {}, {}  # kd: name -> (term of the CNN, term of the ViT), unweighted
         if self.method == "dml":
             kd["dml"] = pixel_bsd_loss(z_cnn, z_vit, valid, valid, self.temperature)
-        if self.hfd is not None:
-            if self.hfd_mode == "next-stage":  # through the peer's next stage, a fixed function here
-                vit_stage = frozen(self.vit.encoder, stages=(2,))
-                kd["hfd"] = self.hfd(out_cnn["low"], out_vit["low"], out_cnn["mid"], out_vit["mid"],
-                                     cnn_stage=frozen(self.cnn.backbone.layer2),
-                                     vit_stage=lambda x: vit_stage(x)[0])
-            else:
-                kd["hfd"] = self.hfd(out_cnn["low"], out_vit["low"])
+        if self.hfd is not None and self.hfd_mode == "next-stage":  # the peers' next stages, fixed functions here
+            vit_stage = frozen(self.vit.encoder, stages=(2,))
+            kd["hfd"] = self.hfd(out_cnn["low"], out_vit["low"], out_cnn["mid"], out_vit["mid"],
+                                 cnn_stage=frozen(self.cnn.backbone.layer2), vit_stage=lambda x: vit_stage(x)[0])
+        elif self.hfd is not None:
+            kd["hfd"] = self.hfd(out_cnn["low"], out_vit["low"])
         if self.rbsd is not None:
             cost_cnn, cost_vit = ce_cnn, ce_vit
             if self.region_score == "error":  # compare error rates instead of mean CE
-                cost_cnn, cost_vit = [(z.argmax(1) != target).float() for z in (z_cnn, z_vit)]
+                cost_cnn, cost_vit = ((z.argmax(1) != target).float() for z in (z_cnn, z_vit))
             cnn_teaches, vit_teaches = region_bsd_masks(cost_cnn, cost_vit, target, self.region_size,
                                                         self.ignore_index, self.margin)
-            if self.rbsd_feature == "encoder":  # ASPP's output pooled from stride 16 (or 8) to 32
-                f_vit = out_vit["last"]
+            f_cnn, f_vit = out_cnn["feat"], out_vit["feat"]
+            if self.rbsd_feature == "encoder":  # ASPP's output, averaged from stride 16 (or 8) to 32
                 f_cnn = F.avg_pool2d(out_cnn["last"], 32 // self.cnn.output_stride, ceil_mode=True)
-            else:
-                f_cnn, f_vit = out_cnn["feat"], out_vit["feat"]
-            kd["rbsd"] = self.rbsd(f_cnn, f_vit, cnn_teaches, vit_teaches, valid,
-                                   per_taught=self.bsd_norm == "selected")
+                f_vit = out_vit["last"]
+            kd["rbsd"] = self.rbsd(f_cnn, f_vit, cnn_teaches, vit_teaches, valid, self.bsd_norm == "selected")
             stats["regions_cnn_teaches"], stats["regions_vit_teaches"] = cnn_teaches.mean(), vit_teaches.mean()
         if self.use_pbsd:
             cnn_teaches = vit_teaches = valid  # pixel_rule "all": no selection, the DML term
@@ -584,11 +507,9 @@ class CTCL(nn.Module):
                                                            learner_must_be_wrong=self.pixel_rule == "exclusive")
             kd["pbsd"] = pixel_bsd_loss(z_cnn, z_vit, cnn_teaches, vit_teaches, self.temperature,
                                         valid if self.bsd_norm == "valid" else None)
-            stats["pixels_cnn_to_vit"] = cnn_teaches.sum() / n_valid
-            stats["pixels_vit_to_cnn"] = vit_teaches.sum() / n_valid
-        weight = {"dml": 1.0, **self.lambdas}
-        loss_cnn = terms["ce_cnn"] + kd_weight * sum(weight[name] * c for name, (c, v) in kd.items())
-        loss_vit = terms["ce_vit"] + kd_weight * sum(weight[name] * v for name, (c, v) in kd.items())
+            stats["pixels_cnn_to_vit"], stats["pixels_vit_to_cnn"] = cnn_teaches.sum() / n_valid, vit_teaches.sum() / n_valid
+        loss_cnn = terms["ce_cnn"] + kd_weight * sum(self.lambdas[name] * c for name, (c, v) in kd.items())
+        loss_vit = terms["ce_vit"] + kd_weight * sum(self.lambdas[name] * v for name, (c, v) in kd.items())
         logged = {"loss_cnn": loss_cnn, "loss_vit": loss_vit, **terms, **stats}
         for name, (c, v) in kd.items():
             logged[f"{name}_cnn"], logged[f"{name}_vit"] = c, v
@@ -596,7 +517,7 @@ class CTCL(nn.Module):
 
 
 # ----------------------------------------------------------------------------------
-# Data: the synthetic task, the joint transforms, a sampler that can resume mid-epoch
+# Data: the synthetic task, the real data sets, the joint transforms, the sampler
 
 SYNTHETIC_CLASSES = ("background", "stripes", "dots", "disc", "square")
 PLAIN_OUTLINES = {"disc": "ellipse", "square": "rectangle"}  # the plain classes: told by outline alone
@@ -620,19 +541,6 @@ def outline(kind, u, v):
     return u.abs() + v.abs() < 1.15  # diamond
 
 
-def grey_background(size, g):
-    """A random grey under per-pixel colour noise: unsaturated, like road, wall or sky."""
-    return 40 + 175 * torch.rand(1, 1, 1, generator=g) + 20 * torch.randn(3, *size, generator=g)
-
-
-def saturated_colour(g):
-    """A random hue at high saturation: objects stand out from the grey background, and
-    every object class draws its colour from the same distribution."""
-    high, low, mid = 180 + 75 * torch.rand(1, generator=g), 60 * torch.rand(1, generator=g), \
-        255 * torch.rand(1, generator=g)
-    return torch.stack([high, low, mid])[torch.randperm(3, generator=g)].reshape(3, 1, 1)
-
-
 def ignore_borders(label, width=1, ignore_index=255):
     """Set to ignore_index every pixel within `width` of a different class, as VOC does."""
     x = label[:, None].float()
@@ -647,8 +555,8 @@ def make_synthetic(n, size=64, seed=0, max_objects=3, radius=(0.2, 0.4), period=
     """n images (uint8, 3×size×size) and labels (uint8) of overlapping objects on a grey
     background. The colour never tells the class. Two classes are textures (stripes, dots)
     with any outline; two are plain, told apart by their outline alone (disc, square).
-    The cues differ on purpose: in our trials (README) the CNN learned the textures sooner,
-    while the ViT kept up on the outlines, so the two students err in different places.
+    The cues differ on purpose: in our trials the CNN learned the textures sooner, while
+    the ViT kept up on the outlines, so the two students err in different places.
 
     Each object: a random class, hue, outline, radii (a fraction `radius` of the side),
     angle, position and texture period (pixels); later objects occlude earlier ones.
@@ -657,8 +565,8 @@ def make_synthetic(n, size=64, seed=0, max_objects=3, radius=(0.2, 0.4), period=
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
     images = torch.empty(n, 3, size, size, dtype=torch.uint8)
     labels = torch.zeros(n, size, size, dtype=torch.uint8)
-    for i in range(n):
-        image = grey_background((size, size), g)
+    for i in range(n):  # a grey under colour noise: unsaturated, like road, wall or sky
+        image = 40 + 175 * torch.rand(1, 1, 1, generator=g) + 20 * torch.randn(3, size, size, generator=g)
         for _ in range(int(torch.randint(1, max_objects + 1, (1,), generator=g))):
             cls = int(torch.randint(1, len(SYNTHETIC_CLASSES), (1,), generator=g))
             name = SYNTHETIC_CLASSES[cls]
@@ -672,24 +580,170 @@ def make_synthetic(n, size=64, seed=0, max_objects=3, radius=(0.2, 0.4), period=
             inside = outline(kind, (dy * math.cos(angle) - dx * math.sin(angle)) / ry,
                              (dy * math.sin(angle) + dx * math.cos(angle)) / rx)
             pattern = texture(name, yy + py * p, xx + px * p, p, turn < 0.5)
-            colour = saturated_colour(g) * (0.35 + 0.65 * pattern) + 5 * torch.randn(3, size, size, generator=g)
+            # a saturated colour of any hue, drawn alike for every class
+            rgb = torch.stack([180 + 75 * torch.rand(1, generator=g), 60 * torch.rand(1, generator=g),
+                               255 * torch.rand(1, generator=g)])[torch.randperm(3, generator=g)].reshape(3, 1, 1)
+            colour = rgb * (0.35 + 0.65 * pattern) + 5 * torch.randn(3, size, size, generator=g)
             image = torch.where(inside, colour, image)
             labels[i][inside] = cls
         images[i] = image.clamp(0, 255).to(torch.uint8)
     return images, ignore_borders(labels)
 
 
-class TensorSegmentation(torch.utils.data.Dataset):
-    """Images and labels held in memory (the synthetic set)."""
+def read_image(path):
+    """uint8 RGB tensor (3, H, W)."""
+    try:
+        with PIL.Image.open(path) as image:
+            return torch.from_numpy(numpy.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UserError(f"cannot decode image {path} ({type(error).__name__}): the file is damaged or not an "
+                        "image; fetch it again (bash data_prep.sh) or drop it from the split list") from None
 
-    def __init__(self, images, labels):
-        self.images, self.labels = images, labels
+
+def read_label(path, image_shape, num_classes, lut=None):
+    """A label PNG of class indices (palette or grey); optional id → train-id table."""
+    try:
+        with PIL.Image.open(path) as png:
+            if png.mode not in ("P", "L", "I", "I;16"):
+                raise UserError(f"label {path} is {png.mode} colour, not class indices: use the "
+                                "palette PNGs of SegmentationClass (or SegmentationClassAug)")
+            label = torch.from_numpy(numpy.array(png, dtype=numpy.int64))
+    except (OSError, SyntaxError) as error:
+        raise UserError(f"cannot decode label {path}: {error}") from None
+    label = label if lut is None else lut[label.clamp(0, len(lut) - 1)]
+    if tuple(label.shape) != tuple(image_shape[-2:]):
+        raise UserError(f"label {path} is {tuple(label.shape)} but its image is {tuple(image_shape[-2:])}")
+    bad = ((label >= num_classes) & (label != IGNORE_INDEX)) | (label < 0)
+    if bad.any():
+        raise UserError(f"label {path} holds values {sorted(label[bad].unique().tolist())[:5]} outside "
+                        f"[0, {num_classes}) that are not {IGNORE_INDEX}")
+    return label.to(torch.uint8)
+
+
+def from_tensors(images, labels, index):
+    return images[index], labels[index]
+
+
+def from_files(pairs, num_classes, lut, index):
+    image = read_image(pairs[index][0])
+    return image, read_label(pairs[index][1], image.shape, num_classes, lut)
+
+
+class SegmentationSet(torch.utils.data.Dataset):
+    """Items of load(index) -> (uint8 image 3×H×W, uint8 label H×W), transformed. A training
+    item is an (index, seed) pair: each sample's augmentation is drawn from its own seed, so
+    the stream is the same with any number of workers or processes, and after a resume."""
+
+    def __init__(self, load, size, transform):
+        self.load, self.size, self.transform = load, size, transform
 
     def __len__(self):
-        return len(self.images)
+        return self.size
 
-    def load(self, index):
-        return self.images[index], self.labels[index]
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image, label = self.load(index)
+        if seed is None:
+            return self.transform(image, label)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
+            torch.manual_seed(seed)
+            return self.transform(image, label)
+
+
+def voc_pairs(root, split):
+    """VOC 2012: train_aug (SBD labels in SegmentationClassAug) when present, else train."""
+    root, label_dir = pathlib.Path(root), "SegmentationClass"
+    if split == "train" and (root / "ImageSets/Segmentation/train_aug.txt").exists():
+        split, label_dir = "train_aug", "SegmentationClassAug"
+    path = root / f"ImageSets/Segmentation/{split}.txt"
+    if not path.exists() or not path.read_text().split():
+        raise UserError(f"split list {path} is {'empty' if path.exists() else 'missing'}: run "
+                        "`bash data_prep.sh voc` or fix --data-root")
+    return [(root / "JPEGImages" / f"{i}.jpg", root / label_dir / f"{i}.png") for i in path.read_text().split()]
+
+
+def cityscapes_lut():
+    """Label id -> train id from the official table (torchvision keeps it): 19 classes, the rest 255."""
+    lut = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
+    for c in torchvision.datasets.Cityscapes.classes:
+        if 0 <= c.id < 256 and 0 <= c.train_id < 19:
+            lut[c.id] = c.train_id
+    return lut
+
+
+def cityscapes_pairs(root, split):
+    """leftImg8bit/SPLIT/CITY/*_leftImg8bit.png with gtFine/SPLIT/CITY/*_gtFine_labelIds.png."""
+    try:
+        found = torchvision.datasets.Cityscapes(root, split=split, mode="fine", target_type="semantic")
+    except RuntimeError:
+        raise UserError(f"cityscapes {split} images or labels are missing under {root}: run "
+                        "`bash data_prep.sh cityscapes`") from None
+    return [(pathlib.Path(image), pathlib.Path(target[0])) for image, target in zip(found.images, found.targets)]
+
+
+def camvid_pairs(root, split):
+    """SegNet's CamVid layout: {train,val,test}/ and {train,val,test}annot/, void = 11.
+    `split` names the folders to join, e.g. "train+val"."""
+    root = pathlib.Path(root)
+    return [(p, root / f"{s}annot" / p.name) for s in split.split("+") for p in sorted((root / s).glob("*.png"))]
+
+
+def camvid_lut():
+    lut = torch.arange(256)
+    lut[11:] = IGNORE_INDEX  # class 11 is "void"
+    return lut
+
+
+VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+               "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor")
+CITYSCAPES_CLASSES = tuple(c.name for c in sorted(torchvision.datasets.Cityscapes.classes, key=lambda c: c.train_id)
+                           if 0 <= c.train_id < 19)
+CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car",
+                  "pedestrian", "bicyclist")
+CAMVID_COLOURS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+                  (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))  # SegNet's colour map
+
+# name: class names, default root, crop, batch, iterations, the reader of (image, label) pairs and
+# the splits to train and evaluate on, and any default that differs from the flags' (learning rates,
+# evaluations per run, the colours of --vis)
+CAMVID = dict(classes=CAMVID_CLASSES, root="data/CamVid", crop=(360, 480), batch=8, iters=20_000,
+              pairs=camvid_pairs, train="train+val", val="test", lut=camvid_lut, colours=CAMVID_COLOURS)
+DATASETS = {
+    # synthetic trains from scratch in under 3 CPU minutes: higher learning rates, one evaluation
+    "synthetic": dict(classes=SYNTHETIC_CLASSES, root=None, crop=48, batch=16, iters=360,
+                      cnn_lr=0.02, vit_lr=6e-4, evals=1),
+    "voc": dict(classes=VOC_CLASSES, root="data/VOCdevkit/VOC2012", crop=512, batch=16, iters=40_000,
+                pairs=voc_pairs, train="train", val="val"),
+    "cityscapes": dict(classes=CITYSCAPES_CLASSES, root="data/cityscapes", crop=(512, 1024), batch=8, iters=80_000,
+                       pairs=cityscapes_pairs, train="train", val="val", lut=cityscapes_lut),
+    "camvid": CAMVID,  # the protocol of final numbers: train + val, evaluated on test
+    "camvid-val": dict(CAMVID, train="train", val="val"),  # for choosing a recipe without the test set
+}
+
+
+def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)):
+    """(train, val) data sets; train items are augmented, val items only normalised."""
+    spec = DATASETS[name]
+    if name == "synthetic":
+        sets = [make_synthetic(n, seed=data_seed + k) for k, n in enumerate(synthetic_size)]
+        loads = [(functools.partial(from_tensors, *s), len(s[0])) for s in sets]
+    else:
+        root = pathlib.Path(root or spec["root"])
+        if not root.is_dir():
+            raise UserError(f"no {name} data at {root.resolve()}: run `bash data_prep.sh {name.split('-')[0]}` "
+                            "or point --data-root at it")
+        lut = spec["lut"]() if "lut" in spec else None
+        loads = []
+        for split in (spec["train"], spec["val"]):
+            pairs = spec["pairs"](root, split)
+            if not pairs:
+                raise UserError(f"no {split} images found for {name} under {root}")
+            missing = [str(p) for pair in pairs for p in pair if not p.exists()][:3]
+            if missing:
+                raise UserError(f"{name} {split} files are missing, e.g. {missing[0]}")
+            loads.append((functools.partial(from_files, pairs, len(spec["classes"]), lut), len(pairs)))
+    return [SegmentationSet(load, n, JointTransform(crop)) for (load, n), crop in zip(loads, (crop_size, None))]
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -717,29 +771,6 @@ class JointTransform:
         image = v2.functional.to_dtype(image, torch.float32, scale=True)
         image = v2.functional.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
         return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor).long()
-
-
-class Augmented(torch.utils.data.Dataset):
-    """Wraps a data set that has load(index) -> (uint8 image CHW, uint8 label HW).
-
-    A training item is an (index, seed) pair: each sample's augmentation is drawn from
-    its own seed, so the stream is the same with any number of workers and after a
-    resume."""
-
-    def __init__(self, base, transform):
-        self.base, self.transform = base, transform
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, None)
-        image, label = self.base.load(index)
-        if seed is None:
-            return self.transform(image, label)
-        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
-            torch.manual_seed(seed)
-            return self.transform(image, label)
 
 
 class TrainingSampler(torch.utils.data.Sampler):
@@ -770,8 +801,8 @@ class TrainingSampler(torch.utils.data.Sampler):
 
 
 def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, world_size, pin_memory):
-    """One DataLoader for the whole run: its workers live as long as the run. Iteration k of a
-    run gets the same batch whether or not it resumed, with any number of workers."""
+    """One DataLoader for the whole run, so its workers live as long as the run. Iteration k
+    gets the same batch whether or not the run resumed, with any number of workers."""
     if len(dataset) < batch_size:
         raise UserError(f"the training set has {len(dataset)} images, fewer than one batch of {batch_size}: "
                         "lower --batch-size")
@@ -783,246 +814,58 @@ def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, wo
                                             generator=torch.Generator().manual_seed(seed)))
 
 
-# Real data sets, read from their standard layouts. Each has load(index) like above.
-
-def read_image(path):
-    """uint8 RGB tensor (3, H, W)."""
-    try:
-        with PIL.Image.open(path) as image:
-            array = numpy.array(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as error:
-        raise UserError(f"cannot decode image {path} ({type(error).__name__}): the file is damaged or not an "
-                        "image; fetch it again (bash data_prep.sh) or drop it from the split list") from None
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def read_label(path, image_shape, num_classes, lut=None):
-    """A label PNG of class indices (palette or grey); optional id → train-id table."""
-    try:
-        with PIL.Image.open(path) as png:
-            if png.mode not in ("P", "L", "I", "I;16"):
-                raise UserError(f"label {path} is {png.mode} colour, not class indices: use the "
-                                "palette PNGs of SegmentationClass (or SegmentationClassAug)")
-            label = torch.from_numpy(numpy.array(png, dtype=numpy.int64))
-    except (OSError, SyntaxError) as error:
-        raise UserError(f"cannot decode label {path}: {error}") from None
-    if lut is not None:
-        label = lut[label.clamp(0, len(lut) - 1)]
-    if tuple(label.shape) != tuple(image_shape[-2:]):
-        raise UserError(f"label {path} is {tuple(label.shape)} but its image is {tuple(image_shape[-2:])}")
-    bad = ((label >= num_classes) & (label != IGNORE_INDEX)) | (label < 0)
-    if bad.any():
-        raise UserError(f"label {path} holds values {sorted(label[bad].unique().tolist())[:5]} outside "
-                        f"[0, {num_classes}) that are not {IGNORE_INDEX}")
-    return label.to(torch.uint8)
-
-
-class FileSegmentation(torch.utils.data.Dataset):
-    """Pairs of (image path, label path), decoded on demand."""
-
-    def __init__(self, pairs, num_classes, lut=None):
-        self.pairs, self.num_classes, self.lut = pairs, num_classes, lut
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def load(self, index):
-        image_path, label_path = self.pairs[index]
-        image = read_image(image_path)
-        return image, read_label(label_path, image.shape, self.num_classes, self.lut)
-
-
-def voc_pairs(root, split):
-    """VOC 2012: train_aug (SBD labels in SegmentationClassAug) when present, else train."""
-    root = pathlib.Path(root)
-    if split == "train" and (root / "ImageSets/Segmentation/train_aug.txt").exists():
-        split, label_dir = "train_aug", "SegmentationClassAug"
-    else:
-        label_dir = "SegmentationClass"
-    ids = read_split_list(root / f"ImageSets/Segmentation/{split}.txt")
-    return [(root / "JPEGImages" / f"{i}.jpg", root / label_dir / f"{i}.png") for i in ids]
-
-
-def cityscapes_lut():
-    """Label id -> train id from the official table (torchvision keeps it): 19 classes, the rest 255."""
-    lut = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
-    for c in torchvision.datasets.Cityscapes.classes:
-        if 0 <= c.id < 256 and 0 <= c.train_id < 19:
-            lut[c.id] = c.train_id
-    return lut
-
-
-def cityscapes_pairs(root, split):
-    """leftImg8bit/SPLIT/CITY/*_leftImg8bit.png with gtFine/SPLIT/CITY/*_gtFine_labelIds.png."""
-    try:
-        found = torchvision.datasets.Cityscapes(root, split=split, mode="fine", target_type="semantic")
-    except RuntimeError:
-        raise UserError(f"cityscapes {split} images or labels are missing under {root}: run "
-                        "`bash data_prep.sh cityscapes`") from None
-    return [(pathlib.Path(image), pathlib.Path(target[0])) for image, target in zip(found.images, found.targets)]
-
-
-def camvid_pairs(root, split):
-    """SegNet's CamVid layout: {train,val,test}/ and {train,val,test}annot/, void = 11.
-    Training uses train + val (367 + 101), evaluation the 233 test images."""
-    root = pathlib.Path(root)
-    splits = ("train", "val") if split == "train" else ("test",)
-    return [(p, root / f"{s}annot" / p.name) for s in splits for p in sorted((root / s).glob("*.png"))]
-
-
-def camvid_lut():
-    lut = torch.arange(256)
-    lut[11:] = IGNORE_INDEX  # class 11 is "void"
-    return lut
-
-
-def read_split_list(path):
-    if not path.exists():
-        raise UserError(f"split list {path} is missing: run `bash data_prep.sh voc` or fix --data-root")
-    ids = path.read_text().split()
-    if not ids:
-        raise UserError(f"split list {path} is empty")
-    return ids
-
-
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-               "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-               "sheep", "sofa", "train", "tvmonitor")
-CITYSCAPES_CLASSES = tuple(c.name for c in sorted(torchvision.datasets.Cityscapes.classes, key=lambda c: c.train_id)
-                           if 0 <= c.train_id < 19)
-CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car",
-                  "pedestrian", "bicyclist")
-
-# name: class names, default root, crop, batch, iterations, reader of (image, label) pairs,
-# and any default that differs from the flags' (learning rates, evaluations per run)
-DATASETS = {
-    # synthetic trains from scratch in under 3 CPU minutes: higher learning rates, one evaluation
-    "synthetic": dict(classes=SYNTHETIC_CLASSES, root=None, crop=48, batch=16, iters=360,
-                      cnn_lr=0.02, vit_lr=6e-4, evals=1),
-    "voc": dict(classes=VOC_CLASSES, root="data/VOCdevkit/VOC2012", crop=512, batch=16, iters=40_000,
-                pairs=voc_pairs, val="val"),
-    "cityscapes": dict(classes=CITYSCAPES_CLASSES, root="data/cityscapes", crop=(512, 1024), batch=8, iters=80_000,
-                       pairs=cityscapes_pairs, val="val", lut=cityscapes_lut),
-    "camvid": dict(classes=CAMVID_CLASSES, root="data/CamVid", crop=(360, 480), batch=8, iters=20_000,
-                   pairs=camvid_pairs, val="test", lut=camvid_lut),
-}
-
-
-def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)):
-    """(train, val) data sets; train items are augmented, val items only normalised."""
-    spec = DATASETS[name]
-    if name == "synthetic":
-        n_train, n_val = synthetic_size
-        train = TensorSegmentation(*make_synthetic(n_train, seed=data_seed))
-        val = TensorSegmentation(*make_synthetic(n_val, seed=data_seed + 1))
-    else:
-        root = pathlib.Path(root or spec["root"])
-        if not root.is_dir():
-            raise UserError(f"no {name} data at {root.resolve()}: run `bash data_prep.sh {name}` "
-                            "or point --data-root at it")
-        lut = spec["lut"]() if "lut" in spec else None
-        sets = []
-        for split in ("train", spec["val"]):
-            pairs = spec["pairs"](root, split)
-            if not pairs:
-                raise UserError(f"no {split} images found for {name} under {root}")
-            missing = [str(p) for pair in pairs for p in pair if not p.exists()][:3]
-            if missing:
-                raise UserError(f"{name} {split} files are missing, e.g. {missing[0]}")
-            sets.append(FileSegmentation(pairs, len(spec["classes"]), lut))
-        train, val = sets
-    return Augmented(train, JointTransform(crop_size)), Augmented(val, JointTransform(None))
-
-
 # ----------------------------------------------------------------------------------
 # MiT-B0 ImageNet weights: the official checkpoint, or the Hugging Face hub's file
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def read_safetensors(data):
-    """The safetensors format, without the library: an 8-byte little-endian header length,
-    a JSON header {name: {dtype, shape, data_offsets}}, then the tensors' raw bytes."""
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    header.pop("__metadata__", None)
-    body = memoryview(data)[8 + size:]
-    tensors = {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        flat = torch.frombuffer(bytearray(body[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.reshape(info["shape"])
-    return tensors
-
-
-def read_weights(path):
-    """The tensors of a .safetensors file, or of a torch.save file (.pth, .bin; tensors only,
-    no code is unpickled). The format is told by the contents, not the file name."""
-    data = pathlib.Path(path).read_bytes()
-    try:
-        if data[8:9] == b"{":  # a safetensors header is JSON; a torch file starts with a zip or pickle mark
-            return read_safetensors(data)
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as error:  # whatever the damage, say which file and stop
-        raise ValueError(f"not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:80]})") from None
-
-
-# transformers' MiT names -> the official ones, for the hub's files (encoder.block.I.J ...) and for
-# what transformers >= 5 holds in memory (stages.I.blocks.J ...); stage I is official stage I+1
-MIT_STAGES = ((r"encoder\.patch_embeddings\.(\d+)|stages\.(\d+)\.patch_embeddings", "patch_embed{}"),
-              (r"encoder\.block\.(\d+)|stages\.(\d+)\.blocks", "block{}"),
-              (r"encoder\.layer_norm\.(\d+)|stages\.(\d+)\.layer_norm", "norm{}"))
-MIT_RENAMES = ((r"(patch_embed\d)\.layer_norm", r"\1.norm"), (r"layer_norm_1|layernorm_before", "norm1"),
-               (r"layer_norm_2|layernorm_after", "norm2"), (r"attention\.self\.query|attention\.q_proj", "attn.q"),
-               (r"attention\.self\.key|attention\.k_proj", "attn.k"),
-               (r"attention\.self\.value|attention\.v_proj", "attn.v"),
-               (r"attention\.output\.dense|attention\.o_proj", "attn.proj"),
-               (r"attention\.self\.sr|attention\.sequence_reduction\.sequence_reduction", "attn.sr"),
-               (r"attention\.self\.layer_norm|attention\.sequence_reduction\.layer_norm", "attn.norm"),
+# the hub's (transformers') MiT names -> the official ones; the hub's stage I is official stage I+1
+MIT_STAGES = {"patch_embeddings": "patch_embed", "block": "block", "layer_norm": "norm"}
+MIT_RENAMES = ((r"(patch_embed\d)\.layer_norm", r"\1.norm"), (r"layer_norm_1", "norm1"), (r"layer_norm_2", "norm2"),
+               (r"attention\.self\.query", "attn.q"), (r"attention\.self\.key", "attn.k"),
+               (r"attention\.self\.value", "attn.v"), (r"attention\.output\.dense", "attn.proj"),
+               (r"attention\.self\.sr", "attn.sr"), (r"attention\.self\.layer_norm", "attn.norm"),
                (r"mlp\.dense1", "mlp.fc1"), (r"mlp\.dense2", "mlp.fc2"))
 
 
-def mit_from_transformers(state_dict):
-    """Official MiT names for a transformers Segformer encoder. The official kv Linear is
-    transformers' key rows stacked on its value rows."""
+def mit_from_hub(state_dict):
+    """Official MiT names for the hub's layout (encoder.block.I.J.attention.self.query ...);
+    the official kv Linear is the hub's key rows stacked on its value rows."""
     renamed = {}
     for name, tensor in state_dict.items():
-        name = name.removeprefix("segformer.")
-        for pattern, official in MIT_STAGES:
-            name = re.sub(f"^(?:{pattern})", lambda m: official.format(int(m[1] or m[2]) + 1), name)
+        name = re.sub(r"^(segformer\.)?encoder\.(patch_embeddings|block|layer_norm)\.(\d)",
+                      lambda m: f"{MIT_STAGES[m[2]]}{int(m[3]) + 1}", name)
         for pattern, official in MIT_RENAMES:
             name = re.sub(pattern, official, name)
         renamed[name] = tensor
-    for key in [k for k in renamed if ".attn.k." in k and k.replace(".attn.k.", ".attn.v.") in renamed]:
+    for key in [k for k in renamed if ".attn.k." in k]:
         value = renamed.pop(key.replace(".attn.k.", ".attn.v."))
         renamed[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([renamed.pop(key), value])
     return renamed
 
 
+def read_weights(path):
+    """The tensors of a torch.save file (.pth, .bin), read with weights_only: no code is unpickled."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # whatever the damage, say which file and stop
+        raise ValueError(f"not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:80]})") from None
+
+
 def load_encoder_weights(encoder, state_dict):
-    """Load MiT weights with strict keys; returns the layout found: the official NVlabs
-    checkpoint, the Hugging Face hub's (transformers) file, or transformers >= 5's names.
-    Classifier heads are dropped. A missing, unexpected or misshaped key raises a
-    ValueError that names it."""
+    """Load MiT weights with strict keys; returns the layout found: the official NVlabs checkpoint
+    or the hub's (transformers) file. Classifier heads are dropped. A missing, unexpected or
+    misshaped key raises a ValueError that names it."""
     state_dict = state_dict.get("state_dict", state_dict)  # some dumps wrap the weights
     layout = "official"
-    if any(".encoder.block." in f".{k}" for k in state_dict):
-        layout, state_dict = "transformers (hub file)", mit_from_transformers(state_dict)
-    elif any(k.startswith(("stages.", "segformer.stages.")) for k in state_dict):
-        layout, state_dict = "transformers >= 5 (in memory)", mit_from_transformers(state_dict)
+    if any(k.startswith(("encoder.block.", "segformer.encoder.block.")) for k in state_dict):
+        layout, state_dict = "transformers (hub file)", mit_from_hub(state_dict)
     heads = ("head.", "classifier.", "decode_head.")  # ImageNet classifiers, segmentation heads
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
     own = encoder.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
     misshaped = sorted(f"{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}"
                        for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape)
     problems = [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                for name, keys in (("missing", missing), ("unexpected", unexpected),
-                                   ("misshaped", misshaped)) if keys]
+                for name, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if keys]
     if problems:
         raise ValueError(f"MiT checkpoint ({layout} layout) does not match MiT-B0: " + "; ".join(problems))
     encoder.load_state_dict(state_dict, strict=True)
@@ -1030,11 +873,44 @@ def load_encoder_weights(encoder, state_dict):
 
 
 # ----------------------------------------------------------------------------------
-# Evaluation: the confusion matrix summed over the split (and the ranks), panels
+# Evaluation: the confusion matrix summed over the split (and the processes), panels
+
+def confusion_matrix(pred, target, num_classes, ignore_index=255):
+    """(C, C) int64 counts, rows = ground truth, columns = prediction.
+
+    Pixels whose target lies outside [0, C) (e.g. ignore_index) are dropped. Made with
+    scatter_add, so it stays on the device with no host sync."""
+    keep = (target >= 0) & (target < num_classes)
+    index = torch.where(keep, target * num_classes + pred, torch.zeros_like(target))
+    conf = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=pred.device)
+    conf.scatter_add_(0, index.flatten().long(), keep.flatten().long())
+    return conf.reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(conf):
+    """IoU_k = TP / (TP + FP + FN); a class with zero union is NaN and left out of the mean."""
+    conf = conf.double()
+    tp = conf.diag()
+    per_class = tp / (conf.sum(0) + conf.sum(1) - tp)  # 0/0 = NaN for a class absent from prediction and target
+    return per_class.nanmean(), per_class
+
+
+def pixel_accuracy(conf):
+    return conf.diag().sum().double() / conf.sum().clamp_min(1)
+
+
+def agreement_matrix(pred_cnn, pred_vit, target, ignore_index=255):
+    """(2, 2) int64 counts of valid pixels; rows: CNN wrong/right, columns: ViT wrong/right.
+
+    [1, 0] counts the pixels where only the CNN is right (what it could teach the ViT),
+    [0, 1] the mirror image: the students' complementarity. Accumulate it like conf."""
+    cnn_right = torch.where(target == ignore_index, ignore_index, (pred_cnn == target).long())
+    return confusion_matrix((pred_vit == target).long(), cnn_right, 2)
+
 
 @torch.no_grad()
 def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_size=1, workers=0,
-             vis_dir=None, vis_count=0, tag=""):
+             vis_dir=None, vis_count=0, tag="", palette=None):
     """Whole images, batch 1, logits upsampled to each label's own size.
 
     Returns {"cnn": conf, "vit": conf, "agreement": 2×2}, each summed over every rank's shard."""
@@ -1043,23 +919,20 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
     conf = {"cnn": 0, "vit": 0, "agreement": 0}
     # a generator of its own: evaluating must not move the training's random stream
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, generator=torch.Generator(),
-                                         sampler=list(range(rank, len(dataset), world_size)),
-                                         pin_memory=device.type == "cuda")
+                                         sampler=range(rank, len(dataset), world_size), pin_memory=device.type == "cuda")
     for k, (image, target) in enumerate(loader):
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast:
             logits = {"cnn": model.cnn(image)["logits"], "vit": model.vit(image)["logits"]}
-        preds = {}
-        for name, z in logits.items():
-            logits[name] = upsample_logits(z, target.shape[-2:])
-            preds[name] = logits[name].argmax(1)
-            conf[name] = conf[name] + confusion_matrix(preds[name], target, num_classes)
+        logits = {name: upsample_logits(z, target.shape[-2:]) for name, z in logits.items()}
+        preds = {name: z.argmax(1) for name, z in logits.items()}
+        for name, pred in preds.items():
+            conf[name] = conf[name] + confusion_matrix(pred, target, num_classes)
         conf["agreement"] = conf["agreement"] + agreement_matrix(preds["cnn"], preds["vit"], target, model.ignore_index)
         if vis_dir is not None and k < vis_count and rank == 0:
-            panel = render_panel(image[0], target[0], logits["cnn"], logits["vit"], model.region_size,
-                                 model.margin, model.ignore_index)
             vis_dir.mkdir(parents=True, exist_ok=True)
-            panel.save(vis_dir / f"{tag}{k:03d}.png")
+            render_panel(image[0], target[0], logits["cnn"], logits["vit"], model.region_size, model.margin,
+                         model.ignore_index, palette).save(vis_dir / f"{tag}{k:03d}.png")
     if world_size > 1:
         for c in conf.values():
             torch.distributed.all_reduce(c)
@@ -1072,12 +945,9 @@ def voc_palette(n=256):
     """The VOC colour map: the bits of a class index spread over R, G and B."""
     colours = torch.zeros(n, 3, dtype=torch.uint8)
     for index in range(n):
-        c, rgb = index, [0, 0, 0]
-        for bit in range(7, -1, -1):
+        for bit in range(8):
             for channel in range(3):
-                rgb[channel] |= ((c >> channel) & 1) << bit
-            c >>= 3
-        colours[index] = torch.tensor(rgb)
+                colours[index, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
     return colours
 
 
@@ -1088,40 +958,37 @@ PANEL_STRIP = 14  # height of each text strip under the tiles
 PANEL_TILE = 192  # small images are scaled up (nearest) to at least this short side: readable unzoomed
 
 
-def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ignore_index=255):
-    """One row of tiles (image, truth, CNN, ViT, region directions, pixel transfers),
-    tile names below, then a legend of the two direction colours. Each tile is the image
-    scaled k = ceil(PANEL_TILE / min(H, W)) times (k ≥ 1, nearest neighbour, so every
-    label and mask pixel stays a sharp k×k block). Size: (6·kW, kH + 2·PANEL_STRIP)."""
+def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ignore_index=255, palette=None):
+    """One row of tiles (image, truth, CNN, ViT, region directions, pixel transfers), tile
+    names below, then a legend of the two direction colours. Each tile is the image scaled
+    k = ceil(PANEL_TILE / min(H, W)) times (nearest neighbour, so every label and mask pixel
+    stays a sharp k×k block). Classes in `palette` (VOC's by default); 255 in its own colour."""
     h, w = target.shape
-    ce = [F.cross_entropy(z, target[None], ignore_index=ignore_index, reduction="none")
-          for z in (logits_cnn, logits_vit)]
+    ce = [F.cross_entropy(z, target[None], ignore_index=ignore_index, reduction="none") for z in (logits_cnn, logits_vit)]
     regions = region_bsd_masks(*ce, target[None], region_size, ignore_index, margin)
     pixels = pixel_bsd_masks(logits_cnn, logits_vit, target[None], ignore_index)
-    mean, std = torch.tensor(IMAGENET_MEAN, device=image.device), torch.tensor(IMAGENET_STD, device=image.device)
-    picture = ((image * std[:, None, None] + mean[:, None, None]).clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu()
-    palette = PALETTE.to(target.device)
-    tiles = [picture, palette[target].cpu(), palette[logits_cnn[0].argmax(0)].cpu(),
-             palette[logits_vit[0].argmax(0)].cpu()]
-    for cnn_mask, vit_mask in (
-            [expand_region_mask(m, region_size, (h, w))[0] for m in regions],
-            [m[0] for m in pixels]):
+    colours = PALETTE.clone()
+    if palette is not None:
+        colours[:len(palette)] = torch.tensor(palette, dtype=torch.uint8)
+    mean, std = (torch.tensor(c).view(3, 1, 1) for c in (IMAGENET_MEAN, IMAGENET_STD))
+    tiles = [((image.cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0)]
+    tiles += [colours[t.cpu()] for t in (target, logits_cnn[0].argmax(0), logits_vit[0].argmax(0))]
+    for cnn_mask, vit_mask in ([expand_region_mask(m, region_size, (h, w))[0] for m in regions], [m[0] for m in pixels]):
         tile = torch.full((h, w, 3), 40, dtype=torch.uint8)
         for mask, colour in zip((cnn_mask, vit_mask), DIRECTION_COLOURS.values()):
             tile[mask.cpu() > 0] = torch.tensor(colour, dtype=torch.uint8)
         tiles.append(tile)
     k = max(1, math.ceil(PANEL_TILE / min(h, w)))
     row = torch.cat(tiles, dim=1).repeat_interleave(k, dim=0).repeat_interleave(k, dim=1)
-    h, w = k * h, k * w
-    canvas = PIL.Image.new("RGB", (6 * w, h + 2 * PANEL_STRIP), "white")
+    canvas = PIL.Image.new("RGB", (6 * k * w, k * h + 2 * PANEL_STRIP), "white")
     canvas.paste(PIL.Image.fromarray(row.numpy()), (0, 0))
-    draw = PIL.ImageDraw.Draw(canvas)
+    draw, y = PIL.ImageDraw.Draw(canvas), k * h
     for i, name in enumerate(PANEL_TILES):
-        draw.text((i * w + 2, h + 1), name, fill="black")
+        draw.text((i * k * w + 2, y + 1), name, fill="black")
     x = 2
     for name, colour in DIRECTION_COLOURS.items():
-        draw.rectangle([x, h + PANEL_STRIP + 3, x + 8, h + PANEL_STRIP + 11], fill=colour)
-        draw.text((x + 11, h + PANEL_STRIP + 1), name, fill="black")
+        draw.rectangle([x, y + PANEL_STRIP + 3, x + 8, y + PANEL_STRIP + 11], fill=colour)
+        draw.text((x + 11, y + PANEL_STRIP + 1), name, fill="black")
         x += 11 + 7 * len(name) + 10
     return canvas
 
@@ -1134,16 +1001,15 @@ def complementarity(agreement):
 
 def report(conf, class_names):
     """Per-class IoU, mIoU and pixel accuracy of both students, then their complementarity."""
-    lines = [f"{'class':<16}{'CNN IoU':>9}{'ViT IoU':>9}"]
     iou = {name: iou_from_confusion(conf[name]) for name in ("cnn", "vit")}
-    for k, cls in enumerate(class_names):
-        lines.append(f"{cls:<16}" + "".join(f"{100 * float(iou[n][1][k]):>9.2f}" for n in ("cnn", "vit")))
+    lines = [f"{'class':<16}{'CNN IoU':>9}{'ViT IoU':>9}"]
+    lines += [f"{cls:<16}" + "".join(f"{100 * float(iou[n][1][k]):>9.2f}" for n in ("cnn", "vit"))
+              for k, cls in enumerate(class_names)]
     lines.append(f"{'mIoU':<16}" + "".join(f"{100 * float(iou[n][0]):>9.2f}" for n in ("cnn", "vit")))
     lines.append(f"{'pixel accuracy':<16}" + "".join(f"{100 * float(pixel_accuracy(conf[n])):>9.2f}"
                                                    for n in ("cnn", "vit")))
-    shares = complementarity(conf["agreement"])
     lines.append("valid pixels: " + ", ".join(f"{name.replace('_', ' ')} right {100 * share:.1f}%"
-                                              for name, share in shares.items()))
+                                              for name, share in complementarity(conf["agreement"]).items()))
     return "\n".join(lines)
 
 
@@ -1163,8 +1029,7 @@ def eval_record(conf):
 def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500, fused=True):
     """CNN side: SGD + poly(0.9). ViT side: AdamW (no decay on norms and biases, decoder and
     projectors at 10× lr) + linear warm-up, then poly(1.0). Both stepped every iteration.
-    fused=True: torch's fused kernels (CPU and GPU) do each update in one pass over the weights,
-    the same rule; on our 2-core CPU the two steps take 9 ms instead of 22 (a loop per tensor)."""
+    fused: torch's fused kernels, the same update rule in one pass over the weights."""
     cnn_params, vit_encoder, vit_heads = model.parameter_groups()
     sgd = torch.optim.SGD(cnn_params, lr=cnn_lr, momentum=0.9, weight_decay=1e-4, fused=fused)
     groups = []
@@ -1176,8 +1041,7 @@ def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500,
     warmup = min(vit_warmup, iters - 1)
     poly = torch.optim.lr_scheduler.PolynomialLR(adamw, total_iters=iters - warmup, power=1.0)
     sched_vit = poly if warmup <= 0 else torch.optim.lr_scheduler.SequentialLR(
-        adamw, [torch.optim.lr_scheduler.LinearLR(adamw, 1e-6, 1.0, total_iters=warmup), poly],
-        milestones=[warmup])
+        adamw, [torch.optim.lr_scheduler.LinearLR(adamw, 1e-6, 1.0, total_iters=warmup), poly], milestones=[warmup])
     return (sgd, adamw), (sched_cnn, sched_vit)
 
 
@@ -1210,12 +1074,10 @@ def load_checkpoint(path):
 
 def gather_rng_states(world_size):
     """Every rank's random state, so that a resumed DDP run draws the same numbers."""
-    state = {"cpu": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
-    if world_size == 1:
-        return [state]
-    states = [None] * world_size
-    torch.distributed.all_gather_object(states, state)
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
+    states = [state] * world_size
+    if world_size > 1:
+        torch.distributed.all_gather_object(states, state)
     return states
 
 
@@ -1235,7 +1097,7 @@ def check_finite(first_bad, out, world_size=1):
     if world_size > 1:  # every rank must stop together, or the others wait forever
         first_bad = first_bad.clone()
         torch.distributed.all_reduce(first_bad, torch.distributed.ReduceOp.MAX)
-    bad = int(first_bad)  # a host sync, made only at log, eval and checkpoint steps
+    bad = int(first_bad)  # a host sync, made only at log and checkpoint steps
     if bad >= 0:
         raise Diverged(f"non-finite loss at iteration {bad}; stopped, and {out / 'last.pt'} was left as "
                        "it was: lower the learning rates, or try without --amp")
@@ -1243,15 +1105,13 @@ def check_finite(first_bad, out, world_size=1):
 
 def log_line(it, iters, lrs, means, images_per_s, eta_s):
     def terms(side):
-        names = ("ce", "dml", "hfd", "rbsd", "pbsd")
-        return " ".join(f"{n} {means[f'{n}_{side}']:.3f}" for n in names if f"{n}_{side}" in means)
+        return " ".join(f"{n} {means[f'{n}_{side}']:.3f}" for n in ("ce", "dml", "hfd", "rbsd", "pbsd")
+                        if f"{n}_{side}" in means)
     line = f"it {it}/{iters} | lr cnn {lrs[0]:.2e} vit {lrs[1]:.2e} | cnn {terms('cnn')} | vit {terms('vit')}"
     if "regions_cnn_teaches" in means:
-        line += (f" | regions c>v {100 * means['regions_cnn_teaches']:.0f}%"
-                 f" v>c {100 * means['regions_vit_teaches']:.0f}%")
+        line += f" | regions c>v {100 * means['regions_cnn_teaches']:.0f}% v>c {100 * means['regions_vit_teaches']:.0f}%"
     if "pixels_cnn_to_vit" in means:
-        line += (f" | pixels c>v {100 * means['pixels_cnn_to_vit']:.1f}%"
-                 f" v>c {100 * means['pixels_vit_to_cnn']:.1f}%")
+        line += f" | pixels c>v {100 * means['pixels_cnn_to_vit']:.1f}% v>c {100 * means['pixels_vit_to_cnn']:.1f}%"
     return line + f" | {images_per_s:.1f} img/s | eta {eta_s / 60:.1f} min"
 
 
@@ -1318,7 +1178,7 @@ def train(args, ctx):
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as error:
-            made_with = {k: ckpt.get("args", {}).get(k) for k in ("data", "method", "lambda_hfd", "lambda_rbsd")}
+            made_with = {k: ckpt.get("args", {}).get(k) for k in ("data", "method", "hfd", "rbsd_feature")}
             raise UserError(f"--resume {args.resume} holds another model (made with {made_with}): "
                             f"{str(error).splitlines()[0]}") from None
         for obj, state in zip(optimizers + schedulers, ckpt["optimizers"] + ckpt["schedulers"]):
@@ -1332,10 +1192,10 @@ def train(args, ctx):
         if ctx.world_size > 1:  # CPU DDP keeps per-rank BN statistics: evaluate rank 0's
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, 0)
-        conf = evaluate(model, val_set, num_classes=num_classes, device=ctx.device,
-                        autocast=ctx.autocast(), rank=ctx.rank, world_size=ctx.world_size,
-                        workers=args.workers, vis_dir=args.out / "vis" if ctx.is_main else None,
-                        vis_count=args.vis, tag=f"it{it:06d}_")
+        conf = evaluate(model, val_set, num_classes=num_classes, device=ctx.device, autocast=ctx.autocast(),
+                        rank=ctx.rank, world_size=ctx.world_size, workers=args.workers,
+                        vis_dir=args.out / "vis" if ctx.is_main else None, vis_count=args.vis, tag=f"it{it:06d}_",
+                        palette=spec.get("colours"))
         ctx.print(f"evaluation at iteration {it}:\n{report(conf, spec['classes'])}")
         ctx.log({"type": "eval", "iter": it, **eval_record(conf)})
         return conf
@@ -1348,16 +1208,15 @@ def train(args, ctx):
         if ctx.is_main:
             save_checkpoint(args.out / "last.pt", {
                 "model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(),
-                "iter": it, "rng": states, "args": {k: str(v) if isinstance(v, pathlib.Path) else v
-                                                    for k, v in vars(args).items()}})
+                "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(), "iter": it,
+                "rng": states, "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()}})
 
     net = model
     if args.compile:  # in place, so the state dict keeps its keys
         model.compile()
     if ctx.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
+                                                  else None)
     batches = training_batches(train_set, batch_size=args.batch_size, start_iter=start, workers=args.workers,
                                seed=args.seed, rank=ctx.rank, world_size=ctx.world_size,
                                pin_memory=ctx.device.type == "cuda")
@@ -1365,63 +1224,31 @@ def train(args, ctx):
     if start >= stop_at:
         ctx.print(f"the checkpoint is at iteration {start} already: nothing to train (--eval-only evaluates it)")
     first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)
-    sums, count, tick, done, conf = {}, 0, time.time(), start, None
-    with interrupt_to_checkpoint(ctx.world_size) as interrupted:
-        for it in range(start + 1, stop_at + 1):
-            images, target = (t.to(ctx.device, non_blocking=True) for t in next(batches))
-            # w(t) as a tensor, so that a compiled forward does not recompile as the ramp rises
-            kd_weight = torch.full((), sigmoid_rampup(it - 1, args.kd_warmup), device=ctx.device)
-            loss, terms = train_step(net, images, target, optimizers, schedulers, scaler, ctx.autocast(), kd_weight)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), it, first_bad)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0) + v
-            count, done = count + 1, it
-            last = it == stop_at or interrupted.is_set()
-            if it % args.log_every == 0 or last:
-                check_finite(first_bad, args.out, ctx.world_size)
-                keys = list(sums)
-                means = dict(zip(keys, (torch.stack([sums[k] for k in keys]) / count).tolist()))
-                elapsed, tick = time.time() - tick, time.time()
-                lrs = [optimizers[0].param_groups[0]["lr"], optimizers[1].param_groups[0]["lr"]]
-                rate = count * args.batch_size / elapsed  # --batch-size is the global batch
-                ctx.print(log_line(it, args.iters, lrs, means, rate, (stop_at - it) * elapsed / count))
-                ctx.log({"type": "train", "iter": it, "lr_cnn": lrs[0], "lr_vit": lrs[1],
-                         "images_per_s": rate, **means})
-                sums, count = {}, 0
-            if it % args.save_every == 0 or it % args.eval_every == 0 or last:
-                check_finite(first_bad, args.out, ctx.world_size)
-                checkpoint(it)
-                if it % args.eval_every == 0 or it == args.iters:
-                    began = time.time()
-                    conf = run_eval(it)
-                    tick += time.time() - began  # keep evaluation out of images/s
-            if interrupted.is_set():
-                ctx.print(f"interrupted: checkpoint at iteration {it} in {args.out / 'last.pt'}; "
-                          f"continue with --resume {args.out / 'last.pt'}")
-                break
-    return {"model": model, "conf": conf, "iter": done}
-
-
-@contextlib.contextmanager
-def interrupt_to_checkpoint(world_size):
-    """First Ctrl-C: finish the step, checkpoint, stop. A second one stops at once.
-    Under DDP the ranks could stop at different steps, so torchrun's handling is kept;
-    where SIGINT is ignored (nohup), it stays ignored."""
-    event = threading.Event()
-    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # under nohup: leave it so
-    if world_size > 1 or ignored or threading.current_thread() is not threading.main_thread():
-        yield event
-        return
-
-    def handler(signum, frame):
-        if event.is_set():
-            raise KeyboardInterrupt
-        event.set()
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield event
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    sums, count, tick, conf = {}, 0, time.time(), None
+    for it in range(start + 1, stop_at + 1):
+        images, target = (t.to(ctx.device, non_blocking=True) for t in next(batches))
+        # w(t) as a tensor, so that a compiled forward does not recompile as the ramp rises
+        kd_weight = torch.full((), sigmoid_rampup(it - 1, args.kd_warmup), device=ctx.device)
+        loss, terms = train_step(net, images, target, optimizers, schedulers, scaler, ctx.autocast(), kd_weight)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), it, first_bad)
+        sums, count = {k: sums.get(k, 0) + v for k, v in terms.items()}, count + 1
+        if it % args.log_every == 0 or it == stop_at:
+            check_finite(first_bad, args.out, ctx.world_size)
+            means = dict(zip(sums, (torch.stack(list(sums.values())) / count).tolist()))
+            elapsed, tick = time.time() - tick, time.time()
+            lrs = [optimizers[0].param_groups[0]["lr"], optimizers[1].param_groups[0]["lr"]]
+            rate = count * args.batch_size / elapsed  # --batch-size is the global batch
+            ctx.print(log_line(it, args.iters, lrs, means, rate, (stop_at - it) * elapsed / count))
+            ctx.log({"type": "train", "iter": it, "lr_cnn": lrs[0], "lr_vit": lrs[1], "images_per_s": rate, **means})
+            sums, count = {}, 0
+        if it % args.save_every == 0 or it % args.eval_every == 0 or it == stop_at:
+            check_finite(first_bad, args.out, ctx.world_size)
+            checkpoint(it)
+            if it % args.eval_every == 0 or it == args.iters:
+                began = time.time()
+                conf = run_eval(it)
+                tick += time.time() - began  # keep evaluation out of images/s
+    return {"model": model, "conf": conf}
 
 
 # ----------------------------------------------------------------------------------
@@ -1431,11 +1258,11 @@ class Runtime:
     """Device, process group, mixed precision, and rank-0-only printing and logging."""
 
     def __init__(self, gpu, amp, out):
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
         self.is_main, self.out = self.rank == 0, out
         if gpu is None:
             gpu = 0 if torch.cuda.is_available() else -1
+        self.device = torch.device("cpu")
         if gpu >= 0:
             if not torch.cuda.is_available():
                 raise UserError(f"--gpu {gpu}: CUDA is not available here; use --gpu -1 for the CPU")
@@ -1445,17 +1272,13 @@ class Runtime:
                                 f"numbered from 0; use --gpu -1 for the CPU")
             self.device = torch.device("cuda", index)
             torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
+            torch.backends.cudnn.benchmark = True  # training crops have one size: let cuDNN pick its fastest kernels
+            torch.set_float32_matmul_precision("high")  # TF32 matrix products; cuDNN's convolutions use TF32 already
         if self.world_size > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        if self.device.type == "cuda":  # training crops have one size: let cuDNN pick its fastest kernels
-            torch.backends.cudnn.benchmark = True
-            torch.set_float32_matmul_precision("high")  # TF32 matrix products; cuDNN's convolutions use TF32 already
         # bf16 where the hardware has it natively (no loss scaling needed), else fp16 with a scaler
         bf16 = self.device.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False)
-        self.amp, self.amp_dtype = amp, torch.bfloat16 if bf16 else torch.float16
-        self.fp16 = amp and not bf16
+        self.amp, self.amp_dtype, self.fp16 = amp, torch.bfloat16 if bf16 else torch.float16, amp and not bf16
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
@@ -1470,6 +1293,11 @@ class Runtime:
                 f.write(json.dumps(record) + "\n")
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, no usage block: main() prints it
+        raise UserError(message)
+
+
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Append each flag's default, unless its help already explains a per-data-set one."""
 
@@ -1479,43 +1307,59 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def number(kind, low, high=math.inf, above=False):
+    """An argparse type: a finite `kind` (int or float) >= low (> low if `above`) and <= high."""
+    def parse(text):
+        value = kind(text)
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
+            bounds = (f"> {low}" if above else f">= {low}") + (f" and <= {high}" if high < math.inf else "")
+            what = "a whole number" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"must be {what} {bounds}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser(description="CTCL: CNN-Transformer collaborative learning for "
-                                "semantic segmentation (ICCV 2023), reference implementation.",
-                                formatter_class=HelpWithDefaults)
+    p = Parser(description="CTCL: CNN-Transformer collaborative learning for semantic segmentation (ICCV 2023), "
+               "reference implementation.", formatter_class=HelpWithDefaults)
     a = p.add_argument
-    a("--data", default="synthetic", choices=list(DATASETS), help="data set")
+    count, weight = number(int, 1), number(float, 0)
+    a("--data", default="synthetic", choices=list(DATASETS), help="data set (camvid-val: train on CamVid's train "
+      "split, evaluate on its val split, to choose a recipe without the test set)")
     a("--data-root", default=None, help="data folder (default: the data set's folder under ./data)")
-    a("--data-seed", type=int, default=0, help="seed of the synthetic data (fixed across training seeds)")
-    a("--gpu", type=int, default=None, help="GPU index, -1 for the CPU (default: GPU 0 if there is one)")
-    a("--iters", type=int, default=None, help="training iterations (default: per data set, see README)")
-    a("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this iteration, to split "
+    a("--data-seed", type=number(int, 0, 999_999), default=0, help="seed of the synthetic data (fixed across "
+      "training seeds)")
+    a("--gpu", type=number(int, -1), default=None, help="GPU index, -1 for the CPU (default: GPU 0 if there is one)")
+    a("--iters", type=count, default=None, help="training iterations (default: per data set, see README)")
+    a("--stop-at", type=count, default=None, help="stop (with a checkpoint) after this iteration, to split "
       "a run across job time limits; the schedule still runs to --iters (default: --iters)")
-    a("--batch-size", type=int, default=None, help="images per step, all processes together: torchrun splits "
-      "it evenly, so 1 or K GPUs run one recipe (default: per data set)")
-    a("--crop-size", type=int, nargs="+", default=None, help="training crop, one side or H W (default: per data set)")
-    a("--eval-every", type=int, default=None, help="evaluate and checkpoint every N iterations "
+    a("--batch-size", type=number(int, 2), default=None, help="images per step, all processes together: torchrun "
+      "splits it evenly, so 1 or K GPUs run one recipe (default: per data set)")
+    a("--crop-size", type=number(int, 32, 4096), nargs="+", default=None, help="training crop, one side or H W, "
+      "from 32 (the ViT's coarsest stage is 1/32) to 4096 (default: per data set)")
+    a("--eval-every", type=count, default=None, help="evaluate and checkpoint every N iterations "
       "(default: iters/5; synthetic: once, at the end)")
-    a("--save-every", type=int, default=2000, help="also checkpoint every N iterations: about 10 minutes of a "
+    a("--save-every", type=count, default=2000, help="also checkpoint every N iterations: about 10 minutes of a "
       "VOC or Cityscapes run on one current GPU (README)")
-    a("--log-every", type=int, default=None, help="log line every N iterations (default: iters/30, at most 50)")
-    a("--workers", type=int, default=None, help="data-loading processes (default: 0 synthetic, 8 otherwise)")
-    a("--seed", type=int, default=0, help="seed of weights, sampling and augmentation")
+    a("--log-every", type=count, default=None, help="log line every N iterations (default: iters/30, at most 50)")
+    a("--workers", type=number(int, 0), default=None, help="data-loading processes (default: 0 synthetic, 8 otherwise)")
+    a("--seed", type=number(int, 0, 999_999), default=0, help="seed of weights, sampling and augmentation")
     a("--out", type=pathlib.Path, default=None, help="output folder (default: runs/DATA-METHOD-sSEED)")
     a("--resume", default=None, help="checkpoint to continue from, e.g. OUT/last.pt (default: none)")
     a("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
-    a("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with loss scaling")
+    a("--amp", action="store_true", help="mixed precision: bf16 where the GPU has it, else fp16 with loss scaling")
     a("--method", default="ctcl", choices=["independent", "dml", "ctcl"],
       help="independent: CE only; dml: deep mutual learning; ctcl: HFD + region BSD + pixel BSD")
-    a("--lambda-hfd", type=float, default=1.0, help="[I] weight of HFD (0 = ablation)")
-    a("--lambda-rbsd", type=float, default=1.0, help="[I] weight of region-wise BSD (0 = ablation)")
-    a("--lambda-pbsd", type=float, default=1.0, help="[I] weight of pixel-wise BSD (0 = ablation)")
+    a("--lambda-hfd", type=weight, default=1.0, help="[I] weight of HFD (0 = ablation)")
+    a("--lambda-rbsd", type=weight, default=1.0, help="[I] weight of region-wise BSD (0 = ablation)")
+    a("--lambda-pbsd", type=weight, default=1.0, help="[I] weight of pixel-wise BSD (0 = ablation)")
     a("--hfd", default="next-stage", choices=["next-stage", "stage1"], help="[I] HFD through the peer's next "
       "stage, aligned with the peer's stage-2 feature (the paper's figure), or the projected stage-1 feature "
       "aligned with the peer's stage-1 feature (our earlier reading)")
     a("--rbsd-feature", default="encoder", choices=["encoder", "decoder"], help="[I] region BSD on the encoders' "
       "last features on the stride-32 grid (the paper's figure), or on the decoder features at stride 4")
-    a("--region-size", type=int, default=32, help="[I] side of a region-BSD region in label pixels "
+    a("--region-size", type=count, default=32, help="[I] side of a region-BSD region in label pixels "
       "(a multiple of 32; of 4 with --rbsd-feature decoder)")
     a("--rbsd-margin", type=float, default=0.0, help="[I] a student teaches a region only if its mean CE "
       "there is lower than its peer's by more than this (--rbsd-margin=-inf: both teach everywhere)")
@@ -1527,21 +1371,22 @@ def get_args_parser():
       "both ways (all: no selection)")
     a("--bsd-norm", default="valid", choices=["valid", "selected"], help="[I] both BSD terms average over all "
       "valid positions, an untaught one adding 0 (valid: segmentation KD's convention), or over the taught ones")
-    a("--temperature", type=float, default=1.0, help="[I] softmax temperature of pixel BSD and DML")
-    a("--kd-warmup", type=int, default=None, help="[I] iterations of the sigmoid ramp of the distillation "
-      "weight (default: 5%% of --iters)")
-    a("--cnn-lr", type=float, default=None, help="[I] SGD learning rate of the CNN student "
+    a("--temperature", type=number(float, 0, above=True), default=1.0, help="[I] softmax temperature of pixel "
+      "BSD and DML")
+    a("--kd-warmup", type=number(int, 0), default=None, help="[I] iterations of the sigmoid ramp of the "
+      "distillation weight (default: 5%% of --iters)")
+    a("--cnn-lr", type=weight, default=None, help="[I] SGD learning rate of the CNN student "
       "(default: 0.01; synthetic, from scratch: 0.02)")
-    a("--vit-lr", type=float, default=None, help="[I] AdamW learning rate of the ViT encoder, decoder ×10 "
+    a("--vit-lr", type=weight, default=None, help="[I] AdamW learning rate of the ViT encoder, decoder ×10 "
       "(default: 6e-5; synthetic, from scratch: 6e-4)")
-    a("--vit-warmup", type=int, default=None, help="[I] linear warm-up of the ViT's learning rate "
+    a("--vit-warmup", type=number(int, 0), default=None, help="[I] linear warm-up of the ViT's learning rate "
       "(default: min(1500, iters/10))")
     a("--pretrained", action=argparse.BooleanOptionalAction, default=None,
       help="ImageNet ResNet-18 for the CNN (default: on for real data, off for synthetic)")
     a("--vit-weights", default=None, help="MiT-B0 ImageNet checkpoint, or 'none' "
       "(default: weights/mit_b0.pth for real data, none for synthetic)")
     a("--output-stride", type=int, default=16, choices=[8, 16], help="output stride of the CNN")
-    a("--vis", type=int, default=0, help="PNG panels written per evaluation to OUT/vis")
+    a("--vis", type=number(int, 0), default=0, help="PNG panels written per evaluation to OUT/vis")
     a("--compile", action="store_true", help="torch.compile the forward (both students and the losses); "
       "needs a C++ compiler, and the first step compiles")
     a("--benchmark", action="store_true", help="time training steps of independent, dml and ctcl, then stop")
@@ -1551,17 +1396,16 @@ def get_args_parser():
 
 
 def fill_defaults(args):
-    """Per-data-set defaults for the flags left unset (None: a 0 given is a 0), then checks
-    of every value: each bad one is a one-line error before any work starts."""
-    spec = DATASETS[args.data]
-    real = args.data != "synthetic"
+    """Per-data-set defaults for the flags left unset (None: a 0 given is a 0), then the checks
+    that involve more than one flag: each bad value is a one-line error before any work starts."""
+    spec, real = DATASETS[args.data], args.data != "synthetic"
 
     def given_or(value, default):
         return default if value is None else value
     args.iters = given_or(args.iters, spec["iters"])
     args.batch_size = given_or(args.batch_size, spec["batch"])
     crop = given_or(args.crop_size, spec["crop"])
-    crop = [crop] * 2 if isinstance(crop, int) else list(crop) * (2 if len(crop) == 1 else 1)
+    args.crop_size = [crop] * 2 if isinstance(crop, int) else list(crop) * (2 if len(crop) == 1 else 1)
     args.eval_every = given_or(args.eval_every, max(1, args.iters // spec.get("evals", 5)))
     args.cnn_lr = given_or(args.cnn_lr, spec.get("cnn_lr", 0.01))
     args.vit_lr = given_or(args.vit_lr, spec.get("vit_lr", 6e-5))
@@ -1572,36 +1416,19 @@ def fill_defaults(args):
     args.pretrained = given_or(args.pretrained, real)
     args.vit_weights = given_or(args.vit_weights, "weights/mit_b0.pth" if real else "none")
     args.out = given_or(args.out, pathlib.Path("runs") / f"{args.data}-{args.method}-s{args.seed}")
-    weights = {"--lambda-hfd": args.lambda_hfd, "--lambda-rbsd": args.lambda_rbsd, "--lambda-pbsd": args.lambda_pbsd,
-               "--cnn-lr": args.cnn_lr, "--vit-lr": args.vit_lr}
-    counts = {"--eval-every": args.eval_every, "--log-every": args.log_every, "--save-every": args.save_every,
-              "--stop-at": given_or(args.stop_at, 1)}
     world = int(os.environ.get("WORLD_SIZE", 1))
     cpu = args.gpu == -1 or (args.gpu is None and not torch.cuda.is_available())
     stride = 32 if args.rbsd_feature == "encoder" else 4  # the grid region BSD works on
     checks = [
-        (args.iters >= 1, f"--iters must be at least 1, got {args.iters}"),
-        (args.batch_size >= 2, f"--batch-size must be at least 2 (BatchNorm needs it), got {args.batch_size}"),
+        (len(args.crop_size) == 2, f"--crop-size takes one or two sides, got {' '.join(map(str, args.crop_size))}"),
         (args.batch_size % world == 0, f"--batch-size {args.batch_size} does not split evenly across {world} "
          f"processes: it is the global batch, so make it a multiple of {world}"),
         (args.batch_size // world >= 2 or not cpu, f"--batch-size {args.batch_size} leaves one image per process, "
          "and BatchNorm needs two on the CPU (no SyncBatchNorm there): raise it to at least 2 per process"),
-        (len(crop) == 2 and 32 <= min(crop) and max(crop) <= 4096, f"--crop-size must be one or two sides "
-         f"from 32 (the ViT's coarsest stage is 1/32) to 4096, got {' '.join(map(str, crop))}"),
-        *((n >= 1, f"{flag} must be at least 1, got {n}") for flag, n in counts.items()),
-        (args.region_size >= stride and args.region_size % stride == 0, f"--region-size must be a positive "
-         f"multiple of {stride} (the stride of the features that --rbsd-feature {args.rbsd_feature} compares), "
-         f"got {args.region_size}"),
-        *((math.isfinite(w) and w >= 0, f"{flag} must be a finite number >= 0, got {w}") for flag, w in weights.items()),
-        (math.isfinite(args.temperature) and args.temperature > 0, f"--temperature must be a finite number > 0, "
-         f"got {args.temperature}"),
+        (args.region_size % stride == 0, f"--region-size must be a positive multiple of {stride} (the stride of the "
+         f"features that --rbsd-feature {args.rbsd_feature} compares), got {args.region_size}"),
         (math.isfinite(args.rbsd_margin) or args.rbsd_margin == -math.inf, f"--rbsd-margin must be a finite number "
          f"or -inf (every region taught both ways), got {args.rbsd_margin}"),
-        (min(args.kd_warmup, args.vit_warmup, args.vis, args.workers) >= 0,
-         "--kd-warmup, --vit-warmup, --vis and --workers must be >= 0"),
-        (0 <= args.seed < 10 ** 6 and 0 <= args.data_seed < 10 ** 6, "--seed and --data-seed must be whole numbers "
-         "from 0 to 999999 (the augmentation seeds are derived from them)"),
-        (args.gpu is None or args.gpu >= -1, f"--gpu must be a GPU index, or -1 for the CPU, got {args.gpu}"),
         (args.vit_weights != "", "--vit-weights needs a path, or 'none'"),
         (not args.eval_only or args.resume, "--eval-only needs --resume CHECKPOINT"),
         (not args.compile or any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")),
@@ -1611,7 +1438,6 @@ def fill_defaults(args):
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    args.crop_size = crop
     if args.vit_weights == "none":
         args.vit_weights = None
     elif not pathlib.Path(args.vit_weights).is_file():
@@ -1620,60 +1446,48 @@ def fill_defaults(args):
 
 
 def benchmark(args, ctx, rounds=5, steps=3):
-    """ms per training step of independent, dml and ctcl, interleaved round by round so
-    that all three see the same machine state; then peak memory."""
-    classes = len(DATASETS[args.data]["classes"])
+    """ms per training step of independent, dml and ctcl, interleaved round by round so that all
+    three see the same machine state (the median of `rounds`, after one warm-up round), and peak
+    memory: the GPU's allocations, or the process's peak RSS on the CPU."""
+    classes, cuda = len(DATASETS[args.data]["classes"]), ctx.device.type == "cuda"
     images = torch.randn(args.batch_size, 3, *args.crop_size, device=ctx.device)
     target = torch.randint(0, classes, (args.batch_size, *args.crop_size), device=ctx.device)
     target[:, :, :4] = IGNORE_INDEX
-    runs = {}
-    for method in ("independent", "dml", "ctcl"):
+    args.pretrained, args.vit_weights, runs = False, None, {}  # the time of a step does not depend on the weights
+    for args.method in ("independent", "dml", "ctcl"):
         torch.manual_seed(args.seed)
-        model = CTCL(classes, method=method, region_size=args.region_size,
-                     output_stride=args.output_stride).to(ctx.device)
-        optimizers, schedulers = build_optimizers(model, iters=10 ** 6)
+        model = build_model(args, classes).to(ctx.device)
         if args.compile:
             model.compile()
-        runs[method] = dict(model=model, optimizers=optimizers, schedulers=schedulers, times=[], peak=0)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16)
-    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
-    kd_weight = torch.ones((), device=ctx.device)
-    for r in range(rounds + 1):  # round 0 warms up (and compiles)
-        for method, run in runs.items():
-            if ctx.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            sync()
+        runs[args.method] = dict(model=model, opt=build_optimizers(model, iters=10 ** 6), times=[])
+    scaler, kd_weight = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16), torch.ones((), device=ctx.device)
+    for _ in range(rounds + 1):
+        for run in runs.values():
+            torch.cuda.synchronize() if cuda else None
             began = time.perf_counter()
             for _ in range(steps):
-                train_step(run["model"], images, target, run["optimizers"], run["schedulers"], scaler,
-                           ctx.autocast(), kd_weight)
-            sync()
+                train_step(run["model"], images, target, *run["opt"], scaler, ctx.autocast(), kd_weight)
+            torch.cuda.synchronize() if cuda else None
             run["times"].append((time.perf_counter() - began) / steps * 1000)
-            if ctx.device.type == "cuda":
-                run["peak"] = max(run["peak"], torch.cuda.max_memory_allocated() / 2 ** 20)
     ms = {m: sorted(run["times"][1:])[rounds // 2] for m, run in runs.items()}
-    warmup_s = {m: run["times"][0] * steps / 1000 for m, run in runs.items()}  # with --compile: compiling
-    peak = max(run["peak"] for run in runs.values()) if ctx.device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # CPU: the process's peak RSS
-    where = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    ctx.print(f"benchmark on {where}, crop {args.crop_size}, batch {args.batch_size}, amp {args.amp}, "
-              f"compile {args.compile}, median of {rounds} rounds of {steps} steps")
-    ctx.print(f"{'method':<12}{'ms/step':>10}{'images/s':>10}{'× indep.':>10}{'warm-up s':>11}" +
-              (f"{'peak MB':>10}" if ctx.device.type == "cuda" else ""))
-    for method, run in runs.items():
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    where = torch.cuda.get_device_name(ctx.device) if cuda else f"CPU ({os.cpu_count()} cores)"
+    ctx.print(f"benchmark on {where}, crop {args.crop_size}, batch {args.batch_size}, amp {args.amp}, compile "
+              f"{args.compile}, median of {rounds} rounds of {steps} steps\n"
+              f"{'method':<12}{'ms/step':>10}{'images/s':>10}{'× indep.':>10}{'warm-up s':>11}")
+    for method, run in runs.items():  # the warm-up round is where --compile compiles
         ctx.print(f"{method:<12}{ms[method]:>10.1f}{1000 * args.batch_size / ms[method]:>10.1f}"
-                  f"{ms[method] / ms['independent']:>10.3f}{warmup_s[method]:>11.1f}" +
-                  (f"{run['peak']:>10.0f}" if ctx.device.type == "cuda" else ""))
+                  f"{ms[method] / ms['independent']:>10.3f}{run['times'][0] * steps / 1000:>11.1f}")
     result = {"independent_ms": ms["independent"], "dml_ms": ms["dml"], "ctcl_ms": ms["ctcl"],
               "ctcl_over_independent": ms["ctcl"] / ms["independent"], "peak_mem_mb": peak,
-              "warmup_s": warmup_s}
+              "warmup_s": {m: run["times"][0] * steps / 1000 for m, run in runs.items()}}
     ctx.print(json.dumps(result))
     return result
 
 
 # flags that do not change what a run learns: runs that differ only in these are seeds of one row
-NOT_RECIPE = {"seed", "out", "resume", "stop_at", "eval_only", "eval_every", "log_every", "workers", "gpu", "vis",
-              "data_root", "benchmark", "summarize", "compile"}
+NOT_RECIPE = {"seed", "out", "resume", "stop_at", "eval_only", "eval_every", "save_every", "log_every", "workers",
+              "gpu", "vis", "data_root", "benchmark", "summarize", "compile"}
 
 
 def read_run(folder):
@@ -1681,14 +1495,10 @@ def read_run(folder):
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder")
-    if not (folder / "metrics.jsonl").is_file():
-        raise UserError(f"{folder}: no metrics.jsonl")
-    if (folder / "args.json").is_file():
-        args = json.loads((folder / "args.json").read_text())
-    elif (folder / "last.pt").is_file():  # runs made before args.json: the checkpoint keeps the flags
-        args = torch.load(folder / "last.pt", map_location="cpu", weights_only=True, mmap=True)["args"]
-    else:
-        raise UserError(f"{folder}: neither args.json nor last.pt")
+    for name in ("metrics.jsonl", "args.json"):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder}: no {name}")
+    args = json.loads((folder / "args.json").read_text())
     final = [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
              if r["type"] == "eval" and r["iter"] == args["iters"]]
     if not final:
@@ -1716,8 +1526,7 @@ def summarize(folders):
 
     def mean_std(values, scale=100):
         values = torch.tensor(values, dtype=torch.float64) * scale
-        std = f" ± {values.std():.1f}" if len(values) > 1 else ""
-        return f"{values.mean():.1f}{std}"
+        return f"{values.mean():.1f}" + (f" ± {values.std():.1f}" if len(values) > 1 else "")
     shares = ("only_cnn", "only_vit", "both", "neither")
     table = ["| " + " | ".join(differ or ["runs"]) + " | seeds | CNN mIoU | ViT mIoU | " +
              " | ".join(f"{s.replace('_', ' ')} right" for s in shares) + " |",
@@ -1725,15 +1534,14 @@ def summarize(folders):
     for key, records in groups.items():
         cells = [json.loads(v) for v in key] or ["all"]
         cells += [len(records)] + [mean_std([r[s]["miou"] for r in records]) for s in ("cnn", "vit")]
-        cells += [mean_std([r["complementarity"][s] for r in records]) if all("complementarity" in r for r in records)
-                  else "–" for s in shares]
+        cells += [mean_std([r["complementarity"][s] for r in records]) for s in shares]
         table.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join([f"left out: {reason}" for reason in skipped] + table)
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
     try:
+        args = get_args_parser().parse_args(argv)
         if args.summarize:
             table = summarize(sorted({p for pattern in args.summarize for p in glob.glob(pattern) or [pattern]}))
             print(table)
@@ -1745,8 +1553,9 @@ def main(argv=None):
         if ctx.is_main:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
-        ctx.print(f"ctcl: data {args.data}, method {args.method}, {args.iters} iterations, batch "
-                  f"{args.batch_size}, crop {args.crop_size}, device {ctx.device}, world size {ctx.world_size}")
+        ctx.print(f"ctcl: data {args.data}, method {args.method}, {args.iters} iterations, batch {args.batch_size} "
+                  f"({args.batch_size // ctx.world_size} per process), crop {args.crop_size}, device {ctx.device}, "
+                  f"world size {ctx.world_size}")
         return train(args, ctx)
     except UserError as error:
         # raised in a data-loading worker, the message carries the worker's traceback: keep its last line

@@ -4,6 +4,7 @@ Every mask and loss is checked against a brute-force reference written here with
 plain Python loops. Run: python -m pytest -q test_ctcl.py
 """
 import contextlib
+import functools
 import inspect
 import json
 import math
@@ -127,15 +128,23 @@ def test_mit_checkpoint_missing_or_misshaped_key_is_named(tmp_path):
 
 
 TINY_MIT = HERE / "mit_tiny_transformers.safetensors"
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16}
 
 
-def safetensors_metadata(path):
+def read_safetensors(path):
+    """The fixture's format, without the library: an 8-byte little-endian header length, a JSON
+    header {name: {dtype, shape, data_offsets}}, then the tensors' raw bytes."""
     data = path.read_bytes()
-    return json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header.pop("__metadata__", None)
+    body = data[8 + size:]
+    return {name: torch.frombuffer(bytearray(body[slice(*info["data_offsets"])]),
+                                   dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+            for name, info in header.items()}
 
 
-@pytest.mark.parametrize("layout", ["safetensors", "bin", "transformers 5 names"])
-def test_mit_weights_from_transformers_compute_what_transformers_computes(tmp_path, layout):
+def test_mit_weights_from_the_hub_compute_what_transformers_computes(tmp_path):
     """The fixture mit_tiny_transformers.safetensors was made outside the suite (transformers
     is not a dependency) with transformers 5.23.0 and torch 2.14.1: SegformerForImageClassification
     with a small MiT (widths 8/16/24/32, heads 1/2/3/4, depths 2/1/1/2, sr 8/4/2/1, MLP ratio 4,
@@ -143,23 +152,15 @@ def test_mit_weights_from_transformers_compute_what_transformers_computes(tmp_pa
     included, set to randn * 0.3 rounded to fp16 (the defaults 0/1 would hide a swapped
     mapping); save_pretrained(safe_serialization=True), which writes the hub's layout
     (segformer.encoder.block.I.J.attention.self.query ...). The file holds those weights
-    (F16), the four stage outputs transformers computed in fp32 for the input
-    torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0)) as fixture.stage1-4,
-    and, in its metadata, the names transformers 5 gives each weight in memory."""
-    state = ctcl.read_weights(TINY_MIT)  # the reader of --vit-weights, on a file the safetensors library wrote
+    (F16) and the four stage outputs transformers computed in fp32 for the input
+    torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0)) as fixture.stage1-4.
+    Here it becomes the hub's pytorch_model.bin, the file data_prep.sh fetches."""
+    state = read_safetensors(TINY_MIT)
     expected = [state.pop(f"fixture.stage{i}") for i in range(1, 5)]
-    if layout == "bin":
-        torch.save(state, tmp_path / "pytorch_model.bin")
-        state = ctcl.read_weights(tmp_path / "pytorch_model.bin")
-    elif layout == "transformers 5 names":
-        names = json.loads(safetensors_metadata(TINY_MIT)["names_in_memory"])
-        state = {names[k]: v for k, v in state.items()}
-        assert any(".attention.q_proj." in k for k in state)
-    else:  # the file stores F16, read as such
-        assert state["segformer.encoder.block.0.0.attention.self.key.weight"].dtype == torch.float16
+    torch.save(state, tmp_path / "pytorch_model.bin")
     encoder = ctcl.MixTransformer(widths=(8, 16, 24, 32), heads=(1, 2, 3, 4), depths=(2, 1, 1, 2)).eval()
-    found = ctcl.load_encoder_weights(encoder, state)
-    assert found == ("transformers >= 5 (in memory)" if layout == "transformers 5 names" else "transformers (hub file)")
+    found = ctcl.load_encoder_weights(encoder, ctcl.read_weights(tmp_path / "pytorch_model.bin"))
+    assert found == "transformers (hub file)"
     for module in encoder.modules():  # transformers uses eps 1e-5 in every LayerNorm; the official
         if isinstance(module, nn.LayerNorm):  # code (and ctcl.py) 1e-6 in the block and stage norms
             module.eps = 1e-5
@@ -199,24 +200,12 @@ def hub_state_dict(official):
     return hub
 
 
-def write_safetensors(tensors, path):
-    """The format in a few lines (the reader is checked against the library's own file above)."""
-    header, offset, blobs = {}, 0, []
-    for name, t in tensors.items():
-        blob = t.contiguous().numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-    text = json.dumps(header).encode()
-    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
-
-
-@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
-def test_vit_weights_from_the_hub_layout_load_and_say_so(tmp_path, small_data, capsys, suffix):
+@pytest.mark.parametrize("prefix", ["segformer.", ""])
+def test_vit_weights_from_the_hub_layout_load_and_say_so(tmp_path, small_data, capsys, prefix):
     source = ctcl.MixTransformer()
-    hub = hub_state_dict(source.state_dict())
-    path = tmp_path / f"model{suffix}"
-    write_safetensors(hub, path) if suffix == ".safetensors" else torch.save(hub, path)
+    hub = {k.replace("segformer.", prefix): v for k, v in hub_state_dict(source.state_dict()).items()}
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(hub, path)
     result = run_main(tmp_path, "--iters", "1", "--vit-weights", str(path), "--vit-lr", "0")
     assert f"MiT-B0 weights: {path} (transformers (hub file) layout)" in capsys.readouterr().out
     for k, v in source.state_dict().items():  # lr 0: the encoder is still the checkpoint
@@ -751,7 +740,7 @@ def test_evaluate_scores_logits_resized_to_each_labels_own_size_and_restores_tra
     model = ctcl.CTCL(3, method="independent")
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((37, 45), (50, 29))]
     labels = [random_target(1, h, w, 3, seed=h)[0].to(torch.uint8) for h, w in ((37, 45), (50, 29))]
-    dataset = ctcl.Augmented(ctcl.TensorSegmentation(images, labels), ctcl.JointTransform(None))
+    dataset = ctcl.SegmentationSet(functools.partial(ctcl.from_tensors, images, labels), 2, ctcl.JointTransform(None))
     conf = ctcl.evaluate(model, dataset, num_classes=3, device=torch.device("cpu"), autocast=contextlib.nullcontext())
     assert model.training and model.cnn.training and model.vit.encoder.training
     model.eval()
@@ -1460,29 +1449,6 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, small_data, monkey
     assert ckpt["iter"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("before", [signal.default_int_handler, signal.SIG_IGN])
-def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path, small_data, monkeypatch, capsys, before):
-    """Python's handler (a terminal): the step ends, a checkpoint is written, the run stops.
-    SIGINT ignored (nohup, `cmd &` in a script): it stays ignored and the run goes on."""
-    ramp = ctcl.sigmoid_rampup
-
-    def press_ctrl_c_in_step_2(step, length):
-        if step == 1:
-            signal.raise_signal(signal.SIGINT)
-        return ramp(step, length)
-    monkeypatch.setattr(ctcl, "sigmoid_rampup", press_ctrl_c_in_step_2)
-    previous = signal.signal(signal.SIGINT, before)  # as the suite may run in the background, set it here
-    try:
-        result = run_main(tmp_path, "--iters", "5")
-        after = signal.getsignal(signal.SIGINT)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    assert after is before  # the handler that was there before the run is back
-    stopped_at = 2 if before is signal.default_int_handler else 5
-    assert result["iter"] == stopped_at and torch.load(tmp_path / "out" / "last.pt", weights_only=True)["iter"] == stopped_at
-    assert ("interrupted: checkpoint at iteration 2" in capsys.readouterr().out) == (stopped_at == 2)
-
-
 def test_eval_only_and_vis_panels(tmp_path, small_data, capsys):
     run_main(tmp_path, "--iters", "2")
     capsys.readouterr()
@@ -1509,7 +1475,8 @@ def test_summarize_shows_a_flag_that_older_runs_did_not_record(tmp_path):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "args.json").write_text(json.dumps({"iters": 2, "method": "ctcl", "seed": 0, **args}))
-        record = {"type": "eval", "iter": 2, "cnn": {"miou": 0.5}, "vit": {"miou": 0.25}}
+        shares = {"only_cnn": 0.1, "only_vit": 0.1, "both": 0.7, "neither": 0.1}
+        record = {"type": "eval", "iter": 2, "cnn": {"miou": 0.5}, "vit": {"miou": 0.25}, "complementarity": shares}
         (folder / "metrics.jsonl").write_text(json.dumps(record) + "\n")
     lines = ctcl.summarize(sorted(str(p) for p in tmp_path.iterdir()))
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines.splitlines()]
@@ -1551,38 +1518,40 @@ def test_summarize_groups_seeds_and_leaves_out_unfinished_runs(tmp_path, small_d
     (["--region-size", "30"], "--region-size must be a positive multiple of 32 (the stride of the features that "
                                "--rbsd-feature encoder compares), got 30"),
     (["--region-size", "30", "--rbsd-feature", "decoder"], "--region-size must be a positive multiple of 4"),
-    (["--save-every", "0"], "--save-every must be at least 1, got 0"),
-    (["--crop-size", "16"], "--crop-size must be one or two sides from 32"),
-    (["--crop-size", "64", "64", "64"], "--crop-size must be one or two sides from 32 (the ViT's coarsest stage "
-                                        "is 1/32) to 4096, got 64 64 64"),
-    (["--crop-size", "100000"], "--crop-size must be one or two sides from 32"),
-    (["--crop-size", "64", "-64"], "--crop-size must be one or two sides from 32"),
-    (["--iters", "0"], "--iters must be at least 1, got 0"),
-    (["--batch-size", "0"], "--batch-size must be at least 2 (BatchNorm needs it), got 0"),
-    (["--batch-size", "-4"], "--batch-size must be at least 2"),
-    (["--eval-every", "0"], "--eval-every must be at least 1, got 0"),
-    (["--log-every", "0"], "--log-every must be at least 1, got 0"),
-    (["--log-every", "-3"], "--log-every must be at least 1, got -3"),
-    (["--stop-at", "0"], "--stop-at must be at least 1, got 0"),
-    (["--region-size", "0"], "--region-size must be a positive multiple of 32"),
-    (["--lambda-hfd", "nan"], "--lambda-hfd must be a finite number >= 0, got nan"),
-    (["--lambda-rbsd", "inf"], "--lambda-rbsd must be a finite number >= 0, got inf"),
-    (["--lambda-pbsd", "-1"], "--lambda-pbsd must be a finite number >= 0, got -1.0"),
-    (["--cnn-lr", "nan"], "--cnn-lr must be a finite number >= 0, got nan"),
-    (["--vit-lr=-inf"], "--vit-lr must be a finite number >= 0, got -inf"),
-    (["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
-    (["--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
-    (["--temperature", "inf"], "--temperature must be a finite number > 0, got inf"),
+    (["--save-every", "0"], "argument --save-every: must be a whole number >= 1, got 0"),
+    (["--crop-size", "16"], "argument --crop-size: must be a whole number >= 32 and <= 4096, got 16"),
+    (["--crop-size", "64", "64", "64"], "--crop-size takes one or two sides, got 64 64 64"),
+    (["--crop-size", "100000"], "argument --crop-size: must be a whole number >= 32 and <= 4096, got 100000"),
+    (["--crop-size", "64", "-64"], "argument --crop-size: must be a whole number >= 32"),
+    (["--iters", "0"], "argument --iters: must be a whole number >= 1, got 0"),
+    (["--iters", "ten"], "argument --iters: invalid int value: 'ten'"),
+    (["--batch-size", "0"], "argument --batch-size: must be a whole number >= 2, got 0"),
+    (["--batch-size", "-4"], "argument --batch-size: must be a whole number >= 2"),
+    (["--eval-every", "0"], "argument --eval-every: must be a whole number >= 1, got 0"),
+    (["--log-every", "0"], "argument --log-every: must be a whole number >= 1, got 0"),
+    (["--log-every", "-3"], "argument --log-every: must be a whole number >= 1, got -3"),
+    (["--stop-at", "0"], "argument --stop-at: must be a whole number >= 1, got 0"),
+    (["--region-size", "0"], "argument --region-size: must be a whole number >= 1, got 0"),
+    (["--lambda-hfd", "nan"], "argument --lambda-hfd: must be a finite number >= 0, got nan"),
+    (["--lambda-rbsd", "inf"], "argument --lambda-rbsd: must be a finite number >= 0, got inf"),
+    (["--lambda-pbsd", "-1"], "argument --lambda-pbsd: must be a finite number >= 0, got -1"),
+    (["--cnn-lr", "nan"], "argument --cnn-lr: must be a finite number >= 0, got nan"),
+    (["--vit-lr=-inf"], "argument --vit-lr: must be a finite number >= 0, got -inf"),
+    (["--temperature", "0"], "argument --temperature: must be a finite number > 0, got 0"),
+    (["--temperature", "nan"], "argument --temperature: must be a finite number > 0, got nan"),
+    (["--temperature", "inf"], "argument --temperature: must be a finite number > 0, got inf"),
     (["--rbsd-margin", "nan"], "--rbsd-margin must be a finite number or -inf"),
     (["--rbsd-margin", "inf"], "--rbsd-margin must be a finite number or -inf"),
-    (["--kd-warmup", "-1"], "--kd-warmup, --vit-warmup, --vis and --workers must be >= 0"),
-    (["--vit-warmup", "-5"], "--kd-warmup, --vit-warmup, --vis and --workers must be >= 0"),
-    (["--vis", "-1"], "--kd-warmup, --vit-warmup, --vis and --workers must be >= 0"),
-    (["--workers", "-2"], "--kd-warmup, --vit-warmup, --vis and --workers must be >= 0"),
-    (["--seed", "-1"], "--seed and --data-seed must be whole numbers from 0 to 999999"),
-    (["--seed", str(10 ** 20)], "--seed and --data-seed must be whole numbers from 0 to 999999"),
-    (["--data-seed", "-7"], "--seed and --data-seed must be whole numbers from 0 to 999999"),
-    (["--gpu", "-2"], "--gpu must be a GPU index, or -1 for the CPU, got -2"),
+    (["--kd-warmup", "-1"], "argument --kd-warmup: must be a whole number >= 0, got -1"),
+    (["--vit-warmup", "-5"], "argument --vit-warmup: must be a whole number >= 0, got -5"),
+    (["--vis", "-1"], "argument --vis: must be a whole number >= 0, got -1"),
+    (["--workers", "-2"], "argument --workers: must be a whole number >= 0, got -2"),
+    (["--seed", "-1"], "argument --seed: must be a whole number >= 0 and <= 999999, got -1"),
+    (["--seed", str(10 ** 20)], "argument --seed: must be a whole number >= 0 and <= 999999"),
+    (["--data-seed", "-7"], "argument --data-seed: must be a whole number >= 0 and <= 999999, got -7"),
+    (["--gpu", "-2"], "argument --gpu: must be a whole number >= -1, got -2"),
+    (["--method", "kd"], "argument --method: invalid choice: 'kd'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--vit-weights", ""], "--vit-weights needs a path, or 'none'"),
     (["--summarize", "nowhere/*"], "--summarize found no finished run (nowhere/*: no such folder)"),
     (["--gpu", "7"], "--gpu 7"),
@@ -1767,11 +1736,11 @@ def fake_camvid(root, h=36, w=48):
     return root
 
 
-FAKES = {"voc": fake_voc, "cityscapes": fake_cityscapes, "camvid": fake_camvid}
+FAKES = {"voc": fake_voc, "cityscapes": fake_cityscapes, "camvid": fake_camvid, "camvid-val": fake_camvid}
 REAL = ["--no-pretrained", "--vit-weights", "none", "--workers", "0"]
 
 
-@pytest.mark.parametrize("name", ["voc", "cityscapes", "camvid"])
+@pytest.mark.parametrize("name", ["voc", "cityscapes", "camvid", "camvid-val"])
 def test_real_data_layouts_train_and_evaluate(tmp_path, capsys, name):
     root = FAKES[name](tmp_path / name)
     result = ctcl.main(["--data", name, "--data-root", str(root), "--iters", "2", "--out", str(tmp_path / "out"),
@@ -1813,6 +1782,14 @@ def test_cityscapes_id_mapping_matches_official_table():
     assert {i: int(lut[i]) for i in range(34)} == CITYSCAPES_OFFICIAL
     assert (lut[34:] == 255).all()
     assert ctcl.CITYSCAPES_CLASSES[0] == "road" and ctcl.CITYSCAPES_CLASSES[18] == "bicycle"
+
+
+def test_camvid_trains_on_train_and_val_for_test_and_on_train_alone_for_val(tmp_path):
+    root = fake_camvid(tmp_path / "camvid")
+    for name, n_train, n_val, val_folder in (("camvid", 4, 2, "test"), ("camvid-val", 3, 1, "val")):
+        train, val = ctcl.build_datasets(name, root, [32, 32])
+        assert (len(train), len(val)) == (n_train, n_val)
+        assert all(p[0].parent.name == val_folder for p in val.load.args[0])
 
 
 def test_camvid_void_is_ignored():
@@ -2028,7 +2005,7 @@ def test_data_prep_camvid_from_the_segnet_archive(tmp_path):
     proc = run_prep("camvid", tmp_path, CAMVID_URLS=archive.as_uri())
     assert proc.returncode == 0, proc.stderr
     camvid = tmp_path / "data" / "CamVid"
-    assert len(ctcl.camvid_pairs(camvid, "train")) == 4 and len(ctcl.camvid_pairs(camvid, "test")) == 2
+    assert len(ctcl.camvid_pairs(camvid, "train+val")) == 4 and len(ctcl.camvid_pairs(camvid, "test")) == 2
     assert "no published checksum" in proc.stdout and "warning:" in proc.stdout  # 3 train images, not 367
 
 
