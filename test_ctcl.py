@@ -766,7 +766,7 @@ def test_confusion_matrix_accumulates_over_a_split():
 # ----------------------------------------------------------------------------------
 # The teaching pieces stand alone, and the masking has no host sync or Python loop
 
-TEACHING_PIECES = ["HFD", "region_bsd_masks", "RegionBSD", "pixel_bsd_masks", "pixel_bsd_loss",
+TEACHING_PIECES = ["HFD", "frozen", "region_bsd_masks", "RegionBSD", "pixel_bsd_masks", "pixel_bsd_loss",
                    "confusion_matrix", "iou_from_confusion"]
 
 
@@ -811,6 +811,12 @@ def test_teaching_piece_runs_alone(name):
             args = (logits_cnn, logits_vit) + ctcl.pixel_bsd_masks(*args)
     elif name == "confusion_matrix":
         args = (torch.randint(0, 3, (2, 5, 5)), random_target(2, 5, 5, 3), 3)
+    elif name == "frozen":  # a BN layer as a fixed function, on the same input
+        stage, x = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), torch.randn(2, 3, 5, 5)
+        got, want = alone(stage)(x), piece(stage)(x)
+        torch.testing.assert_close(got, want)
+        assert stage[1].num_batches_tracked == 0
+        return
     else:
         args = (torch.randint(0, 9, (3, 3)),)
     if inspect.isclass(piece):
@@ -1467,6 +1473,15 @@ def test_eval_only_and_vis_panels(tmp_path, small_data, capsys):
     blocks = truth[::3, ::3]  # nearest neighbour: every label pixel is a sharp 3x3 block of its colour
     assert torch.equal(blocks.repeat_interleave(3, 0).repeat_interleave(3, 1), truth)
     assert torch.equal(blocks, ctcl.PALETTE[label])
+
+
+def test_panels_draw_camvid_classes_in_camvids_colours():
+    target = torch.tensor([[0, 3, 10, 255]]).repeat(64, 16)  # sky, road, bicyclist, void
+    logits = torch.zeros(1, 11, 64, 64)
+    panel = ctcl.render_panel(torch.zeros(3, 64, 64), target, logits, logits, 32, 0.0, 255, ctcl.CAMVID_COLOURS)
+    truth = torch.from_numpy(numpy.array(panel.convert("RGB")))[:192, 192:384][::3, ::3]
+    assert [tuple(truth[0, x].tolist()) for x in range(4)] == [ctcl.CAMVID_COLOURS[0], ctcl.CAMVID_COLOURS[3],
+                                                              ctcl.CAMVID_COLOURS[10], tuple(ctcl.PALETTE[255].tolist())]
 
 
 def test_summarize_shows_a_flag_that_older_runs_did_not_record(tmp_path):
