@@ -447,7 +447,8 @@ class CTCL(nn.Module):
             rbsd_feature in ("encoder", "decoder") and region_score in ("ce", "error") and \
             pixel_rule in ("exclusive", "teacher-right", "lower-ce", "all") and bsd_norm in ("selected", "valid")
         self.method, self.hfd_mode, self.rbsd_feature, self.region_score = method, hfd, rbsd_feature, region_score
-        self.pixel_rule, self.bsd_norm, self.temperature, self.ignore_index = pixel_rule, bsd_norm, temperature, ignore_index
+        self.pixel_rule, self.bsd_norm, self.temperature = pixel_rule, bsd_norm, temperature
+        self.ignore_index = ignore_index
         self.region_size, self.margin = region_size, margin
         self.lambdas = {"dml": 1.0, "hfd": lambda_hfd, "rbsd": lambda_rbsd, "pbsd": lambda_pbsd}
         self.cnn = DeepLabV3Plus(num_classes, output_stride=output_stride, pretrained=pretrained)
@@ -455,7 +456,8 @@ class CTCL(nn.Module):
         ctcl = method == "ctcl"
         self.hfd = HFD(64, 32) if ctcl and lambda_hfd else None
         # the encoders' last features meet on the ViT's stride-32 grid; the decoders' at stride 4
-        self.rbsd = RegionBSD(256, region_size, 32 if rbsd_feature == "encoder" else 4) if ctcl and lambda_rbsd else None
+        self.rbsd = RegionBSD(256, region_size, 32 if rbsd_feature == "encoder" else 4) \
+            if ctcl and lambda_rbsd else None
         self.use_pbsd = ctcl and bool(lambda_pbsd)
 
     def parameter_groups(self):
@@ -507,7 +509,8 @@ class CTCL(nn.Module):
                                                            learner_must_be_wrong=self.pixel_rule == "exclusive")
             kd["pbsd"] = pixel_bsd_loss(z_cnn, z_vit, cnn_teaches, vit_teaches, self.temperature,
                                         valid if self.bsd_norm == "valid" else None)
-            stats["pixels_cnn_to_vit"], stats["pixels_vit_to_cnn"] = cnn_teaches.sum() / n_valid, vit_teaches.sum() / n_valid
+            stats["pixels_cnn_to_vit"] = cnn_teaches.sum() / n_valid
+            stats["pixels_vit_to_cnn"] = vit_teaches.sum() / n_valid
         loss_cnn = terms["ce_cnn"] + kd_weight * sum(self.lambdas[name] * c for name, (c, v) in kd.items())
         loss_vit = terms["ce_vit"] + kd_weight * sum(self.lambdas[name] * v for name, (c, v) in kd.items())
         logged = {"loss_cnn": loss_cnn, "loss_vit": loss_vit, **terms, **stats}
@@ -847,7 +850,8 @@ def read_weights(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # whatever the damage, say which file and stop
-        raise ValueError(f"not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:80]})") from None
+        first_line = str(error).splitlines()[0][:80]
+        raise ValueError(f"not a readable checkpoint ({type(error).__name__}: {first_line})") from None
 
 
 def load_encoder_weights(encoder, state_dict):
@@ -919,7 +923,8 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
     conf = {"cnn": 0, "vit": 0, "agreement": 0}
     # a generator of its own: evaluating must not move the training's random stream
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, generator=torch.Generator(),
-                                         sampler=range(rank, len(dataset), world_size), pin_memory=device.type == "cuda")
+                                         sampler=range(rank, len(dataset), world_size),
+                                         pin_memory=device.type == "cuda")
     for k, (image, target) in enumerate(loader):
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast:
@@ -964,7 +969,8 @@ def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ign
     k = ceil(PANEL_TILE / min(H, W)) times (nearest neighbour, so every label and mask pixel
     stays a sharp k×k block). Classes in `palette` (VOC's by default); 255 in its own colour."""
     h, w = target.shape
-    ce = [F.cross_entropy(z, target[None], ignore_index=ignore_index, reduction="none") for z in (logits_cnn, logits_vit)]
+    ce = [F.cross_entropy(z, target[None], ignore_index=ignore_index, reduction="none")
+          for z in (logits_cnn, logits_vit)]
     regions = region_bsd_masks(*ce, target[None], region_size, ignore_index, margin)
     pixels = pixel_bsd_masks(logits_cnn, logits_vit, target[None], ignore_index)
     colours = PALETTE.clone()
@@ -973,7 +979,8 @@ def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ign
     mean, std = (torch.tensor(c).view(3, 1, 1) for c in (IMAGENET_MEAN, IMAGENET_STD))
     tiles = [((image.cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0)]
     tiles += [colours[t.cpu()] for t in (target, logits_cnn[0].argmax(0), logits_vit[0].argmax(0))]
-    for cnn_mask, vit_mask in ([expand_region_mask(m, region_size, (h, w))[0] for m in regions], [m[0] for m in pixels]):
+    for cnn_mask, vit_mask in ([expand_region_mask(m, region_size, (h, w))[0] for m in regions],
+                               [m[0] for m in pixels]):
         tile = torch.full((h, w, 3), 40, dtype=torch.uint8)
         for mask, colour in zip((cnn_mask, vit_mask), DIRECTION_COLOURS.values()):
             tile[mask.cpu() > 0] = torch.tensor(colour, dtype=torch.uint8)
@@ -1109,7 +1116,8 @@ def log_line(it, iters, lrs, means, images_per_s, eta_s):
                         if f"{n}_{side}" in means)
     line = f"it {it}/{iters} | lr cnn {lrs[0]:.2e} vit {lrs[1]:.2e} | cnn {terms('cnn')} | vit {terms('vit')}"
     if "regions_cnn_teaches" in means:
-        line += f" | regions c>v {100 * means['regions_cnn_teaches']:.0f}% v>c {100 * means['regions_vit_teaches']:.0f}%"
+        line += (f" | regions c>v {100 * means['regions_cnn_teaches']:.0f}%"
+                 f" v>c {100 * means['regions_vit_teaches']:.0f}%")
     if "pixels_cnn_to_vit" in means:
         line += f" | pixels c>v {100 * means['pixels_cnn_to_vit']:.1f}% v>c {100 * means['pixels_vit_to_cnn']:.1f}%"
     return line + f" | {images_per_s:.1f} img/s | eta {eta_s / 60:.1f} min"
@@ -1209,7 +1217,7 @@ def train(args, ctx):
             save_checkpoint(args.out / "last.pt", {
                 "model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                 "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(), "iter": it,
-                "rng": states, "args": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()}})
+                "rng": states, "args": json.loads(json.dumps(vars(args), default=str))})
 
     net = model
     if args.compile:  # in place, so the state dict keeps its keys
@@ -1461,16 +1469,18 @@ def benchmark(args, ctx, rounds=5, steps=3):
             model.compile()
         runs[args.method] = dict(model=model, opt=build_optimizers(model, iters=10 ** 6), times=[])
     scaler, kd_weight = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16), torch.ones((), device=ctx.device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)  # a GPU runs ahead of the host: wait for it
     for _ in range(rounds + 1):
         for run in runs.values():
-            torch.cuda.synchronize() if cuda else None
+            sync()
             began = time.perf_counter()
             for _ in range(steps):
                 train_step(run["model"], images, target, *run["opt"], scaler, ctx.autocast(), kd_weight)
-            torch.cuda.synchronize() if cuda else None
+            sync()
             run["times"].append((time.perf_counter() - began) / steps * 1000)
     ms = {m: sorted(run["times"][1:])[rounds // 2] for m, run in runs.items()}
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS, in MB
     where = torch.cuda.get_device_name(ctx.device) if cuda else f"CPU ({os.cpu_count()} cores)"
     ctx.print(f"benchmark on {where}, crop {args.crop_size}, batch {args.batch_size}, amp {args.amp}, compile "
               f"{args.compile}, median of {rounds} rounds of {steps} steps\n"
