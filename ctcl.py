@@ -1462,12 +1462,13 @@ def benchmark(args, ctx, rounds=5, steps=3):
     target = torch.randint(0, classes, (args.batch_size, *args.crop_size), device=ctx.device)
     target[:, :, :4] = IGNORE_INDEX
     args.pretrained, args.vit_weights, runs = False, None, {}  # the time of a step does not depend on the weights
-    for args.method in ("independent", "dml", "ctcl"):
+    for method in ("independent", "dml", "ctcl"):
         torch.manual_seed(args.seed)
+        args.method = method
         model = build_model(args, classes).to(ctx.device)
         if args.compile:
             model.compile()
-        runs[args.method] = dict(model=model, opt=build_optimizers(model, iters=10 ** 6), times=[])
+        runs[method] = dict(model=model, opt=build_optimizers(model, iters=10 ** 6), times=[])
     scaler, kd_weight = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16), torch.ones((), device=ctx.device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)  # a GPU runs ahead of the host: wait for it
     for _ in range(rounds + 1):
