@@ -692,9 +692,8 @@ def camvid_pairs(root, split):
 
 
 def camvid_lut():
-    lut = torch.arange(256)
-    lut[11:] = IGNORE_INDEX  # class 11 is "void"
-    return lut
+    ids = torch.arange(256)
+    return ids.masked_fill(ids >= 11, IGNORE_INDEX)  # class 11 is "void"
 
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -1267,17 +1266,13 @@ class Runtime:
 
     def __init__(self, gpu, amp, out):
         self.world_size, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        self.is_main, self.out = self.rank == 0, out
-        if gpu is None:
-            gpu = 0 if torch.cuda.is_available() else -1
-        self.device = torch.device("cpu")
+        self.is_main, self.out, self.device = self.rank == 0, out, torch.device("cpu")
+        gpu = (0 if torch.cuda.is_available() else -1) if gpu is None else gpu
         if gpu >= 0:
-            if not torch.cuda.is_available():
-                raise UserError(f"--gpu {gpu}: CUDA is not available here; use --gpu -1 for the CPU")
             index = int(os.environ.get("LOCAL_RANK", gpu)) if self.world_size > 1 else gpu
-            if index >= torch.cuda.device_count():
-                raise UserError(f"--gpu {index}: this machine has {torch.cuda.device_count()} GPU(s), "
-                                f"numbered from 0; use --gpu -1 for the CPU")
+            if index >= torch.cuda.device_count():  # 0 where CUDA is missing
+                raise UserError(f"--gpu {index}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                                "numbered from 0; use --gpu -1 for the CPU")
             self.device = torch.device("cuda", index)
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True  # training crops have one size: let cuDNN pick its fastest kernels
@@ -1329,77 +1324,70 @@ def number(kind, low, high=math.inf, above=False):
 
 
 def get_args_parser():
-    p = Parser(description="CTCL: CNN-Transformer collaborative learning for semantic segmentation (ICCV 2023), "
-               "reference implementation.", formatter_class=HelpWithDefaults)
+    p = Parser(description="CTCL (ICCV 2023), reference implementation", formatter_class=HelpWithDefaults)
     a = p.add_argument
     count, weight = number(int, 1), number(float, 0)
-    a("--data", default="synthetic", choices=list(DATASETS), help="data set (camvid-val: train on CamVid's train "
-      "split, evaluate on its val split, to choose a recipe without the test set)")
+    a("--data", default="synthetic", choices=list(DATASETS), help="data set (camvid-val: train on CamVid's "
+      "train split, evaluate on val: for choosing a recipe without the test set)")
     a("--data-root", default=None, help="data folder (default: the data set's folder under ./data)")
-    a("--data-seed", type=number(int, 0, 999_999), default=0, help="seed of the synthetic data (fixed across "
-      "training seeds)")
-    a("--gpu", type=number(int, -1), default=None, help="GPU index, -1 for the CPU (default: GPU 0 if there is one)")
-    a("--iters", type=count, default=None, help="training iterations (default: per data set, see README)")
-    a("--stop-at", type=count, default=None, help="stop (with a checkpoint) after this iteration, to split "
-      "a run across job time limits; the schedule still runs to --iters (default: --iters)")
-    a("--batch-size", type=number(int, 2), default=None, help="images per step, all processes together: torchrun "
-      "splits it evenly, so 1 or K GPUs run one recipe (default: per data set)")
-    a("--crop-size", type=number(int, 32, 4096), nargs="+", default=None, help="training crop, one side or H W, "
-      "from 32 (the ViT's coarsest stage is 1/32) to 4096 (default: per data set)")
+    a("--data-seed", type=number(int, 0, 999_999), default=0, help="seed of the synthetic data")
+    a("--gpu", type=number(int, -1), default=None, help="GPU index, -1 for the CPU (default: 0 if there is one)")
+    a("--iters", type=count, default=None, help="training iterations (default: per data set)")
+    a("--stop-at", type=count, default=None, help="stop (with a checkpoint) after this iteration; the "
+      "schedule still runs to --iters (default: --iters)")
+    a("--batch-size", type=number(int, 2), default=None, help="images per step, all processes together "
+      "(default: per data set)")
+    a("--crop-size", type=number(int, 32, 4096), nargs="+", default=None, help="training crop, one side or "
+      "H W (default: per data set)")
     a("--eval-every", type=count, default=None, help="evaluate and checkpoint every N iterations "
-      "(default: iters/5; synthetic: once, at the end)")
-    a("--save-every", type=count, default=2000, help="also checkpoint every N iterations: about 10 minutes of a "
-      "VOC or Cityscapes run on one current GPU (README)")
-    a("--log-every", type=count, default=None, help="log line every N iterations (default: iters/30, at most 50)")
-    a("--workers", type=number(int, 0), default=None, help="data-loading processes (default: 0 synthetic, 8 otherwise)")
+      "(default: iters/5; synthetic: at the end)")
+    a("--save-every", type=count, default=2000, help="also checkpoint every N iterations")
+    a("--log-every", type=count, default=None, help="log every N iterations (default: iters/30, at most 50)")
+    a("--workers", type=number(int, 0), default=None, help="loader processes (default: 0 synthetic, else 8)")
     a("--seed", type=number(int, 0, 999_999), default=0, help="seed of weights, sampling and augmentation")
     a("--out", type=pathlib.Path, default=None, help="output folder (default: runs/DATA-METHOD-sSEED)")
-    a("--resume", default=None, help="checkpoint to continue from, e.g. OUT/last.pt (default: none)")
+    a("--resume", default=None, help="checkpoint to continue from, e.g. OUT/last.pt")
     a("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
     a("--amp", action="store_true", help="mixed precision: bf16 where the GPU has it, else fp16 with loss scaling")
-    a("--method", default="ctcl", choices=["independent", "dml", "ctcl"],
-      help="independent: CE only; dml: deep mutual learning; ctcl: HFD + region BSD + pixel BSD")
+    a("--method", default="ctcl", choices=["independent", "dml", "ctcl"], help="independent: CE only; "
+      "dml: deep mutual learning; ctcl: HFD + region BSD + pixel BSD")
     a("--lambda-hfd", type=weight, default=1.0, help="[I] weight of HFD (0 = ablation)")
     a("--lambda-rbsd", type=weight, default=1.0, help="[I] weight of region-wise BSD (0 = ablation)")
     a("--lambda-pbsd", type=weight, default=1.0, help="[I] weight of pixel-wise BSD (0 = ablation)")
-    a("--hfd", default="next-stage", choices=["next-stage", "stage1"], help="[I] HFD through the peer's next "
-      "stage, aligned with the peer's stage-2 feature (the paper's figure), or the projected stage-1 feature "
-      "aligned with the peer's stage-1 feature (our earlier reading)")
-    a("--rbsd-feature", default="encoder", choices=["encoder", "decoder"], help="[I] region BSD on the encoders' "
-      "last features on the stride-32 grid (the paper's figure), or on the decoder features at stride 4")
-    a("--region-size", type=count, default=32, help="[I] side of a region-BSD region in label pixels "
-      "(a multiple of 32; of 4 with --rbsd-feature decoder)")
-    a("--rbsd-margin", type=float, default=0.0, help="[I] a student teaches a region only if its mean CE "
-      "there is lower than its peer's by more than this (--rbsd-margin=-inf: both teach everywhere)")
-    a("--region-score", default="ce", choices=["ce", "error"], help="[I] a student's reliability in a "
-      "region: its mean cross-entropy there, or its error rate")
+    a("--hfd", default="next-stage", choices=["next-stage", "stage1"], help="[I] through the peer's next "
+      "stage against its stage-2 feature (the figure), or against its stage-1 feature")
+    a("--rbsd-feature", default="encoder", choices=["encoder", "decoder"], help="[I] region BSD on the "
+      "encoders' last features at stride 32 (the figure), or on the decoder features at stride 4")
+    a("--region-size", type=count, default=32, help="[I] side of a region in label pixels (a multiple of 32; "
+      "of 4 with --rbsd-feature decoder)")
+    a("--rbsd-margin", type=float, default=0.0, help="[I] a student teaches a region if its score there is "
+      "lower than its peer's by more than this (-inf: both teach everywhere)")
+    a("--region-score", default="ce", choices=["ce", "error"], help="[I] a student's score in a region: its "
+      "mean cross-entropy, or its error rate")
     a("--pixel-rule", default="exclusive", choices=["exclusive", "teacher-right", "lower-ce", "all"],
-      help="[I] pixel BSD transfers where the teacher is right and the learner wrong (exclusive), wherever the "
-      "teacher is right, from the student with the lower CE at each pixel (lower-ce), or on every valid pixel "
-      "both ways (all: no selection)")
-    a("--bsd-norm", default="valid", choices=["valid", "selected"], help="[I] both BSD terms average over all "
-      "valid positions, an untaught one adding 0 (valid: segmentation KD's convention), or over the taught ones")
-    a("--temperature", type=number(float, 0, above=True), default=1.0, help="[I] softmax temperature of pixel "
-      "BSD and DML")
+      help="[I] pixel BSD where the teacher is right and the learner wrong, wherever the teacher is right, "
+      "from the lower-CE student, or everywhere both ways (DML)")
+    a("--bsd-norm", default="valid", choices=["valid", "selected"], help="[I] BSD averages over all valid "
+      "positions (an untaught one adds 0) or over the taught ones")
+    a("--temperature", type=number(float, 0, above=True), default=1.0, help="[I] softmax temperature of "
+      "pixel BSD and DML")
     a("--kd-warmup", type=number(int, 0), default=None, help="[I] iterations of the sigmoid ramp of the "
       "distillation weight (default: 5%% of --iters)")
-    a("--cnn-lr", type=weight, default=None, help="[I] SGD learning rate of the CNN student "
-      "(default: 0.01; synthetic, from scratch: 0.02)")
-    a("--vit-lr", type=weight, default=None, help="[I] AdamW learning rate of the ViT encoder, decoder ×10 "
-      "(default: 6e-5; synthetic, from scratch: 6e-4)")
+    a("--cnn-lr", type=weight, default=None, help="[I] SGD learning rate (default: 0.01; synthetic 0.02)")
+    a("--vit-lr", type=weight, default=None, help="[I] AdamW learning rate of the ViT encoder, heads ×10 "
+      "(default: 6e-5; synthetic 6e-4)")
     a("--vit-warmup", type=number(int, 0), default=None, help="[I] linear warm-up of the ViT's learning rate "
       "(default: min(1500, iters/10))")
-    a("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-      help="ImageNet ResNet-18 for the CNN (default: on for real data, off for synthetic)")
-    a("--vit-weights", default=None, help="MiT-B0 ImageNet checkpoint, or 'none' "
-      "(default: weights/mit_b0.pth for real data, none for synthetic)")
+    a("--pretrained", action=argparse.BooleanOptionalAction, default=None, help="ImageNet ResNet-18 "
+      "(default: on for real data)")
+    a("--vit-weights", default=None, help="MiT-B0 ImageNet checkpoint, or 'none' (default: "
+      "weights/mit_b0.pth for real data, none for synthetic)")
     a("--output-stride", type=int, default=16, choices=[8, 16], help="output stride of the CNN")
     a("--vis", type=number(int, 0), default=0, help="PNG panels written per evaluation to OUT/vis")
-    a("--compile", action="store_true", help="torch.compile the forward (both students and the losses); "
-      "needs a C++ compiler, and the first step compiles")
+    a("--compile", action="store_true", help="torch.compile both students and the losses (needs a C++ compiler)")
     a("--benchmark", action="store_true", help="time training steps of independent, dml and ctcl, then stop")
     a("--summarize", nargs="+", metavar="RUN_DIR", help="print a Markdown table (mean ± std over seeds) of "
-      "finished runs, e.g. --summarize 'runs/table/*', then stop; trains nothing")
+      "finished runs, e.g. 'runs/fig/*', then stop")
     return p
 
 
@@ -1454,45 +1442,41 @@ def fill_defaults(args):
 
 
 def benchmark(args, ctx, rounds=5, steps=3):
-    """ms per training step of independent, dml and ctcl, interleaved round by round so that all
-    three see the same machine state (the median of `rounds`, after one warm-up round), and peak
-    memory: the GPU's allocations, or the process's peak RSS on the CPU."""
+    """ms per training step of independent, dml and ctcl, interleaved round by round so that all three
+    see the same machine state (the median of `rounds`, after a warm-up round where --compile compiles),
+    and the peak memory: the GPU's allocations, or the process's peak RSS on the CPU."""
     classes, cuda = len(DATASETS[args.data]["classes"]), ctx.device.type == "cuda"
     images = torch.randn(args.batch_size, 3, *args.crop_size, device=ctx.device)
     target = torch.randint(0, classes, (args.batch_size, *args.crop_size), device=ctx.device)
     target[:, :, :4] = IGNORE_INDEX
-    args.pretrained, args.vit_weights, runs = False, None, {}  # the time of a step does not depend on the weights
-    for method in ("independent", "dml", "ctcl"):
+    args.pretrained, args.vit_weights, runs = False, None, {}  # a step's time does not depend on the weights
+    for args.method in ("independent", "dml", "ctcl"):
         torch.manual_seed(args.seed)
-        args.method = method
         model = build_model(args, classes).to(ctx.device)
         if args.compile:
             model.compile()
-        runs[method] = dict(model=model, opt=build_optimizers(model, iters=10 ** 6), times=[])
+        runs[args.method] = (model, build_optimizers(model, iters=10 ** 6), [])
     scaler, kd_weight = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16), torch.ones((), device=ctx.device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)  # a GPU runs ahead of the host: wait for it
     for _ in range(rounds + 1):
-        for run in runs.values():
+        for model, opt, times in runs.values():
             sync()
             began = time.perf_counter()
             for _ in range(steps):
-                train_step(run["model"], images, target, *run["opt"], scaler, ctx.autocast(), kd_weight)
+                train_step(model, images, target, *opt, scaler, ctx.autocast(), kd_weight)
             sync()
-            run["times"].append((time.perf_counter() - began) / steps * 1000)
-    ms = {m: sorted(run["times"][1:])[rounds // 2] for m, run in runs.items()}
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS, in MB
+            times.append((time.perf_counter() - began) / steps * 1000)
+    ms = {m: sorted(times[1:])[rounds // 2] for m, (_, _, times) in runs.items()}
+    result = {f"{m}_ms": v for m, v in ms.items()} | {
+        "ctcl_over_independent": ms["ctcl"] / ms["independent"],
+        "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # peak RSS, in MB
+        "warmup_s": {m: times[0] * steps / 1000 for m, (_, _, times) in runs.items()}}
     where = torch.cuda.get_device_name(ctx.device) if cuda else f"CPU ({os.cpu_count()} cores)"
-    ctx.print(f"benchmark on {where}, crop {args.crop_size}, batch {args.batch_size}, amp {args.amp}, compile "
-              f"{args.compile}, median of {rounds} rounds of {steps} steps\n"
-              f"{'method':<12}{'ms/step':>10}{'images/s':>10}{'× indep.':>10}{'warm-up s':>11}")
-    for method, run in runs.items():  # the warm-up round is where --compile compiles
-        ctx.print(f"{method:<12}{ms[method]:>10.1f}{1000 * args.batch_size / ms[method]:>10.1f}"
-                  f"{ms[method] / ms['independent']:>10.3f}{run['times'][0] * steps / 1000:>11.1f}")
-    result = {"independent_ms": ms["independent"], "dml_ms": ms["dml"], "ctcl_ms": ms["ctcl"],
-              "ctcl_over_independent": ms["ctcl"] / ms["independent"], "peak_mem_mb": peak,
-              "warmup_s": {m: run["times"][0] * steps / 1000 for m, run in runs.items()}}
-    ctx.print(json.dumps(result))
+    ctx.print(f"benchmark on {where}, crop {args.crop_size}, batch {args.batch_size}, amp {args.amp}, "
+              f"compile {args.compile}, median of {rounds} rounds of {steps} steps\n"
+              + "\n".join(f"{m:<12}{v:>8.1f} ms/step{v / ms['independent']:>7.3f} × independent" for m, v in ms.items())
+              + "\n" + json.dumps(result))
     return result
 
 
@@ -1518,8 +1502,9 @@ def read_run(folder):
 
 
 def summarize(folders):
-    """A Markdown table of finished runs: one row per recipe (runs that differ only in
-    --seed, --out and the like), mean ± std (n − 1) over its seeds, complementarity."""
+    """Markdown tables of finished runs: one row per recipe (runs that differ only in --seed, --out
+    and the like) with mean ± std (n − 1) over its seeds of mIoU and complementarity; then, for runs
+    of one data set, each student's per-class IoU, mean over the seeds."""
     runs, skipped = [], []
     for folder in folders:
         try:
@@ -1538,16 +1523,26 @@ def summarize(folders):
     def mean_std(values, scale=100):
         values = torch.tensor(values, dtype=torch.float64) * scale
         return f"{values.mean():.1f}" + (f" ± {values.std():.1f}" if len(values) > 1 else "")
+
+    def table(columns, rows):
+        return ["| " + " | ".join(differ or ["runs"]) + " | " + " | ".join(columns) + " |",
+                "|" + "---|" * (max(1, len(differ)) + len(columns))] + \
+               ["| " + " | ".join(str(c) for c in ([json.loads(v) for v in key] or ["all"]) + cells) + " |"
+                for key, cells in rows]
     shares = ("only_cnn", "only_vit", "both", "neither")
-    table = ["| " + " | ".join(differ or ["runs"]) + " | seeds | CNN mIoU | ViT mIoU | " +
-             " | ".join(f"{s.replace('_', ' ')} right" for s in shares) + " |",
-             "|" + "---|" * (max(1, len(differ)) + 3 + len(shares))]
-    for key, records in groups.items():
-        cells = [json.loads(v) for v in key] or ["all"]
-        cells += [len(records)] + [mean_std([r[s]["miou"] for r in records]) for s in ("cnn", "vit")]
-        cells += [mean_std([r["complementarity"][s] for r in records]) for s in shares]
-        table.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join([f"left out: {reason}" for reason in skipped] + table)
+    lines = [f"left out: {reason}" for reason in skipped] + table(
+        ["seeds", "CNN mIoU", "ViT mIoU"] + [f"{s.replace('_', ' ')} right" for s in shares],
+        [(key, [len(records)] + [mean_std([r[s]["miou"] for r in records]) for s in ("cnn", "vit")]
+          + [mean_std([r["complementarity"][s] for r in records]) for s in shares]) for key, records in groups.items()])
+    classes = DATASETS.get(runs[0][0].get("data"), {}).get("classes", ())
+    if classes and all(args.get("data") == runs[0][0]["data"] and len(record[s].get("per_class_iou", ())) ==
+                       len(classes) for args, record in runs for s in ("cnn", "vit")):
+        def iou(records, s):  # a class absent from prediction and truth (null) is left out of its mean
+            values = torch.tensor([[math.nan if v is None else v for v in r[s]["per_class_iou"]] for r in records])
+            return [f"{100 * v:.1f}" for v in values.double().nanmean(0).tolist()]
+        lines += [""] + table(["student", *classes], [(key, [{"cnn": "CNN", "vit": "ViT"}[s], *iou(records, s)])
+                                                       for key, records in groups.items() for s in ("cnn", "vit")])
+    return "\n".join(lines)
 
 
 def main(argv=None):

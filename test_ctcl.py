@@ -1515,8 +1515,13 @@ def test_summarize_groups_seeds_and_leaves_out_unfinished_runs(tmp_path, small_d
     assert any("empty: no metrics.jsonl" in line for line in lines)
     header = [c.strip() for c in lines[2].strip("|").split("|")]
     assert header[:4] == ["method", "seeds", "CNN mIoU", "ViT mIoU"]  # only --method differs between rows
-    rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines[4:])}
+    blank = lines.index("")
+    rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines[4:blank])}
     assert set(rows) == {"independent", "dml"}
+    per_class = {tuple(r[:2]): r[2:] for r in ([c.strip() for c in line.strip("|").split("|")]
+                                               for line in lines[blank + 3:])}
+    assert lines[blank + 1].split("|")[1:-1] == [" method ", " student ", *(f" {c} " for c in ctcl.SYNTHETIC_CLASSES)]
+    assert set(per_class) == {(m, s) for m in ("independent", "dml") for s in ("CNN", "ViT")}
     for method, row in rows.items():
         finals = [[r for r in read_metrics(tmp_path / "runs" / f"{method}-s{s}" / "metrics.jsonl")
                    if r["type"] == "eval"][-1] for s in (0, 1)]
@@ -1526,6 +1531,11 @@ def test_summarize_groups_seeds_and_leaves_out_unfinished_runs(tmp_path, small_d
             assert row[1] == "2" and row[column] == f"{mean:.1f} ± {std:.1f}"
         a, b = (100 * f["complementarity"]["only_cnn"] for f in finals)
         assert row[4] == f"{(a + b) / 2:.1f} ± {abs(a - b) / math.sqrt(2):.1f}"
+        for key, student in (("cnn", "CNN"), ("vit", "ViT")):  # per class: the mean of the seeds, nulls left out
+            ious = [[math.nan if v is None else v for v in f[key]["per_class_iou"]] for f in finals]
+            means = [100 * (sum(v for v in pair if v == v) / max(1, sum(v == v for v in pair))) if any(v == v for v in pair)
+                     else math.nan for pair in zip(*ious)]
+            assert per_class[(method, student)] == [f"{m:.1f}" for m in means]
 
 
 @pytest.mark.parametrize("argv,message", [
