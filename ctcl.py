@@ -1271,8 +1271,8 @@ class Runtime:
         if gpu >= 0:
             index = int(os.environ.get("LOCAL_RANK", gpu)) if self.world_size > 1 else gpu
             if index >= torch.cuda.device_count():  # 0 where CUDA is missing
-                raise UserError(f"--gpu {index}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                                "numbered from 0; use --gpu -1 for the CPU")
+                raise UserError(f"--gpu {index}: CUDA sees {torch.cuda.device_count()} GPU(s) here (numbered "
+                                "from 0); use --gpu -1 for the CPU")
             self.device = torch.device("cuda", index)
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True  # training crops have one size: let cuDNN pick its fastest kernels
