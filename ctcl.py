@@ -61,11 +61,9 @@ def conv_bn_relu(in_channels, out_channels, kernel_size=1):
 
 
 def dilate_stage(stage, dilation, previous=1):
-    """Run a ResNet BasicBlock stage at stride 1 with dilated 3x3 convs [I]: the stage's first 3x3
-    (the one that used to stride) keeps the previous stage's dilation, every later one gets
-    `dilation`, as torchvision's dilated Bottleneck stages and CIRKD's ResNet-18 do. torchvision
-    refuses replace_stride_with_dilation for BasicBlock, so we edit the built convs (same shapes:
-    ImageNet weights still load)."""
+    """A ResNet BasicBlock stage at stride 1 with dilated 3x3 convs [I]: the first keeps the previous
+    stage's dilation, the later ones get `dilation`, as torchvision's dilated Bottleneck stages do.
+    torchvision refuses this for BasicBlock, so we edit the built convs (ImageNet weights still load)."""
     stage[0].conv1.stride = (1, 1)
     if stage[0].downsample is not None:
         stage[0].downsample[0].stride = (1, 1)
@@ -276,10 +274,9 @@ def projector(in_channels, out_channels):
 
 
 def frozen(module, **kwargs):
-    """module as a fixed function inside a loss: its weights detached (they get no gradient from
-    it) and its buffers copied (BatchNorm's running statistics are not changed by what goes
-    through). It runs in the module's mode: in training, BatchNorm uses the batch's statistics
-    and drop path is active, as in the module's own forward [I]."""
+    """module as a fixed function inside a loss: weights detached (no gradient from it), buffers
+    copied (BatchNorm's running statistics stay as they are), in the module's own mode (in
+    training: BatchNorm on the batch's statistics, drop path active) [I]."""
     def call(x):
         state = {name: p.detach() for name, p in module.named_parameters()}
         state.update({name: b.clone() for name, b in module.named_buffers()})
@@ -288,16 +285,14 @@ def frozen(module, **kwargs):
 
 
 class HFD(nn.Module):
-    """Heterogeneous feature distillation, as the paper's framework figure draws it: each student's
-    stage-1 feature F1, projected into the peer's form by a projector Γ of its own, goes through
-    the peer's next stage S and must give what S made of the peer's own F1:
+    """Heterogeneous feature distillation, as the framework figure draws it: each student's stage-1
+    feature F1, projected by its own Γ, goes through the peer's next stage S (a fixed function:
+    `frozen`) and must give what S made of the peer's own F1 [I]:
 
         loss_cnn = mean_positions ||n(S_v(Γ_c(F1_c))) − sg(n(F2_v))||²   ("ViT to CNNs")
         loss_vit = mean_positions ||n(S_c(Γ_v(F1_v))) − sg(n(F2_c))||²   ("CNNs to ViT")
 
-    S_v is MiT stage 2, S_c ResNet layer2, passed in as fixed functions (`frozen`), so each loss
-    trains only the learner's stage 1 and its projector [I]. Without stages and targets (our
-    earlier reading, --hfd stage1) S is the identity and F2 = F1: Γ_c(F1_c) imitates F1_v."""
+    S_v is MiT stage 2, S_c ResNet layer2. Without them (--hfd stage1) S = identity, F2 = F1."""
 
     def __init__(self, cnn_channels=64, vit_channels=32):
         super().__init__()
@@ -324,12 +319,10 @@ def region_sums(x, region_size):
 
 
 def region_bsd_masks(ce_cnn, ce_vit, target, region_size=32, ignore_index=255, margin=0.0):
-    """Which student teaches each region_size² block R of the label grid. A student's
-    reliability in R is its mean CE over R's valid pixels [I] (any per-pixel cost map works:
-    0/1 error maps compare error rates instead).
+    """Which student teaches each region_size² block R of the label grid, from a per-pixel cost
+    (CE [I]; 0/1 error maps compare error rates) averaged over R's valid pixels:
         cnn_teaches[R] = R has a valid pixel and  mean_CE_vit(R) − mean_CE_cnn(R) > margin
-    and vit_teaches the mirror image; ties and empty blocks: neither.
-    Inputs (B, H, W); outputs float {0,1} of shape (B, ceil(H/r), ceil(W/r))."""
+    vit_teaches the mirror image; ties and empty blocks: neither. (B, H, W) -> (B, ⌈H/r⌉, ⌈W/r⌉)."""
     valid = (target != ignore_index).to(ce_cnn.dtype)
     count = region_sums(valid, region_size)
     mean_cnn = region_sums(ce_cnn.detach() * valid, region_size) / count.clamp_min(1)
@@ -347,15 +340,13 @@ def expand_region_mask(mask, cells_per_region, size):
 
 class RegionBSD(nn.Module):
     """Region-wise bidirectional selective distillation on two feature maps of one grid (stride
-    `feature_stride`): the encoders' last features on the stride-32 grid by default, where a
-    32-pixel region is one cell; the decoder features at stride 4 in our earlier reading.
+    `feature_stride`: 32 for the encoders' last features, 4 for the decoders' in our earlier reading).
 
         loss_vit = Σ_positions m_c→v·v ||n(Γ_v(F_v)) − sg(n(F_c))||² / N_valid
         loss_cnn = Σ_positions m_v→c·v ||n(Γ_c(F_c)) − sg(n(F_v))||² / N_valid
 
     m_c→v is cnn_teaches expanded from the region grid to the feature grid; v marks the positions
-    whose label cell holds a valid pixel (from the label-grid mask `valid`) and N_valid counts
-    them, so an untaught position adds 0, as in pixel-wise distillation for segmentation [I].
+    whose label cell holds a valid pixel, N_valid counts them (an untaught one adds 0) [I];
     per_taught=True divides by Σ m·v instead. Each learner owns its projector Γ [I]."""
 
     def __init__(self, channels=256, region_size=32, feature_stride=32):
@@ -406,9 +397,8 @@ def masked_kl(logits_student, logits_teacher, mask, temperature=1.0, denominator
 
 def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, temperature=1.0, valid=None):
     """loss_vit = masked_kl(z_v <- z_c, cnn_teaches), loss_cnn = masked_kl(z_c <- z_v, vit_teaches),
-    averaged over the `valid` pixels when given (an untransferred pixel adds 0, the convention of
-    segmentation distillation [I]), else over the transferred ones. With both masks = every valid
-    pixel, this is deep mutual learning (DML)."""
+    over the `valid` pixels when given (an untransferred one adds 0 [I]), else over the transferred
+    ones. With both masks = every valid pixel, this is deep mutual learning (DML)."""
     denominator = None if valid is None else valid.sum()
     return (masked_kl(logits_cnn, logits_vit, vit_teaches, temperature, denominator),
             masked_kl(logits_vit, logits_cnn, cnn_teaches, temperature, denominator))
@@ -434,9 +424,9 @@ class CTCL(nn.Module):
         L_cnn = CE_cnn + w(t)·(λ_hfd·HFD_cnn + λ_rbsd·RBSD_cnn + λ_pbsd·PBSD_cnn)
         L_vit = CE_vit + w(t)·(λ_hfd·HFD_vit + λ_rbsd·RBSD_vit + λ_pbsd·PBSD_vit)
 
-    Every teacher side is detached, so one backward of L_cnn + L_vit gives each student only its
-    own gradients. method="independent" keeps the CE terms alone, "dml" adds KL(sg p_peer || p_self)
-    on every valid pixel. A term whose λ is 0 is not built at all (no idle parameters for DDP)."""
+    Every teacher side is detached: one backward of L_cnn + L_vit gives each student its own
+    gradients. "independent": CE alone; "dml": + KL(sg p_peer || p_self) on every valid pixel.
+    A term whose λ is 0 is not built (no idle parameters for DDP)."""
 
     def __init__(self, num_classes, *, method="ctcl", lambda_hfd=1.0, lambda_rbsd=1.0, lambda_pbsd=1.0,
                  hfd="next-stage", rbsd_feature="encoder", region_size=32, margin=0.0, region_score="ce",
