@@ -545,15 +545,11 @@ def ignore_borders(label, width=1, ignore_index=255):
 
 @functools.lru_cache(maxsize=4)  # the tensors are never modified, so runs in one process share them
 def make_synthetic(n, size=64, seed=0, max_objects=3, radius=(0.2, 0.4), period=(6, 12)):
-    """n images (uint8, 3×size×size) and labels (uint8) of overlapping objects on a grey
-    background. The colour never tells the class. Two classes are textures (stripes, dots)
-    with any outline; two are plain, told apart by their outline alone (disc, square).
-    The cues differ on purpose: in our trials the CNN learned the textures sooner, while
-    the ViT kept up on the outlines, so the two students err in different places.
-
-    Each object: a random class, hue, outline, radii (a fraction `radius` of the side),
-    angle, position and texture period (pixels); later objects occlude earlier ones.
-    Same seed, same data."""
+    """n images (uint8, 3×size×size) and labels of overlapping objects on a grey background; the
+    colour never tells the class. Two classes are textures (stripes, dots) of any outline, two are
+    plain, told apart by outline alone (disc, square): in our trials the CNN learned textures sooner
+    and the ViT kept up on outlines, so the students err in different places. Each object draws a
+    class, hue, outline, radii, angle, position and texture period; later ones occlude earlier ones."""
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
     images = torch.empty(n, 3, size, size, dtype=torch.uint8)
@@ -766,13 +762,10 @@ class JointTransform:
 
 
 class TrainingSampler(torch.utils.data.Sampler):
-    """Endless (index, augmentation seed) pairs for one process, from iteration `start_iter` on.
-
-    Each epoch is a fresh permutation of the data set (from the seed and the epoch), cut into
-    global batches of `batch_size`; process `rank` takes its 1/world_size slice of each, and a
-    sample's augmentation seed is its place in the epoch. So the processes together see the
-    very batches, augmented alike, that one process sees, and a resumed run the batches it
-    would have seen."""
+    """Endless (index, augmentation seed) pairs for one process, from iteration `start_iter` on. Each
+    epoch is a permutation (from the seed and the epoch) cut into global batches; process `rank` takes
+    its 1/world_size slice of each, and a sample's augmentation seed is its place in the epoch. So K
+    processes see the batches one process sees, augmented alike, and a resumed run the same ones."""
 
     def __init__(self, size, *, batch_size, seed=0, rank=0, world_size=1, start_iter=0):
         assert batch_size % world_size == 0, "the global batch must split evenly across the processes"
@@ -869,10 +862,8 @@ def load_encoder_weights(encoder, state_dict):
 # Evaluation: the confusion matrix summed over the split (and the processes), panels
 
 def confusion_matrix(pred, target, num_classes, ignore_index=255):
-    """(C, C) int64 counts, rows = ground truth, columns = prediction.
-
-    Pixels whose target lies outside [0, C) (e.g. ignore_index) are dropped. Made with
-    scatter_add, so it stays on the device with no host sync."""
+    """(C, C) int64 counts, rows = ground truth, columns = prediction; targets outside [0, C)
+    (ignore_index) are dropped. scatter_add keeps it on the device, with no host sync."""
     keep = (target >= 0) & (target < num_classes)
     index = torch.where(keep, target * num_classes + pred, torch.zeros_like(target))
     conf = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=pred.device)
@@ -893,10 +884,8 @@ def pixel_accuracy(conf):
 
 
 def agreement_matrix(pred_cnn, pred_vit, target, ignore_index=255):
-    """(2, 2) int64 counts of valid pixels; rows: CNN wrong/right, columns: ViT wrong/right.
-
-    [1, 0] counts the pixels where only the CNN is right (what it could teach the ViT),
-    [0, 1] the mirror image: the students' complementarity. Accumulate it like conf."""
+    """(2, 2) int64 counts of valid pixels; rows: CNN wrong/right, columns: ViT wrong/right. [1, 0]:
+    only the CNN is right (what it could teach the ViT), [0, 1] the mirror: the complementarity."""
     cnn_right = torch.where(target == ignore_index, ignore_index, (pred_cnn == target).long())
     return confusion_matrix((pred_vit == target).long(), cnn_right, 2)
 
