@@ -1517,8 +1517,9 @@ def summarize(folders):
     if classes and all(args.get("data") == runs[0][0]["data"] and len(record[s].get("per_class_iou", ())) ==
                        len(classes) for args, record in runs for s in ("cnn", "vit")):
         def iou(records, s):  # a class absent from prediction and truth (null) is left out of its mean
-            values = torch.tensor([[math.nan if v is None else v for v in r[s]["per_class_iou"]] for r in records])
-            return [f"{100 * v:.1f}" for v in values.double().nanmean(0).tolist()]
+            values = torch.tensor([[math.nan if v is None else v for v in r[s]["per_class_iou"]] for r in records],
+                                  dtype=torch.float64)
+            return [f"{100 * v:.1f}" for v in values.nanmean(0).tolist()]
         lines += [""] + table(["student", *classes], [(key, [{"cnn": "CNN", "vit": "ViT"}[s], *iou(records, s)])
                                                        for key, records in groups.items() for s in ("cnn", "vit")])
     return "\n".join(lines)
