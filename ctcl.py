@@ -20,6 +20,7 @@ Choices the abstract and the figure leave open are marked [I] (interpreted); eac
 and the README lists them under "What we inferred".
 """
 import argparse
+import contextlib
 import functools
 import glob
 import json
@@ -36,6 +37,7 @@ import urllib.error
 import numpy
 import PIL.Image
 import PIL.ImageDraw
+import PIL.ImageOps
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -43,6 +45,8 @@ import torchvision
 from torchvision import tv_tensors
 from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.ops import StochasticDepth
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
 IGNORE_INDEX = 255  # VOC's "void" label: padding, object borders, unlabelled pixels
@@ -579,33 +583,49 @@ def make_synthetic(n, size=64, seed=0, max_objects=3, radius=(0.2, 0.4), period=
     return images, ignore_borders(labels)
 
 
-def read_image(path):
-    """uint8 RGB tensor (3, H, W)."""
+@contextlib.contextmanager
+def opened(path, what="image"):
+    """PIL.Image.open, with a damaged or foreign file as one line that names it."""
     try:
         with PIL.Image.open(path) as image:
-            return torch.from_numpy(numpy.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+            yield image
     except (OSError, SyntaxError, ValueError) as error:
-        raise UserError(f"cannot decode image {path} ({type(error).__name__}): the file is damaged or not an "
-                        "image; fetch it again (bash data_prep.sh) or drop it from the split list") from None
+        raise UserError(f"cannot decode {what} {path} ({type(error).__name__}): the file is damaged or not an "
+                        "image; replace it (bash data_prep.sh fetches a data set again) or leave it out") from None
+
+
+def read_image(path):
+    """uint8 RGB tensor (3, H, W) of any image PIL opens (grey, RGBA, palette, CMYK, 16-bit), turned as
+    its EXIF orientation says, so that a phone photo is read as it is shown (OpenCV reads it so too)."""
+    with opened(path) as image:
+        image = PIL.ImageOps.exif_transpose(image)
+        if image.mode.startswith("I"):  # 16- or 32-bit grey: convert("RGB") would clip, so keep the top byte
+            image = PIL.Image.fromarray((numpy.asarray(image) >> 8).astype(numpy.uint8))
+        return torch.from_numpy(numpy.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def image_size(path):
+    """(H, W) of an image as read_image turns it, from the file's header alone."""
+    with opened(path) as image:
+        w, h = image.size
+        return (w, h) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)  # EXIF: turned 90°
 
 
 def read_label(path, image_shape, num_classes, lut=None):
     """A label PNG of class indices (palette or grey); optional id → train-id table."""
-    try:
-        with PIL.Image.open(path) as png:
-            if png.mode not in ("P", "L", "I", "I;16"):
-                raise UserError(f"label {path} is {png.mode} colour, not class indices: use the "
-                                "palette PNGs of SegmentationClass (or SegmentationClassAug)")
-            label = torch.from_numpy(numpy.array(png, dtype=numpy.int64))
-    except (OSError, SyntaxError) as error:
-        raise UserError(f"cannot decode label {path}: {error}") from None
+    with opened(path, "label") as png:
+        if png.mode not in ("P", "L", "1", "I", "I;16"):
+            raise UserError(f"label {path} is {png.mode} colour, not class indices: store each pixel's class "
+                            "index (0, 1, ...; 255 ignored), e.g. as a palette PNG")
+        label = torch.from_numpy(numpy.array(png, dtype=numpy.int64))
     label = label if lut is None else lut[label.clamp(0, len(lut) - 1)]
     if tuple(label.shape) != tuple(image_shape[-2:]):
-        raise UserError(f"label {path} is {tuple(label.shape)} but its image is {tuple(image_shape[-2:])}")
+        raise UserError(f"label {path} is {tuple(label.shape)} but its image is {tuple(image_shape[-2:])}: "
+                        "a label must have its image's size")
     bad = ((label >= num_classes) & (label != IGNORE_INDEX)) | (label < 0)
     if bad.any():
         raise UserError(f"label {path} holds values {sorted(label[bad].unique().tolist())[:5]} outside "
-                        f"[0, {num_classes}) that are not {IGNORE_INDEX}")
+                        f"[0, {num_classes}) that are not {IGNORE_INDEX}: fix the label, or list the class")
     return label.to(torch.uint8)
 
 
@@ -635,7 +655,7 @@ class SegmentationSet(torch.utils.data.Dataset):
         if seed is None:
             return self.transform(image, label)
         with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)  # the CPU's only: the GPU's drive dropout, drop path
             return self.transform(image, label)
 
 
@@ -682,6 +702,91 @@ def camvid_lut():
     return ids.masked_fill(ids >= 11, IGNORE_INDEX)  # class 11 is "void"
 
 
+FOLDER_IMAGES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def folder_pairs(root, split):
+    """Your own data: DIR/images/<stem>.{jpg,jpeg,png,bmp} with DIR/labels/<stem>.png, the stems of
+    each split listed in DIR/train.txt and DIR/val.txt; without the two lists, every 10th sorted stem
+    (the first included) is for validation, the rest for training."""
+    images = {p.stem: p for p in sorted(root.glob("images/*")) if p.suffix.lower() in FOLDER_IMAGES}
+    labels = {p.stem: p for p in root.glob("labels/*.png")}
+    lists = {s: root / f"{s}.txt" for s in ("train", "val")}
+    if not any(p.is_file() for p in lists.values()):
+        stems = [s for k, s in enumerate(sorted(images.keys() | labels.keys())) if (k % 10 == 0) == (split == "val")]
+    elif not lists[split].is_file():
+        raise UserError(f"{root} has {'val' if split == 'train' else 'train'}.txt but no {split}.txt: write "
+                        "both lists of stems, or neither (then every 10th sorted stem is for validation)")
+    else:
+        stems = lists[split].read_text().split()
+    for stem in stems:
+        if stem not in images and stem not in labels:
+            raise UserError(f"{lists[split]} lists {stem}, but there is no images/{stem}.* and no labels/{stem}.png "
+                            f"under {root}: add them or drop the line")
+        if stem not in labels or stem not in images:
+            have, lack = (images, f"label labels/{stem}.png") if stem in images else (labels, "image images/"
+                                                                                      f"{stem}.jpg (or .png ...)")
+            raise UserError(f"{have[stem]} has no {lack} under {root}: add it, or leave {stem} out")
+    return [(images[stem], labels[stem]) for stem in stems]
+
+
+def read_classes(root):
+    """The class names in DIR/classes.txt, one a line, class 0 first, each with its colour: 'name r g b',
+    else VOC's colour of its index."""
+    path = pathlib.Path(root) / "classes.txt"
+    if not path.parent.is_dir():
+        raise UserError(f"--data-root {root} is not a folder: give the one that holds images/, labels/, classes.txt")
+    lines = [line.split() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not 0 < len(lines) < 256:
+        raise UserError(f"{path} {'is empty' if path.is_file() else 'is missing'}: write the class names in it, one a "
+                        "line, class 0 first (255 at most; 'name r g b' sets a colour)"
+                        if not lines else f"{path} names {len(lines)} classes; 255 at most (255 marks ignored pixels)")
+    names, colours = [], []
+    for k, words in enumerate(lines):
+        rgb = words[-3:] if len(words) > 3 and all(w.isdigit() and int(w) < 256 for w in words[-3:]) else None
+        names.append(" ".join(words[:-3] if rgb else words))
+        colours.append([int(w) for w in rgb] if rgb else PALETTE[k].tolist())
+    return names, colours
+
+
+class Mapped(torch.utils.data.Dataset):
+    """fn(0), ..., fn(n − 1) as a data set: a DataLoader's workers then share the calls."""
+
+    def __init__(self, fn, n):
+        self.fn, self.n = fn, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return self.fn(index)
+
+
+def label_values(pairs, num_classes, index):
+    """The values in a label, read with read_label's checks (mode, size against its image's header, range)."""
+    image, label = pairs[index]
+    return read_label(label, image_size(image), num_classes).unique()
+
+
+def check_labels(train_pairs, val_pairs, classes, workers=0):
+    """Read every label once, before training: read_label's checks, then the trap of binary masks stored
+    as 0/255 (255 is "ignore", so the foreground would never be learnt), and a warning for each class
+    the training labels never show."""
+    pairs, seen = train_pairs + val_pairs, torch.zeros(2, 256, dtype=torch.bool)  # training, validation labels
+    loader = torch.utils.data.DataLoader(Mapped(functools.partial(label_values, pairs, len(classes)), len(pairs)),
+                                         batch_size=None, num_workers=workers)
+    for k, values in enumerate(loader, 1):
+        seen[int(k > len(train_pairs)), values.long()] = True
+        if k % 1000 == 0:
+            print(f"checked {k} of {len(pairs)} labels", file=sys.stderr)
+    if seen.any(0).nonzero().flatten().tolist() == [0, IGNORE_INDEX]:
+        raise UserError(f"the labels in {pairs[0][1].parent} hold only 0 and 255, and 255 means 'ignore': the "
+                        "foreground would never be learnt; store it as 1 (and name it on line 2 of classes.txt)")
+    never = [name for c, name in enumerate(classes) if not seen[0, c]]
+    if never:
+        print(f"warning: the training labels never show {', '.join(never)}", file=sys.stderr)
+
+
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
                "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                "sheep", "sofa", "train", "tvmonitor")
@@ -707,12 +812,18 @@ DATASETS = {
                        pairs=cityscapes_pairs, train="train", val="val", lut=cityscapes_lut),
     "camvid": CAMVID,  # the protocol of final numbers: train + val, evaluated on test
     "camvid-val": dict(CAMVID, train="train", val="val"),  # for choosing a recipe without the test set
+    # your own small data set, from ImageNet weights: batch 8 is half VOC's step (about 6 GB in fp32),
+    # 10k iterations see 80k crops (VOC's 40k × 16: 60 epochs of 10,582 images; here 200 of 400)
+    "folder": dict(classes=None, root=None, crop=512, batch=8, iters=10_000, pairs=folder_pairs, train="train",
+                   val="val"),
 }
 
 
-def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)):
-    """(train, val) data sets; train items are augmented, val items only normalised."""
+def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256), classes=None, workers=0):
+    """(train, val) data sets; train items are augmented, val items only normalised. A folder's labels
+    are all checked first."""
     spec = DATASETS[name]
+    classes = classes or spec["classes"]
     if name == "synthetic":
         sets = [make_synthetic(n, seed=data_seed + k) for k, n in enumerate(synthetic_size)]
         loads = [(functools.partial(from_tensors, *s), len(s[0])) for s in sets]
@@ -722,19 +833,27 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
             raise UserError(f"no {name} data at {root.resolve()}: run `bash data_prep.sh {name.split('-')[0]}` "
                             "or point --data-root at it")
         lut = spec["lut"]() if "lut" in spec else None
-        loads = []
-        for split in (spec["train"], spec["val"]):
-            pairs = spec["pairs"](root, split)
+        splits = [spec["pairs"](root, split) for split in (spec["train"], spec["val"])]
+        for split, pairs in zip((spec["train"], spec["val"]), splits):
             if not pairs:
                 raise UserError(f"no {split} images found for {name} under {root}")
             missing = [str(p) for pair in pairs for p in pair if not p.exists()][:3]
             if missing:
                 raise UserError(f"{name} {split} files are missing, e.g. {missing[0]}")
-            loads.append((functools.partial(from_files, pairs, len(spec["classes"]), lut), len(pairs)))
+        if name == "folder":
+            check_labels(*splits, classes, workers)
+        loads = [(functools.partial(from_files, pairs, len(classes), lut), len(pairs)) for pairs in splits]
     return [SegmentationSet(load, n, JointTransform(crop)) for (load, n), crop in zip(loads, (crop_size, None))]
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def normalize(images):
+    """uint8 RGB (..., 3, H, W) -> float32 scaled to [0, 1], then ImageNet's mean and std: what the
+    students see in training, evaluation, --predict and the exported programs alike."""
+    return v2.functional.normalize(v2.functional.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN,
+                                   IMAGENET_STD)
 
 
 class JointTransform:
@@ -756,9 +875,7 @@ class JointTransform:
             image = v2.functional.resize(image, size, antialias=True)
             label = v2.functional.resize(label, size)  # a Mask is resized with nearest
             image, label = self.crop_flip(image, label)
-        image = v2.functional.to_dtype(image, torch.float32, scale=True)
-        image = v2.functional.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
-        return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor).long()
+        return normalize(image.as_subclass(torch.Tensor)), label.as_subclass(torch.Tensor).long()
 
 
 class TrainingSampler(torch.utils.data.Sampler):
@@ -890,32 +1007,48 @@ def agreement_matrix(pred_cnn, pred_vit, target, ignore_index=255):
     return confusion_matrix((pred_vit == target).long(), cnn_right, 2)
 
 
+def student_logits(model, images, size, autocast):
+    """Both students' class scores for normalised images, upsampled (in fp32) to `size`."""
+    with autocast:
+        logits = {"cnn": model.cnn(images)["logits"], "vit": model.vit(images)["logits"]}
+    return {name: upsample_logits(z, size) for name, z in logits.items()}
+
+
+def predictions(logits):
+    """Each student's class per pixel, and the ensemble's: the argmax of the mean of the two softmax
+    distributions (not of the logits, whose scales differ between the two families)."""
+    ensemble = (logits["cnn"].softmax(1) + logits["vit"].softmax(1)) / 2
+    return {"cnn": logits["cnn"].argmax(1), "vit": logits["vit"].argmax(1), "ensemble": ensemble.argmax(1)}
+
+
 @torch.no_grad()
 def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_size=1, workers=0,
-             vis_dir=None, vis_count=0, tag="", palette=None):
-    """Whole images, batch 1, logits upsampled to each label's own size.
+             vis_dir=None, vis_count=0, tag="", colours=None):
+    """Whole images, batch 1, logits upsampled to each label's own size. Image i is evaluated by
+    process i mod world_size; the panels of images 0 … vis_count − 1 are named by i.
 
-    Returns {"cnn": conf, "vit": conf, "agreement": 2×2}, each summed over every rank's shard."""
+    Returns {"cnn", "vit", "ensemble": C×C confusion, "agreement": 2×2}, summed over the processes."""
     model.eval()
     benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False  # whole images vary in size
-    conf = {"cnn": 0, "vit": 0, "agreement": 0}
+    # zeros, not 0: a process whose shard is empty (fewer images than processes) still sends a tensor
+    conf = {name: torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+            for name in ("cnn", "vit", "ensemble")} | {"agreement": torch.zeros(2, 2, dtype=torch.int64, device=device)}
+    indices = range(rank, len(dataset), world_size)
     # a generator of its own: evaluating must not move the training's random stream
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, generator=torch.Generator(),
-                                         sampler=range(rank, len(dataset), world_size),
-                                         pin_memory=device.type == "cuda")
-    for k, (image, target) in enumerate(loader):
+                                         sampler=indices, pin_memory=device.type == "cuda")
+    for index, (image, target) in zip(indices, loader):
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with autocast:
-            logits = {"cnn": model.cnn(image)["logits"], "vit": model.vit(image)["logits"]}
-        logits = {name: upsample_logits(z, target.shape[-2:]) for name, z in logits.items()}
-        preds = {name: z.argmax(1) for name, z in logits.items()}
+        logits = student_logits(model, image, target.shape[-2:], autocast)
+        preds = predictions(logits)
         for name, pred in preds.items():
-            conf[name] = conf[name] + confusion_matrix(pred, target, num_classes)
-        conf["agreement"] = conf["agreement"] + agreement_matrix(preds["cnn"], preds["vit"], target, model.ignore_index)
-        if vis_dir is not None and k < vis_count and rank == 0:
+            conf[name] += confusion_matrix(pred, target, num_classes)
+        conf["agreement"] += agreement_matrix(preds["cnn"], preds["vit"], target, model.ignore_index)
+        if vis_dir is not None and index < vis_count:
             vis_dir.mkdir(parents=True, exist_ok=True)
-            render_panel(image[0], target[0], logits["cnn"], logits["vit"], model.region_size, model.margin,
-                         model.ignore_index, palette).save(vis_dir / f"{tag}{k:03d}.png")
+            panel = render_panel(image[0], target[0], logits["cnn"], logits["vit"], model.region_size, model.margin,
+                                 model.ignore_index, colours)
+            write_whole(vis_dir / f"{tag}{index:03d}.png", lambda f: panel.save(f, format="PNG"))
     if world_size > 1:
         for c in conf.values():
             torch.distributed.all_reduce(c)
@@ -939,43 +1072,57 @@ DIRECTION_COLOURS = {"CNN teaches": (255, 140, 0), "ViT teaches": (30, 144, 255)
 PANEL_TILES = ("image", "truth", "CNN", "ViT", "regions", "pixels")
 PANEL_STRIP = 14  # height of each text strip under the tiles
 PANEL_TILE = 192  # small images are scaled up (nearest) to at least this short side: readable unzoomed
+PANEL_MAX = 1024  # large ones are subsampled to at most this long side: a photo's overlay stays a few MB
 
 
-def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ignore_index=255, palette=None):
-    """One row of tiles (image, truth, CNN, ViT, region directions, pixel transfers), tile
-    names below, then a legend of the two direction colours. Each tile is the image scaled
-    k = ceil(PANEL_TILE / min(H, W)) times (nearest neighbour, so every label and mask pixel
-    stays a sharp k×k block). Classes in `palette` (VOC's by default); 255 in its own colour."""
+def colour_table(colours=None):
+    """(256, 3) uint8: the data set's class colours first (VOC's by default), VOC's for the rest (255: cream)."""
+    table = PALETTE.clone()
+    if colours is not None:
+        table[:len(colours)] = torch.tensor(colours, dtype=torch.uint8)
+    return table
+
+
+def draw_panel(tiles, names, legend):
+    """One row of tiles (uint8 H×W×3, one size), each name below its tile, then a legend of colour
+    swatches. Small tiles are scaled k = ceil(PANEL_TILE / min(H, W)) times (nearest neighbour: every
+    label and mask pixel stays a sharp k×k block), large ones subsampled to PANEL_MAX."""
+    step = max(1, math.ceil(max(tiles[0].shape[:2]) / PANEL_MAX))
+    tiles = [tile[::step, ::step] for tile in tiles]
+    h, w = tiles[0].shape[:2]
+    k = max(1, math.ceil(PANEL_TILE / min(h, w)))
+    row = torch.cat(tiles, dim=1).repeat_interleave(k, dim=0).repeat_interleave(k, dim=1)
+    canvas = PIL.Image.new("RGB", (len(tiles) * k * w, k * h + 2 * PANEL_STRIP), "white")
+    canvas.paste(PIL.Image.fromarray(row.numpy()), (0, 0))
+    draw, y, x = PIL.ImageDraw.Draw(canvas), k * h, 2
+    for i, name in enumerate(names):
+        draw.text((i * k * w + 2, y + 1), name, fill="black")
+    for name, colour in legend.items():
+        draw.rectangle([x, y + PANEL_STRIP + 3, x + 8, y + PANEL_STRIP + 11], fill=tuple(colour))
+        draw.text((x + 11, y + PANEL_STRIP + 1), name, fill="black")
+        x += 11 + 7 * len(name) + 10
+    return canvas
+
+
+def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ignore_index=255, colours=None):
+    """A --vis panel: image, truth, CNN, ViT, region directions, pixel transfers, with the legend of the
+    two direction colours. Classes in `colours` (VOC's by default); 255 in its own colour."""
     h, w = target.shape
     ce = [F.cross_entropy(z, target[None], ignore_index=ignore_index, reduction="none")
           for z in (logits_cnn, logits_vit)]
     regions = region_bsd_masks(*ce, target[None], region_size, ignore_index, margin)
     pixels = pixel_bsd_masks(logits_cnn, logits_vit, target[None], ignore_index)
-    colours = PALETTE.clone()
-    if palette is not None:
-        colours[:len(palette)] = torch.tensor(palette, dtype=torch.uint8)
+    table = colour_table(colours)
     mean, std = (torch.tensor(c).view(3, 1, 1) for c in (IMAGENET_MEAN, IMAGENET_STD))
     tiles = [((image.cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0)]
-    tiles += [colours[t.cpu()] for t in (target, logits_cnn[0].argmax(0), logits_vit[0].argmax(0))]
+    tiles += [table[t.cpu()] for t in (target, logits_cnn[0].argmax(0), logits_vit[0].argmax(0))]
     for cnn_mask, vit_mask in ([expand_region_mask(m, region_size, (h, w))[0] for m in regions],
                                [m[0] for m in pixels]):
         tile = torch.full((h, w, 3), 40, dtype=torch.uint8)
         for mask, colour in zip((cnn_mask, vit_mask), DIRECTION_COLOURS.values()):
             tile[mask.cpu() > 0] = torch.tensor(colour, dtype=torch.uint8)
         tiles.append(tile)
-    k = max(1, math.ceil(PANEL_TILE / min(h, w)))
-    row = torch.cat(tiles, dim=1).repeat_interleave(k, dim=0).repeat_interleave(k, dim=1)
-    canvas = PIL.Image.new("RGB", (6 * k * w, k * h + 2 * PANEL_STRIP), "white")
-    canvas.paste(PIL.Image.fromarray(row.numpy()), (0, 0))
-    draw, y = PIL.ImageDraw.Draw(canvas), k * h
-    for i, name in enumerate(PANEL_TILES):
-        draw.text((i * k * w + 2, y + 1), name, fill="black")
-    x = 2
-    for name, colour in DIRECTION_COLOURS.items():
-        draw.rectangle([x, y + PANEL_STRIP + 3, x + 8, y + PANEL_STRIP + 11], fill=colour)
-        draw.text((x + 11, y + PANEL_STRIP + 1), name, fill="black")
-        x += 11 + 7 * len(name) + 10
-    return canvas
+    return draw_panel(tiles, PANEL_TILES, DIRECTION_COLOURS)
 
 
 def complementarity(agreement):
@@ -984,15 +1131,19 @@ def complementarity(agreement):
     return {"only_cnn": share[1][0], "only_vit": share[0][1], "both": share[1][1], "neither": share[0][0]}
 
 
+STUDENTS = {"cnn": "CNN", "vit": "ViT", "ensemble": "ensemble"}  # the ensemble costs both students
+
+
 def report(conf, class_names):
-    """Per-class IoU, mIoU and pixel accuracy of both students, then their complementarity."""
-    iou = {name: iou_from_confusion(conf[name]) for name in ("cnn", "vit")}
-    lines = [f"{'class':<16}{'CNN IoU':>9}{'ViT IoU':>9}"]
-    lines += [f"{cls:<16}" + "".join(f"{100 * float(iou[n][1][k]):>9.2f}" for n in ("cnn", "vit"))
+    """Per-class IoU, mIoU and pixel accuracy of both students and their ensemble, then the students'
+    complementarity."""
+    iou = {name: iou_from_confusion(conf[name]) for name in STUDENTS}
+    lines = [f"{'class':<16}" + "".join(f"{title + ' IoU':>14}" for title in STUDENTS.values())]
+    lines += [f"{cls:<16}" + "".join(f"{100 * float(iou[n][1][k]):>14.2f}" for n in STUDENTS)
               for k, cls in enumerate(class_names)]
-    lines.append(f"{'mIoU':<16}" + "".join(f"{100 * float(iou[n][0]):>9.2f}" for n in ("cnn", "vit")))
-    lines.append(f"{'pixel accuracy':<16}" + "".join(f"{100 * float(pixel_accuracy(conf[n])):>9.2f}"
-                                                   for n in ("cnn", "vit")))
+    lines.append(f"{'mIoU':<16}" + "".join(f"{100 * float(iou[n][0]):>14.2f}" for n in STUDENTS))
+    lines.append(f"{'pixel accuracy':<16}" + "".join(f"{100 * float(pixel_accuracy(conf[n])):>14.2f}"
+                                                   for n in STUDENTS))
     lines.append("valid pixels: " + ", ".join(f"{name.replace('_', ' ')} right {100 * share:.1f}%"
                                               for name, share in complementarity(conf["agreement"]).items()))
     return "\n".join(lines)
@@ -1001,7 +1152,7 @@ def report(conf, class_names):
 def eval_record(conf):
     """The JSON-ready numbers of one evaluation (NaN IoUs as null)."""
     record = {"complementarity": complementarity(conf["agreement"])}
-    for name in ("cnn", "vit"):
+    for name in STUDENTS:
         miou, per_class = iou_from_confusion(conf[name])
         record[name] = {"miou": float(miou), "pixel_acc": float(pixel_accuracy(conf[name])),
                         "per_class_iou": [None if math.isnan(v) else v for v in per_class.tolist()]}
@@ -1030,12 +1181,12 @@ def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500,
     return (sgd, adamw), (sched_cnn, sched_vit)
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, flush it to disk, then rename: `path` is always whole."""
+def write_whole(path, write):
+    """write(file) into a temporary file, flush it to disk, then rename: `path` is always whole."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1079,9 +1230,13 @@ class Diverged(Exception):
 
 
 def check_finite(first_bad, out, world_size=1):
-    if world_size > 1:  # every rank must stop together, or the others wait forever
-        first_bad = first_bad.clone()
-        torch.distributed.all_reduce(first_bad, torch.distributed.ReduceOp.MAX)
+    """Stop at the first non-finite loss (first_bad: its iteration, −1 if none). Under DDP every rank
+    stops together, or the others would wait forever, and names the earliest rank's iteration."""
+    if world_size > 1:
+        never = torch.iinfo(torch.long).max
+        first_bad = torch.where(first_bad < 0, never, first_bad)
+        torch.distributed.all_reduce(first_bad, torch.distributed.ReduceOp.MIN)
+        first_bad = torch.where(first_bad == never, -1, first_bad)
     bad = int(first_bad)  # a host sync, made only at log and checkpoint steps
     if bad >= 0:
         raise Diverged(f"non-finite loss at iteration {bad}; stopped, and {out / 'last.pt'} was left as "
@@ -1142,13 +1297,16 @@ def build_model(args, num_classes, ctx=None):
 
 
 def train(args, ctx):
-    spec = DATASETS[args.data]
     ckpt = load_checkpoint(args.resume) if args.resume else None  # a bad checkpoint fails before any work
-    train_set, val_set = build_datasets(args.data, args.data_root, args.crop_size, args.data_seed)
+    train_set, val_set = build_datasets(args.data, args.data_root, args.crop_size, args.data_seed,
+                                        classes=args.classes, workers=args.workers)
     if args.vit_weights is None and args.data != "synthetic" and ctx.is_main:
         print("warning: --vit-weights none trains MiT-B0 from scratch; expect numbers far below the paper's",
               file=sys.stderr)
-    num_classes = len(spec["classes"])
+    num_classes = len(args.classes)
+    if args.data == "folder" and not (pathlib.Path(args.data_root) / "train.txt").is_file():
+        ctx.print(f"{args.data_root}: no train.txt and val.txt: every 10th sorted stem is for validation "
+                  f"({len(val_set)} images)")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build_model(args, num_classes, ctx).to(ctx.device)
     if model.vit.weights_layout:
@@ -1169,10 +1327,14 @@ def train(args, ctx):
                             f"{str(error).splitlines()[0]}") from None
         for obj, state in zip(optimizers + schedulers, ckpt["optimizers"] + ckpt["schedulers"]):
             obj.load_state_dict(state)
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # {} from a run without an fp16 scaler: the loss scale then starts afresh
+            scaler.load_state_dict(ckpt["scaler"])
         restore_rng_state(ckpt["rng"], ctx.rank)
         start = ckpt["iter"]
         ctx.print(f"resumed from {args.resume} at iteration {start}")
+    if ctx.is_main:  # bad flags, data or checkpoints have been refused by now, with nothing written
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
 
     def run_eval(it):
         if ctx.world_size > 1:  # CPU DDP keeps per-rank BN statistics: evaluate rank 0's
@@ -1180,9 +1342,8 @@ def train(args, ctx):
                 torch.distributed.broadcast(buffer, 0)
         conf = evaluate(model, val_set, num_classes=num_classes, device=ctx.device, autocast=ctx.autocast(),
                         rank=ctx.rank, world_size=ctx.world_size, workers=args.workers,
-                        vis_dir=args.out / "vis" if ctx.is_main else None, vis_count=args.vis, tag=f"it{it:06d}_",
-                        palette=spec.get("colours"))
-        ctx.print(f"evaluation at iteration {it}:\n{report(conf, spec['classes'])}")
+                        vis_dir=args.out / "vis", vis_count=args.vis, tag=f"it{it:06d}_", colours=args.colours)
+        ctx.print(f"evaluation at iteration {it}:\n{report(conf, args.classes)}")
         ctx.log({"type": "eval", "iter": it, **eval_record(conf)})
         return conf
 
@@ -1192,10 +1353,10 @@ def train(args, ctx):
     def checkpoint(it):
         states = gather_rng_states(ctx.world_size)  # every rank takes part
         if ctx.is_main:
-            save_checkpoint(args.out / "last.pt", {
-                "model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(), "iter": it,
-                "rng": states, "args": json.loads(json.dumps(vars(args), default=str))})
+            state = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                     "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(), "iter": it,
+                     "rng": states, "args": json.loads(json.dumps(vars(args), default=str))}
+            write_whole(args.out / "last.pt", lambda f: torch.save(state, f))
 
     net = model
     if args.compile:  # in place, so the state dict keeps its keys
@@ -1238,7 +1399,96 @@ def train(args, ctx):
 
 
 # ----------------------------------------------------------------------------------
+# Using what was trained: segment new images (--predict), ship a student (--export)
+
+def load_students(path, device):
+    """A checkpoint's trained model, in eval mode, and the args it was trained with (class names and
+    colours included; a checkpoint older than that takes its data set's)."""
+    ckpt = load_checkpoint(path)
+    saved = argparse.Namespace(**{**vars(get_args_parser().parse_args([])), **ckpt["args"]})
+    if not getattr(saved, "classes", None):
+        saved.classes, saved.colours = dataset_classes(saved)
+    saved.pretrained, saved.vit_weights = False, None  # the checkpoint holds every weight
+    model = build_model(saved, len(saved.classes))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), saved
+
+
+def image_files(paths):
+    """The image files named, then those in each folder named (sorted; other files skipped)."""
+    files, kinds = [], PIL.Image.registered_extensions()
+    for path in map(pathlib.Path, paths):
+        if not path.exists():
+            raise UserError(f"--predict {path}: no such file or folder")
+        files += sorted(p for p in path.iterdir() if p.suffix.lower() in kinds) if path.is_dir() else [path]
+    if not files:
+        raise UserError(f"--predict {' '.join(paths)}: no image files there")
+    return files
+
+
+@torch.no_grad()
+def predict(args, ctx):
+    """Per image, for the CNN, the ViT and their ensemble: a palette PNG of class indices at the image's
+    own size, exactly what evaluation scores (its normalisation, the whole image, logits upsampled to
+    it); and <stem>_overlay.png, the image blended with each one's colours, with a legend."""
+    files = image_files(args.predict)
+    model, saved = load_students(args.resume, ctx.device)
+    out = args.out or pathlib.Path(args.resume).parent / "predict"
+    out.mkdir(parents=True, exist_ok=True)
+    table, began = colour_table(saved.colours), time.time()
+    for n, path in enumerate(files, 1):
+        image = read_image(path)
+        if min(image.shape[-2:]) < 32:  # MiT's spatial reduction needs an 8×8 map at stride 4
+            raise UserError(f"{path} is {image.shape[1]}×{image.shape[2]}: the students need 32 pixels a side")
+        logits = student_logits(model, normalize(image)[None].to(ctx.device), image.shape[-2:], ctx.autocast())
+        preds = {name: pred[0].byte().cpu() for name, pred in predictions(logits).items()}
+        for name, pred in preds.items():
+            png = PIL.Image.frombytes("P", pred.shape[::-1], pred.numpy().tobytes())
+            png.putpalette(table.flatten().tolist())
+            write_whole(out / f"{path.stem}_{name}.png", lambda f: png.save(f, format="PNG"))
+        pixels = image.permute(1, 2, 0)
+        present = torch.cat([pred.unique() for pred in preds.values()]).unique().tolist()
+        overlay = draw_panel([pixels] + [pixels // 2 + table[pred.long()] // 2 for pred in preds.values()],
+                             ["image", *STUDENTS.values()], {saved.classes[c]: table[c].tolist() for c in present})
+        write_whole(out / f"{path.stem}_overlay.png", lambda f: overlay.save(f, format="PNG"))
+        if n % 10 == 0 or n == len(files):
+            ctx.print(f"predict: {n}/{len(files)} images, {n / (time.time() - began):.2f} images/s, in {out}")
+
+
+class Deployed(nn.Module):
+    """One student as shipped: uint8 RGB (N, 3, H, W) in, class scores (N, C, H, W) at that size out,
+    with evaluation's normalisation and upsampling inside."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, images):
+        return upsample_logits(self.student(normalize(images))["logits"], images.shape[-2:])
+
+
+def export(args):
+    """cnn.pt2 and vit.pt2: torch.export programs of Deployed students for any batch and any H and W that
+    are multiples of 32 from 64 (at 32 a map's 1×1 cells fix other strides), with the class names and
+    colours as their extra files classes.json and colours.json."""
+    model, saved = load_students(args.resume, torch.device("cpu"))
+    out = args.out or pathlib.Path(args.resume).parent / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    dims = {0: torch.export.Dim("batch", min=1, max=1024), 2: 32 * torch.export.Dim("h", min=2, max=512),
+            3: 32 * torch.export.Dim("w", min=2, max=512)}
+    extra = {"classes.json": json.dumps(saved.classes), "colours.json": json.dumps(saved.colours)}
+    for name in ("cnn", "vit"):
+        program = torch.export.export(Deployed(getattr(model, name)).eval(),
+                                      (torch.zeros(2, 3, 64, 96, dtype=torch.uint8),), dynamic_shapes=(dims,))
+        write_whole(out / f"{name}.pt2", lambda f: torch.export.save(program, f, extra_files=extra))
+        print(f"wrote {out / name}.pt2")
+
+
+# ----------------------------------------------------------------------------------
 # The command line: devices, DDP, flags, the benchmark, main()
+
+LOCAL_RANKS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")  # torchrun's, srun's, mpirun's
+
 
 class Runtime:
     """Device, process group, mixed precision, and rank-0-only printing and logging."""
@@ -1247,8 +1497,16 @@ class Runtime:
         self.world_size, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
         self.is_main, self.out, self.device = self.rank == 0, out, torch.device("cpu")
         gpu = (0 if torch.cuda.is_available() else -1) if gpu is None else gpu
+        if self.world_size > 1 and not torch.distributed.is_initialized():  # first, so that errors below are said once
+            torch.distributed.init_process_group("nccl" if gpu >= 0 else "gloo")
         if gpu >= 0:
-            index = int(os.environ.get("LOCAL_RANK", gpu)) if self.world_size > 1 else gpu
+            index = gpu
+            if self.world_size > 1:  # one GPU per process: its rank on its machine
+                local = [os.environ[name] for name in LOCAL_RANKS if name in os.environ]
+                if not local:
+                    raise UserError(f"WORLD_SIZE is {self.world_size}, but no {', '.join(LOCAL_RANKS)} tells this "
+                                    "process its GPU: launch with torchrun --nproc_per_node=GPUS ctcl.py ...")
+                index = int(local[0])
             if index >= torch.cuda.device_count():  # 0 where CUDA is missing
                 raise UserError(f"--gpu {index}: CUDA sees {torch.cuda.device_count()} GPU(s) here (numbered "
                                 "from 0); use --gpu -1 for the CPU")
@@ -1256,8 +1514,6 @@ class Runtime:
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True  # training crops have one size: let cuDNN pick its fastest kernels
             torch.set_float32_matmul_precision("high")  # TF32 matrix products; cuDNN's convolutions use TF32 already
-        if self.world_size > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         # bf16 where the hardware has it natively (no loss scaling needed), else fp16 with a scaler
         bf16 = self.device.type == "cpu" or torch.cuda.is_bf16_supported(including_emulation=False)
         self.amp, self.amp_dtype, self.fp16 = amp, torch.bfloat16 if bf16 else torch.float16, amp and not bf16
@@ -1363,11 +1619,24 @@ def get_args_parser():
       "weights/mit_b0.pth for real data, none for synthetic)")
     a("--output-stride", type=int, default=16, choices=[8, 16], help="output stride of the CNN")
     a("--vis", type=number(int, 0), default=0, help="PNG panels written per evaluation to OUT/vis")
-    a("--compile", action="store_true", help="torch.compile both students and the losses (needs a C++ compiler)")
+    a("--compile", action="store_true", help="torch.compile both students and the losses (needs a C++ compiler; "
+      "under DDP on GPUs, SyncBatchNorm cuts the graph into many small ones, so expect less)")
     a("--benchmark", action="store_true", help="time training steps of independent, dml and ctcl, then stop")
+    a("--predict", nargs="+", metavar="PATH", help="segment these images (files, folders) with the --resume "
+      "checkpoint: class-index PNGs and overlays in --out (default: the checkpoint's folder/predict)")
+    a("--export", action="store_true", help="write the --resume checkpoint's students as torch.export programs "
+      "cnn.pt2, vit.pt2 to --out (default: the checkpoint's folder/export)")
     a("--summarize", nargs="+", metavar="RUN_DIR", help="print a Markdown table (mean ± std over seeds) of "
       "finished runs, e.g. 'runs/fig/*', then stop")
     return p
+
+
+def dataset_classes(args):
+    """The class names and their colours (a checkpoint keeps them in its args)."""
+    if args.data == "folder":
+        return read_classes(args.data_root)
+    classes = DATASETS[args.data]["classes"]
+    return list(classes), [list(c) for c in DATASETS[args.data].get("colours", PALETTE[:len(classes)].tolist())]
 
 
 def fill_defaults(args):
@@ -1406,6 +1675,8 @@ def fill_defaults(args):
          f"or -inf (every region taught both ways), got {args.rbsd_margin}"),
         (args.vit_weights != "", "--vit-weights needs a path, or 'none'"),
         (not args.eval_only or args.resume, "--eval-only needs --resume CHECKPOINT"),
+        (args.data != "folder" or args.data_root, "--data folder needs --data-root DIR: the folder that holds "
+         "images/, labels/ and classes.txt"),
         (not args.compile or any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")),
          "--compile needs a C++ compiler (torch.compile builds its kernels with one) and none was found on "
          "PATH ($CXX, c++, clang++): install one (e.g. apt install g++) or run without --compile"),
@@ -1413,6 +1684,7 @@ def fill_defaults(args):
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    args.classes, args.colours = dataset_classes(args)
     if args.vit_weights == "none":
         args.vit_weights = None
     elif not pathlib.Path(args.vit_weights).is_file():
@@ -1420,48 +1692,88 @@ def fill_defaults(args):
                         "or pass --vit-weights none to train the ViT from scratch")
 
 
+def student_sizes(model, crop_size, device, autocast, sync, runs=5):
+    """Per student: parameters (M), multiply-accumulates for one crop (GMACs: the FLOP counter's FLOPs / 2)
+    and the forward's ms per image at batch 1 (median of `runs`). The counter counts convolutions, linear
+    layers and matrix products, not normalisations, activations or resizes; attention runs in its math
+    form, whose matrix products it sees (it counts 0 for the fused kernel on the CPU)."""
+    image, sizes = torch.randn(1, 3, *crop_size, device=device), {}
+    for name in ("cnn", "vit"):
+        student, counter, times = getattr(model, name).eval(), FlopCounterMode(display=False), []
+        with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
+            student(image)
+        with torch.no_grad(), autocast:
+            for _ in range(runs + 1):  # the first is a warm-up
+                sync()
+                began = time.perf_counter()
+                student(image)
+                sync()
+                times.append((time.perf_counter() - began) * 1000)
+        sizes[name] = {"params_m": sum(p.numel() for p in student.parameters()) / 1e6,
+                       "gmacs": counter.get_total_flops() / 2e9, "ms_per_image": sorted(times[1:])[runs // 2]}
+    return sizes
+
+
 def benchmark(args, ctx, rounds=5, steps=3):
     """ms per training step of independent, dml and ctcl, interleaved round by round so that all three
-    see the same machine state (the median of `rounds`, after a warm-up round where --compile compiles),
-    and the peak memory: the GPU's allocations, or the process's peak RSS on the CPU."""
-    classes, cuda = len(DATASETS[args.data]["classes"]), ctx.device.type == "cuda"
+    see the same machine state (the median of `rounds`, after a warm-up where --compile compiles); on a
+    GPU each method's peak memory: its weights, gradients and optimiser states, plus the most a step
+    allocated on top, measured after its warm-up (the CPU has only the process's peak). Then each
+    student's size (student_sizes)."""
+    classes, cuda = len(args.classes), ctx.device.type == "cuda"
     images = torch.randn(args.batch_size, 3, *args.crop_size, device=ctx.device)
     target = torch.randint(0, classes, (args.batch_size, *args.crop_size), device=ctx.device)
     target[:, :, :4] = IGNORE_INDEX
+    scaler, kd_weight = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16), torch.ones((), device=ctx.device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)  # a GPU runs ahead of the host: wait for it
+    allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
+
+    def timed(model, opt):
+        sync()
+        began = time.perf_counter()
+        for _ in range(steps):
+            train_step(model, images, target, *opt, scaler, ctx.autocast(), kd_weight)
+        sync()
+        return (time.perf_counter() - began) / steps * 1000
     args.pretrained, args.vit_weights, runs = False, None, {}  # a step's time does not depend on the weights
     for args.method in ("independent", "dml", "ctcl"):
+        before = allocated()
         torch.manual_seed(args.seed)
         model = build_model(args, classes).to(ctx.device)
         if args.compile:
             model.compile()
-        runs[args.method] = (model, build_optimizers(model, iters=10 ** 6), [])
-    scaler, kd_weight = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16), torch.ones((), device=ctx.device)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)  # a GPU runs ahead of the host: wait for it
-    for _ in range(rounds + 1):
-        for model, opt, times in runs.values():
-            sync()
-            began = time.perf_counter()
-            for _ in range(steps):
-                train_step(model, images, target, *opt, scaler, ctx.autocast(), kd_weight)
-            sync()
-            times.append((time.perf_counter() - began) / steps * 1000)
-    ms = {m: sorted(times[1:])[rounds // 2] for m, (_, _, times) in runs.items()}
+        opt = build_optimizers(model, iters=10 ** 6)
+        warmup = timed(model, opt)
+        runs[args.method] = {"model": model, "opt": opt, "ms": [], "warmup_s": warmup * steps / 1000,
+                             "held": allocated() - before, "peak": 0}
+    for _ in range(rounds):
+        for run in runs.values():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            base = allocated()
+            run["ms"].append(timed(run["model"], run["opt"]))
+            run["peak"] = max(run["peak"], run["held"] + (torch.cuda.max_memory_allocated() - base if cuda else 0))
+    ms = {m: sorted(run["ms"])[rounds // 2] for m, run in runs.items()}
+    sizes = student_sizes(runs["ctcl"]["model"], args.crop_size, ctx.device, ctx.autocast(), sync)
     result = {f"{m}_ms": v for m, v in ms.items()} | {
         "ctcl_over_independent": ms["ctcl"] / ms["independent"],
-        "peak_mem_mb": torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # peak RSS, in MB
-        "warmup_s": {m: times[0] * steps / 1000 for m, (_, _, times) in runs.items()}}
+        "warmup_s": {m: run["warmup_s"] for m, run in runs.items()}, "sizes": sizes}
+    result |= {"peak_mem_mb": {m: run["peak"] / 2 ** 20 for m, run in runs.items()}} if cuda else {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # the process's, all three
     where = torch.cuda.get_device_name(ctx.device) if cuda else f"CPU ({os.cpu_count()} cores)"
     ctx.print(f"benchmark on {where}, crop {args.crop_size}, batch {args.batch_size}, amp {args.amp}, "
               f"compile {args.compile}, median of {rounds} rounds of {steps} steps\n"
-              + "\n".join(f"{m:<12}{v:>8.1f} ms/step{v / ms['independent']:>7.3f} × independent" for m, v in ms.items())
+              + "\n".join(f"{m:<12}{v:>8.1f} ms/step{v / ms['independent']:>7.3f} × independent"
+                          + (f"{runs[m]['peak'] / 2 ** 20:>9.0f} MB" if cuda else "") for m, v in ms.items())
+              + "".join(f"\n{name:<12}{s['params_m']:>8.2f} M parameters{s['gmacs']:>9.2f} GMACs"
+                        f"{s['ms_per_image']:>9.1f} ms/image (batch 1)" for name, s in sizes.items())
               + "\n" + json.dumps(result))
     return result
 
 
 # flags that do not change what a run learns: runs that differ only in these are seeds of one row
 NOT_RECIPE = {"seed", "out", "resume", "stop_at", "eval_only", "eval_every", "save_every", "log_every", "workers",
-              "gpu", "vis", "data_root", "benchmark", "summarize", "compile"}
+              "gpu", "vis", "data_root", "benchmark", "summarize", "compile", "predict", "export", "classes", "colours"}
 
 
 def read_run(folder):
@@ -1508,12 +1820,14 @@ def summarize(folders):
                 "|" + "---|" * (max(1, len(differ)) + len(columns))] + \
                ["| " + " | ".join(str(c) for c in ([json.loads(v) for v in key] or ["all"]) + cells) + " |"
                 for key, cells in rows]
+    def miou(records, s):  # runs made before the ensemble was scored show "–" there
+        return mean_std([r[s]["miou"] for r in records]) if all(s in r for r in records) else "–"
     shares = ("only_cnn", "only_vit", "both", "neither")
     lines = [f"left out: {reason}" for reason in skipped] + table(
-        ["seeds", "CNN mIoU", "ViT mIoU"] + [f"{s.replace('_', ' ')} right" for s in shares],
-        [(key, [len(records)] + [mean_std([r[s]["miou"] for r in records]) for s in ("cnn", "vit")]
+        ["seeds"] + [f"{title} mIoU" for title in STUDENTS.values()] + [f"{s.replace('_', ' ')} right" for s in shares],
+        [(key, [len(records)] + [miou(records, s) for s in STUDENTS]
           + [mean_std([r["complementarity"][s] for r in records]) for s in shares]) for key, records in groups.items()])
-    classes = DATASETS.get(runs[0][0].get("data"), {}).get("classes", ())
+    classes = runs[0][0].get("classes") or DATASETS.get(runs[0][0].get("data"), {}).get("classes", ())
     if classes and all(args.get("data") == runs[0][0]["data"] and len(record[s].get("per_class_iou", ())) ==
                        len(classes) for args, record in runs for s in ("cnn", "vit")):
         def iou(records, s):  # a class absent from prediction and truth (null) is left out of its mean
@@ -1525,6 +1839,17 @@ def summarize(folders):
     return "\n".join(lines)
 
 
+def first_to_fail():
+    """Under torchrun a bad flag or file fails every process alike: only the first process to fail says
+    so (the process group's store counts the failures; before the group exists, rank 0 speaks)."""
+    if not torch.distributed.is_initialized():
+        return int(os.environ.get("RANK", 0)) == 0
+    try:
+        return torch.distributed.distributed_c10d._get_default_store().add("ctcl.py failures", 1) == 1
+    except Exception:  # the store went down with the process that held it
+        return torch.distributed.get_rank() == 0
+
+
 def main(argv=None):
     try:
         args = get_args_parser().parse_args(argv)
@@ -1532,25 +1857,24 @@ def main(argv=None):
             table = summarize(sorted({p for pattern in args.summarize for p in glob.glob(pattern) or [pattern]}))
             print(table)
             return table
+        if args.predict or args.export:  # uses of a trained checkpoint: what they need is in it
+            if not args.resume:
+                raise UserError("--predict and --export need --resume CHECKPOINT (a last.pt of ctcl.py)")
+            return predict(args, Runtime(args.gpu, args.amp, None)) if args.predict else export(args)
         fill_defaults(args)
         ctx = Runtime(args.gpu, args.amp, args.out)
         if args.benchmark:
             return benchmark(args, ctx)
-        if ctx.is_main:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
         ctx.print(f"ctcl: data {args.data}, method {args.method}, {args.iters} iterations, batch {args.batch_size} "
                   f"({args.batch_size // ctx.world_size} per process), crop {args.crop_size}, device {ctx.device}, "
                   f"world size {ctx.world_size}")
         return train(args, ctx)
-    except UserError as error:
+    except (UserError, Diverged) as error:
         # raised in a data-loading worker, the message carries the worker's traceback: keep its last line
         message = str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]
-        print(f"ctcl.py: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-    except Diverged as error:
-        print(f"ctcl.py: {error}", file=sys.stderr)
-        raise SystemExit(1)
+        if first_to_fail():
+            print(f"ctcl.py: {'error: ' if isinstance(error, UserError) else ''}{message}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(error, UserError) else 1)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -18,6 +18,7 @@ import types
 import urllib.error
 
 import numpy
+import PIL.Image
 import pytest
 import torch
 import torch.nn as nn
@@ -29,6 +30,31 @@ import ctcl
 HERE = pathlib.Path(__file__).resolve().parent
 KEYS_FILE = HERE / "mit_b0_keys.json"  # the official MiT-B0 checkpoint's keys and shapes
 SHARED_KEYS_FILE = HERE.parent / "shared" / "mit_b0_keys.json"  # the project's copy, beside a checkout
+
+
+@pytest.fixture(autouse=True)
+def on_the_cpu(request, monkeypatch):
+    """Every test runs on the CPU, also where there are GPUs, except those that take the `cuda` or
+    `two_gpus` fixture; the global settings Runtime changes on a GPU are put back after each test."""
+    if not {"cuda", "two_gpus"} & set(request.fixturenames):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # and in the processes a test starts
+    settings = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
+    yield
+    torch.backends.cudnn.benchmark = settings[0]
+    torch.set_float32_matmul_precision(settings[1])
+
+
+@pytest.fixture
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+@pytest.fixture
+def two_gpus():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
 
 
 def random_target(b, h, w, num_classes, *, ignore_frac=0.2, seed=0):
@@ -947,9 +973,6 @@ def test_compile_without_a_cpp_compiler_is_a_clear_error(monkeypatch, capsys):
     assert err.count("\n") == 1 and "--compile needs a C++ compiler" in err and "without --compile" in err
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 def cuda_steps(amp_dtype, steps=3):
     """The losses of `steps` training steps of ctcl on one fixed batch, from one initialisation."""
     torch.manual_seed(0)
@@ -964,17 +987,15 @@ def cuda_steps(amp_dtype, steps=3):
             for _ in range(steps)]
 
 
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_amp_steps_match_fp32(dtype):
+def test_cuda_amp_steps_match_fp32(cuda, dtype):
     """bf16 autocast, and fp16 with the loss scaler: the first step's loss within 1% of fp32's,
     the third within 3% (the weights have then moved under rounded gradients twice)."""
     want, got = cuda_steps(None), cuda_steps(dtype)
     assert got[0] == pytest.approx(want[0], rel=0.01) and got[-1] == pytest.approx(want[-1], rel=0.03)
 
 
-@needs_cuda
-def test_cuda_ctcl_step_makes_no_host_sync():
+def test_cuda_ctcl_step_makes_no_host_sync(cuda):
     torch.manual_seed(0)
     model = ctcl.CTCL(4).cuda()
     optimizers, schedulers = ctcl.build_optimizers(model, iters=100)
@@ -1455,6 +1476,68 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, small_data, monkey
     assert ckpt["iter"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_resume_with_amp_onto_a_loss_scaler_from_a_run_without_one(tmp_path, small_data, monkeypatch, capsys):
+    """A run without an fp16 scaler saves {}; resumed with --amp where fp16 needs one (V100, T4; here an
+    enabled CPU GradScaler), the scale starts afresh."""
+    run_main(tmp_path, "--iters", "4", "--stop-at", "2")
+    assert torch.load(tmp_path / "out" / "last.pt", weights_only=True)["scaler"] == {}
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: scaler(device, enabled=True))
+    run_main(tmp_path, "--iters", "4", "--amp", "--resume", str(tmp_path / "out" / "last.pt"))
+    ckpt = torch.load(tmp_path / "out" / "last.pt", weights_only=True)
+    assert ckpt["iter"] == 4 and ckpt["scaler"]["scale"] > 0
+
+
+def test_under_ddp_a_non_finite_loss_names_the_earliest_iteration(tmp_path, monkeypatch):
+    """check_finite's all-reduce played by hand: what the other rank sends, combined by the op asked for."""
+    ops = {torch.distributed.ReduceOp.MIN: torch.minimum, torch.distributed.ReduceOp.MAX: torch.maximum}
+    for mine, other, first in ((7, 3, 3), (3, 7, 3), (-1, 5, 5), (4, -1, 4), (-1, -1, None)):
+        sent = []
+        monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op: sent.append(t.clone()))
+        with contextlib.suppress(ctcl.Diverged):
+            ctcl.check_finite(torch.tensor(other), tmp_path, world_size=2)  # the other rank: what it sends
+        monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op: t.copy_(ops[op](t, sent[0])))
+        with pytest.raises(ctcl.Diverged, match=f"iteration {first};") if first else contextlib.nullcontext():
+            ctcl.check_finite(torch.tensor(mine), tmp_path, world_size=2)
+
+
+def test_augmentation_reseeds_only_the_cpu_generator(monkeypatch):
+    """The GPU's generators drive dropout and drop path: a sample's seed must not reset them."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", calls.append)
+    train = ctcl.build_datasets("synthetic", None, [32, 32], synthetic_size=(4, 1))[0]
+    before = torch.get_rng_state()
+    first, again = train[(0, 5)], train[(0, 5)]
+    assert calls == [] and torch.equal(first[0], again[0]) and torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("variable", ["LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", None])
+def test_each_launcher_gives_each_process_its_gpu(tmp_path, monkeypatch, variable):
+    """srun and mpirun set no LOCAL_RANK: their own variables say which GPU is this process's."""
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # stops Runtime right after it chose the GPU
+    for name in ctcl.LOCAL_RANKS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if variable:
+        monkeypatch.setenv(variable, "1")
+    with pytest.raises(ctcl.UserError, match="--gpu 1: CUDA sees 0" if variable else "launch with torchrun"):
+        ctcl.Runtime(0, False, tmp_path)
+
+
+def test_every_gradient_is_laid_out_as_its_parameter():
+    """DDP copies each gradient into a bucket laid out as its parameter. The ViT's 1×1 and depthwise convs
+    on channels-last maps give gradients whose strides differ from the parameter's only on dimensions of
+    size 1: the same memory, so DDP's "Grad strides do not match" warning for them costs nothing."""
+    torch.manual_seed(0)
+    model = ctcl.CTCL(5)
+    loss_cnn, loss_vit, _ = model(torch.randn(2, 3, 64, 64), random_target(2, 64, 64, 5))
+    (loss_cnn + loss_vit).backward()
+    for name, p in model.named_parameters():
+        dims = [d for d in range(p.ndim) if p.shape[d] > 1]
+        assert [p.grad.stride(d) for d in dims] == [p.stride(d) for d in dims], name
+
+
 def test_eval_only_and_vis_panels(tmp_path, small_data, capsys):
     run_main(tmp_path, "--iters", "2")
     capsys.readouterr()
@@ -1525,12 +1608,12 @@ def test_summarize_groups_seeds_and_leaves_out_unfinished_runs(tmp_path, small_d
     for method, row in rows.items():
         finals = [[r for r in read_metrics(tmp_path / "runs" / f"{method}-s{s}" / "metrics.jsonl")
                    if r["type"] == "eval"][-1] for s in (0, 1)]
-        for column, key in ((2, "cnn"), (3, "vit")):
+        for column, key in ((2, "cnn"), (3, "vit"), (4, "ensemble")):
             a, b = (100 * f[key]["miou"] for f in finals)
             mean, std = (a + b) / 2, abs(a - b) / math.sqrt(2)  # sample std of two numbers
             assert row[1] == "2" and row[column] == f"{mean:.1f} ± {std:.1f}"
         a, b = (100 * f["complementarity"]["only_cnn"] for f in finals)
-        assert row[4] == f"{(a + b) / 2:.1f} ± {abs(a - b) / math.sqrt(2):.1f}"
+        assert row[5] == f"{(a + b) / 2:.1f} ± {abs(a - b) / math.sqrt(2):.1f}"
         for key, student in (("cnn", "CNN"), ("vit", "ViT")):  # per class: the mean of the seeds, nulls left out
             ious = [[math.nan if v is None else v for v in f[key]["per_class_iou"]] for f in finals]
             means = [100 * (sum(v for v in pair if v == v) / max(1, sum(v == v for v in pair))) if any(v == v for v in pair)
@@ -1579,8 +1662,14 @@ def test_summarize_groups_seeds_and_leaves_out_unfinished_runs(tmp_path, small_d
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--vit-weights", ""], "--vit-weights needs a path, or 'none'"),
     (["--summarize", "nowhere/*"], "--summarize found no finished run (nowhere/*: no such folder)"),
-    (["--gpu", "7"], "--gpu 7"),
+    (["--gpu", "999"], "--gpu 999: CUDA sees"),  # an index no machine has
     (["--eval-only"], "--eval-only needs --resume"),
+    (["--predict", "photo.jpg"], "--predict and --export need --resume CHECKPOINT"),
+    (["--export"], "--predict and --export need --resume CHECKPOINT"),
+    (["--predict", "nowhere", "--resume", "x.pt"], "--predict nowhere: no such file or folder"),
+    (["--predict", ".", "--resume", "x.pt"], "--predict .: no image files there"),
+    (["--data", "folder"], "--data folder needs --data-root DIR"),
+    (["--data", "folder", "--data-root", "nowhere"], "--data-root nowhere is not a folder"),
     (["--data", "voc", "--data-root", "nowhere", "--vit-weights", "none"], "run `bash data_prep.sh voc`"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
@@ -1613,10 +1702,29 @@ def test_bad_argument_from_the_shell_has_no_traceback(tmp_path):
 def test_benchmark_prints_json_line(capsys):
     result = ctcl.main(["--benchmark", "--gpu", "-1", "--crop-size", "32", "--batch-size", "2"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(last) == {"independent_ms", "dml_ms", "ctcl_ms", "ctcl_over_independent", "peak_mem_mb", "warmup_s"}
+    assert set(last) == {"independent_ms", "dml_ms", "ctcl_ms", "ctcl_over_independent", "peak_rss_mb", "warmup_s",
+                         "sizes"}  # the CPU has only the process's peak; a GPU gives one per method
     assert set(last["warmup_s"]) == {"independent", "dml", "ctcl"} and min(last["warmup_s"].values()) > 0
     assert last["ctcl_over_independent"] == pytest.approx(last["ctcl_ms"] / last["independent_ms"])
-    assert result == last and last["peak_mem_mb"] > 0
+    assert result == last and last["peak_rss_mb"] > 0
+    students = {"cnn": ctcl.DeepLabV3Plus(5), "vit": ctcl.SegFormer(5)}
+    for name, student in students.items():
+        assert last["sizes"][name]["params_m"] == sum(p.numel() for p in student.parameters()) / 1e6
+        assert last["sizes"][name]["gmacs"] > 0 and last["sizes"][name]["ms_per_image"] > 0
+
+
+def test_student_sizes_count_attention():
+    """MiT-B0's attention at 64×64 by hand: per block 2·n·n_kv·c multiply-accumulates (QKᵀ and AV), n the
+    tokens, n_kv the keys after the spatial reduction; the FLOP counter alone sees none of it on the CPU."""
+    torch.manual_seed(0)
+    model = ctcl.CTCL(5)
+    sizes = ctcl.student_sizes(model, [64, 64], torch.device("cpu"), contextlib.nullcontext(), lambda: None, runs=1)
+    counter = torch.utils.flop_counter.FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.vit(torch.randn(1, 3, 64, 64))
+    side = [16, 8, 4, 2]  # the stage maps' sides at 64×64
+    attention = sum(2 * 2 * s * s * (s // r) ** 2 * c for s, r, c in zip(side, (8, 4, 2, 1), (32, 64, 160, 256)))
+    assert round(sizes["vit"]["gmacs"] * 1e9) == counter.get_total_flops() // 2 + attention
 
 
 DDP_SCRIPT = """
@@ -1624,7 +1732,7 @@ import sys, os, torch
 sys.path.insert(0, {repo!r})
 import ctcl
 build, step = ctcl.build_datasets, ctcl.train_step
-ctcl.build_datasets = lambda *a, **k: build(*a, **dict(k, synthetic_size=(12, 3)))
+ctcl.build_datasets = lambda *a, **k: build(*a, **dict(k, synthetic_size=(12, {val})))
 seen = []  # each step's images, one checksum per image
 ctcl.train_step = lambda model, images, *a: seen.append(images.sum((1, 2, 3)).tolist()) or step(model, images, *a)
 result = ctcl.main(sys.argv[1:])
@@ -1633,16 +1741,26 @@ torch.save({{"model": result["model"].state_dict(), "conf": result["conf"], "see
 """
 
 
+def small_val_set(n=3):
+    return ctcl.build_datasets("synthetic", None, [32, 32], synthetic_size=(12, n))[1]
+
+
+def torchrun(*argv, processes=2):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={processes}", *map(str, argv)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
 def test_torchrun_two_processes_gloo(tmp_path):
     """--batch-size 8 on 2 processes: 4 images each per step, and together the very images (same
-    crops, same flips) that one process sees with --batch-size 8; rank 0 alone logs and saves."""
+    crops, same flips) that one process sees with --batch-size 8; rank 0 alone logs and saves; the
+    panels are named by the image's index in the evaluation set (each process draws its own)."""
     script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT.format(repo=str(HERE), tmp=str(tmp_path)))
+    script.write_text(DDP_SCRIPT.format(repo=str(HERE), tmp=str(tmp_path), val=3))
     out = tmp_path / "out"
-    argv = [str(script), "--gpu", "-1", "--iters", "2", *SMALL, "--batch-size", "8"]
+    argv = [str(script), "--gpu", "-1", "--iters", "2", *SMALL, "--batch-size", "8", "--vis", "3"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *argv, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    proc = torchrun(*argv, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("mIoU") == 1  # rank 0 alone prints
     single = subprocess.run([sys.executable, *argv, "--out", str(tmp_path / "one")], capture_output=True, text=True,
@@ -1655,15 +1773,50 @@ def test_torchrun_two_processes_gloo(tmp_path):
     for step in (0, 1):
         assert sorted(rank0["seen"][step] + rank1["seen"][step]) == sorted(one["seen"][step])
     # the 3 validation images are split 2 + 1 over the ranks; the summed matrix counts each once
-    val = ctcl.build_datasets("synthetic", None, [32, 32], synthetic_size=(12, 3))[1]
-    valid_pixels = sum(int((val[i][1] != 255).sum()) for i in range(3))
+    valid_pixels = sum(int((label != 255).sum()) for _, label in small_val_set())
     for rank in (rank0, rank1):
         assert int(rank["conf"]["cnn"].sum()) == valid_pixels == int(rank["conf"]["vit"].sum())
         assert int(rank["conf"]["agreement"].sum()) == valid_pixels  # complementarity: summed over ranks too
     records = read_metrics(out / "metrics.jsonl")  # rank 0 alone writes: one line per iteration
     assert [r["iter"] for r in records if r["type"] == "train"] == [1, 2]
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt", "metrics.jsonl", "vis"]
     assert len([r for r in records if r["type"] == "eval"]) == 1
+    assert sorted(p.name for p in (out / "vis").iterdir()) == [f"it000002_{i:03d}.png" for i in range(3)]
+
+
+def test_torchrun_with_fewer_evaluation_images_than_processes(tmp_path):
+    """1 validation image, 2 processes: rank 1 has none, and still takes part in the sums."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(repo=str(HERE), tmp=str(tmp_path), val=1))
+    proc = torchrun(script, "--gpu", "-1", "--iters", "1", *SMALL, "--batch-size", "4", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    valid_pixels = sum(int((label != 255).sum()) for _, label in small_val_set(1))
+    for rank in (0, 1):
+        conf = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["conf"]
+        assert int(conf["cnn"].sum()) == int(conf["ensemble"].sum()) == int(conf["agreement"].sum()) == valid_pixels
+
+
+def test_under_torchrun_an_error_is_said_once(tmp_path):
+    """Rank 1 alone fails (its evaluation image is damaged): its line, once; every process fails alike
+    (no such checkpoint): one line, not one per process."""
+    root = fake_voc(tmp_path / "voc", n_val=2)
+    corrupt = root / "JPEGImages" / "2007_val001.jpg"
+    corrupt.write_bytes(b"no jpeg")  # evaluation image 1: rank 1's
+    argv = [HERE / "ctcl.py", "--data", "voc", "--data-root", root, "--iters", "1", *SMALL, "--batch-size", "4", *REAL,
+            "--gpu", "-1", "--out", tmp_path / "out"]
+    for extra, message in (([], f"cannot decode image {corrupt}"), (["--resume", tmp_path / "no.pt"], "no such file")):
+        proc = torchrun(*argv, *extra)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("ctcl.py:")]
+        assert proc.returncode != 0 and len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+
+
+def test_before_the_process_group_only_rank_0_says_the_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            ctcl.main(["--gpu", "-1", "--iters", "0", "--out", str(tmp_path)])
+        assert exit_info.value.code == 2 and len(capsys.readouterr().err.splitlines()) == lines
 
 
 @pytest.mark.parametrize("batch,message", [("3", "--batch-size 3 does not split evenly across 2 processes"),
@@ -1689,20 +1842,20 @@ def test_under_ddp_the_main_process_fetches_the_weights_first(monkeypatch):
         assert events == order
 
 
-needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
-
-
-@needs_two_gpus
-def test_torchrun_two_processes_nccl(tmp_path):
+def test_torchrun_two_processes_nccl(tmp_path, two_gpus):
     script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT.format(repo=str(HERE), tmp=str(tmp_path)))
+    script.write_text(DDP_SCRIPT.format(repo=str(HERE), tmp=str(tmp_path), val=3))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script), "--iters", "2", *SMALL, "--batch-size", "8", "--amp", "--out",
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # each rank's tensors were saved on its own GPU: compare them on the CPU
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", map_location="cpu", weights_only=True) for r in (0, 1))
     for k in rank0["model"]:
         assert torch.equal(rank0["model"][k], rank1["model"][k]), k
+    valid_pixels = sum(int((label != 255).sum()) for _, label in small_val_set())
+    for rank in (rank0, rank1):  # the summed confusion matrices count every valid pixel once
+        assert int(rank["conf"]["cnn"].sum()) == int(rank["conf"]["ensemble"].sum()) == valid_pixels
 
 
 # ----------------------------------------------------------------------------------
@@ -1864,6 +2017,227 @@ def test_bad_data_is_a_one_line_error(tmp_path, capsys, corrupt):
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert all(f in err for f in fragments), err
     assert not list(out.glob("*.pt*")) and not list(out.glob("*.tmp"))  # no checkpoint, whole or half
+
+
+def one_line_error(argv, capsys, code=2):
+    """main(argv) must fail with exit `code` and one line on stderr (warnings aside): that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        ctcl.main([str(a) for a in argv])
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:")]
+    assert exit_info.value.code == code and len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+# ----------------------------------------------------------------------------------
+# Your own data: --data folder
+
+def fake_folder(root, n=12, h=40, w=48, classes="background\ncat 255 0 0\ndog\nbird\n", values=(0, 1, 2), lists=True):
+    """n images with labels of `values` (255 borders), classes.txt, and train.txt/val.txt (the last 3 for val)."""
+    stems = [f"img{k:02d}" for k in range(n)]
+    for k, stem in enumerate(stems):
+        write_image(root / "images" / f"{stem}.jpg", random_rgb(h, w, k))
+        write_image(root / "labels" / f"{stem}.png", random_label(h, w, list(values), k), "L")
+    (root / "classes.txt").write_text(classes)
+    if lists:
+        (root / "train.txt").write_text("\n".join(stems[:-3]) + "\n")
+        (root / "val.txt").write_text("\n".join(stems[-3:]) + "\n")
+    return root
+
+
+def folder_run(root, out, *extra):
+    return ["--data", "folder", "--data-root", root, "--iters", "2", "--out", out, *SMALL, *REAL, *extra]
+
+
+def test_a_folder_trains_and_evaluates_with_its_class_names_and_colours(tmp_path, capsys):
+    root = fake_folder(tmp_path / "mine")
+    result = ctcl.main([str(a) for a in folder_run(root, tmp_path / "out", "--vis", "1")])
+    captured = capsys.readouterr()
+    assert "warning: the training labels never show bird" in captured.err  # a warning, not an error
+    assert all(name in captured.out for name in ("background", "cat", "dog", "bird"))
+    assert result["conf"]["cnn"].shape == (4, 4)
+    args = json.loads((tmp_path / "out" / "args.json").read_text())
+    assert args["classes"] == ["background", "cat", "dog", "bird"]
+    assert args["colours"] == [[0, 0, 0], [255, 0, 0], ctcl.PALETTE[2].tolist(), ctcl.PALETTE[3].tolist()]
+    panel = numpy.array(PIL.Image.open(next((tmp_path / "out" / "vis").glob("*.png"))).convert("RGB"))
+    label = ctcl.read_label(root / "labels" / "img09.png", (40, 48), 4)  # the first validation label
+    k = math.ceil(ctcl.PANEL_TILE / 40)
+    truth = panel[:40 * k, 48 * k:96 * k][::k, ::k]
+    assert (truth[label.numpy() == 1] == [255, 0, 0]).all()  # cat in its colour from classes.txt
+
+
+def test_a_folder_without_lists_sends_every_tenth_stem_to_validation(tmp_path, capsys):
+    root = fake_folder(tmp_path / "mine", lists=False)
+    train, val = ctcl.build_datasets("folder", root, [32, 32], classes=["a", "b", "c", "d"])
+    assert [p[0].stem for p in val.load.args[0]] == ["img00", "img10"] and len(train) == 10
+    ctcl.main([str(a) for a in folder_run(root, tmp_path / "out")])
+    assert "no train.txt and val.txt: every 10th sorted stem is for validation (2 images)" in capsys.readouterr().out
+
+
+def no_classes(root):
+    (root / "classes.txt").unlink()
+    return "classes.txt is missing"
+
+
+def empty_classes(root):
+    (root / "classes.txt").write_text("\n \n")
+    return "classes.txt is empty"
+
+
+def image_without_label(root):
+    (root / "labels" / "img03.png").unlink()
+    return "img03.jpg has no label labels/img03.png"
+
+
+def label_without_image(root):
+    (root / "images" / "img04.jpg").unlink()
+    return "img04.png has no image images/img04.jpg"
+
+
+def stem_without_files(root):
+    (root / "val.txt").write_text("img10\nghost\n")
+    return "val.txt lists ghost, but there is no images/ghost.* and no labels/ghost.png"
+
+
+def one_list(root):
+    (root / "val.txt").unlink()
+    return "has train.txt but no val.txt"
+
+
+def colour_label(root):
+    write_image(root / "labels" / "img05.png", random_rgb(40, 48, 0))
+    return "img05.png is RGB colour, not class indices: store each pixel's class index"
+
+
+def label_of_another_size(root):
+    write_image(root / "labels" / "img10.png", random_label(30, 30, [0, 1], 0), "L")
+    return "img10.png is (30, 30) but its image is (40, 48)"
+
+
+def value_beyond_the_classes(root):
+    write_image(root / "labels" / "img06.png", random_label(40, 48, [0, 7], 0), "L")
+    return "img06.png holds values [7] outside [0, 4) that are not 255"
+
+
+def masks_of_0_and_255(root):
+    fake_folder(root, values=(0, 255), classes="background\ncrack\n")
+    return "hold only 0 and 255, and 255 means 'ignore': the foreground would never be learnt; store it as 1"
+
+
+@pytest.mark.parametrize("corrupt", [no_classes, empty_classes, image_without_label, label_without_image,
+                                     stem_without_files, one_list, colour_label, label_of_another_size,
+                                     value_beyond_the_classes, masks_of_0_and_255])
+def test_a_broken_folder_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys, corrupt):
+    root = fake_folder(tmp_path / "mine", lists=corrupt is not image_without_label)
+    message = corrupt(root)
+    assert message in one_line_error(folder_run(root, tmp_path / "out"), capsys)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------
+# Using what was trained: --predict, the ensemble, --export
+
+def test_ensemble_is_the_argmax_of_the_mean_of_the_two_softmax_distributions():
+    """The CNN sure of class 2, the ViT fairly sure of class 0: the mean of the logits would say 0."""
+    z_cnn, z_vit = [[0.0, 0.0, 10.0], [1.0, 0.0, 0.0]], [[3.0, 0.0, -20.0], [0.0, 2.0, 0.0]]
+    logits = {"cnn": torch.tensor(z_cnn).T.reshape(1, 3, 1, 2), "vit": torch.tensor(z_vit).T.reshape(1, 3, 1, 2)}
+
+    def softmax(z):
+        return [math.exp(v) / sum(math.exp(u) for u in z) for v in z]
+    want = [max(range(3), key=lambda c: (softmax(a)[c] + softmax(b)[c]) / 2) for a, b in zip(z_cnn, z_vit)]
+    assert want == [2, 1] and ctcl.predictions(logits)["ensemble"].flatten().tolist() == want
+
+
+def test_read_image_takes_any_mode_and_turns_as_exif_says(tmp_path):
+    rgb, grey = random_rgb(6, 10, 0).astype("uint8"), random_rgb(6, 10, 1)[..., 0].astype("uint8")
+    deep = grey.astype("uint16") * 256 + 3  # 16 bits: the top byte is the grey
+    PIL.Image.fromarray(grey).save(tmp_path / "grey.png")
+    PIL.Image.fromarray(numpy.dstack([rgb, grey])).save(tmp_path / "rgba.png")
+    PIL.Image.fromarray(deep).save(tmp_path / "deep.png")
+    PIL.Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
+    PIL.Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.tif")
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to show"
+    PIL.Image.fromarray(rgb).save(tmp_path / "phone.png", exif=exif)
+    want = {"grey": numpy.dstack([grey] * 3), "rgba": rgb, "deep": numpy.dstack([grey] * 3),
+            "palette": numpy.array(PIL.Image.open(tmp_path / "palette.png").convert("RGB")),
+            "cmyk": numpy.array(PIL.Image.open(tmp_path / "cmyk.tif").convert("RGB")), "phone": numpy.rot90(rgb, -1)}
+    for name, array in want.items():
+        path = next(tmp_path.glob(f"{name}.*"))
+        assert numpy.array_equal(ctcl.read_image(path).permute(1, 2, 0).numpy(), array), name
+        assert ctcl.image_size(path) == array.shape[:2], name
+
+
+def test_predict_writes_exactly_what_evaluation_scores(tmp_path, capsys):
+    """--predict on a fake CamVid's test images: its PNGs scored against the labels give evaluation's
+    confusion matrices, for both students and their ensemble."""
+    root = fake_camvid(tmp_path / "camvid")
+    run = ["--data", "camvid", "--data-root", str(root), "--iters", "2", *SMALL, *REAL]
+    ctcl.main(run + ["--out", str(tmp_path / "run")])
+    ckpt = tmp_path / "run" / "last.pt"
+    conf = ctcl.main(run + ["--eval-only", "--resume", str(ckpt), "--out", str(tmp_path / "eval")])["conf"]
+    ctcl.main(["--predict", str(root / "test"), "--resume", str(ckpt), "--gpu", "-1"])
+    assert "predict: 2/2 images" in capsys.readouterr().out
+    out, palette = tmp_path / "run" / "predict", [c for rgb in ctcl.CAMVID_COLOURS for c in rgb]
+    for name in ("cnn", "vit", "ensemble"):
+        total = 0
+        for image in sorted((root / "test").iterdir()):
+            with PIL.Image.open(out / f"{image.stem}_{name}.png") as png:
+                assert png.mode == "P" and png.getpalette()[:33] == palette and png.size == (48, 36)
+                pred = torch.from_numpy(numpy.array(png)).long()
+            label = ctcl.read_label(root / "testannot" / image.name, (36, 48), 11, ctcl.camvid_lut())
+            total = total + ctcl.confusion_matrix(pred, label.long(), 11)
+        assert torch.equal(total, conf[name]), name
+    with PIL.Image.open(out / "0001TP_test0_overlay.png") as overlay:  # image, CNN, ViT, ensemble
+        assert overlay.size == (4 * 48 * 6, 36 * 6 + 2 * ctcl.PANEL_STRIP)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_predict_stops_at_a_damaged_image_and_keeps_what_it_wrote(tmp_path, small_data, capsys):
+    run_main(tmp_path, "--iters", "1")
+    images = tmp_path / "photos"
+    write_image(images / "a.png", random_rgb(40, 50, 0))
+    (images / "b.jpg").write_bytes(b"not a jpeg")
+    write_image(images / "c.png", random_rgb(40, 50, 1))
+    (images / "notes.txt").write_text("not an image: skipped")
+    out = tmp_path / "predictions"
+    message = one_line_error(["--predict", images, "--resume", tmp_path / "out" / "last.pt", "--out", out], capsys)
+    assert message.startswith("ctcl.py: error: cannot decode image") and "b.jpg" in message
+    assert sorted(p.name for p in out.iterdir()) == [f"a_{n}.png" for n in ("cnn", "ensemble", "overlay", "vit")]
+    assert numpy.array(PIL.Image.open(out / "a_cnn.png")).shape == (40, 50)
+
+
+EXPORTED = """
+import json, sys, torch
+try:
+    import ctcl
+    raise SystemExit("ctcl.py could be imported")
+except ImportError:
+    pass
+outputs, extra = {{}}, {{"classes.json": "", "colours.json": ""}}
+for name in ("cnn", "vit"):
+    program = torch.export.load({folder!r} + "/" + name + ".pt2", extra_files=extra).module()
+    for batch, h, w in ((1, 64, 96), (3, 128, 64)):
+        images = torch.randint(0, 256, (batch, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h))
+        outputs[name, batch] = images, program(images)
+torch.save({{"outputs": outputs, "classes": json.loads(extra["classes.json"]),
+            "colours": json.loads(extra["colours.json"])}}, {folder!r} + "/check.pt")
+"""
+
+
+def test_exported_students_run_without_ctcl_and_match_the_eager_ones(tmp_path, small_data, capsys):
+    run_main(tmp_path, "--iters", "1")
+    ctcl.main(["--export", "--resume", str(tmp_path / "out" / "last.pt"), "--out", str(tmp_path / "export")])
+    script = tmp_path / "export" / "check.py"
+    script.write_text(EXPORTED.format(folder=str(tmp_path / "export")))
+    proc = subprocess.run([sys.executable, "-I", str(script)], cwd=tmp_path / "export", capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check = torch.load(tmp_path / "export" / "check.pt", weights_only=True)
+    assert check["classes"] == list(ctcl.SYNTHETIC_CLASSES) and check["colours"][1] == ctcl.PALETTE[1].tolist()
+    model, _ = ctcl.load_students(tmp_path / "out" / "last.pt", torch.device("cpu"))
+    for (name, batch), (images, scores) in check["outputs"].items():
+        want = ctcl.Deployed(getattr(model, name)).eval()(images)
+        assert scores.shape == (batch, 5, *images.shape[-2:]) and torch.allclose(scores, want, atol=1e-5), name
 
 
 def test_bad_data_in_a_loader_worker_is_still_one_line(tmp_path, capsys):
