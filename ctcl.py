@@ -702,31 +702,24 @@ def camvid_lut():
     return ids.masked_fill(ids >= 11, IGNORE_INDEX)  # class 11 is "void"
 
 
-FOLDER_IMAGES = (".jpg", ".jpeg", ".png", ".bmp")
-
-
 def folder_pairs(root, split):
     """Your own data: DIR/images/<stem>.{jpg,jpeg,png,bmp} with DIR/labels/<stem>.png, the stems of
     each split listed in DIR/train.txt and DIR/val.txt; without the two lists, every 10th sorted stem
     (the first included) is for validation, the rest for training."""
-    images = {p.stem: p for p in sorted(root.glob("images/*")) if p.suffix.lower() in FOLDER_IMAGES}
-    labels = {p.stem: p for p in root.glob("labels/*.png")}
-    lists = {s: root / f"{s}.txt" for s in ("train", "val")}
-    if not any(p.is_file() for p in lists.values()):
+    images = {p.stem: p for p in root.glob("images/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp")}
+    labels, lists = {p.stem: p for p in root.glob("labels/*.png")}, [root / "train.txt", root / "val.txt"]
+    if not any(p.is_file() for p in lists):
         stems = [s for k, s in enumerate(sorted(images.keys() | labels.keys())) if (k % 10 == 0) == (split == "val")]
-    elif not lists[split].is_file():
-        raise UserError(f"{root} has {'val' if split == 'train' else 'train'}.txt but no {split}.txt: write "
-                        "both lists of stems, or neither (then every 10th sorted stem is for validation)")
+    elif not all(p.is_file() for p in lists):
+        raise UserError(f"{root} has one of train.txt and val.txt: write both lists of stems, or neither (then "
+                        "every 10th sorted stem is for validation)")
     else:
-        stems = lists[split].read_text().split()
+        stems = lists[split == "val"].read_text().split()
     for stem in stems:
-        if stem not in images and stem not in labels:
-            raise UserError(f"{lists[split]} lists {stem}, but there is no images/{stem}.* and no labels/{stem}.png "
-                            f"under {root}: add them or drop the line")
         if stem not in labels or stem not in images:
-            have, lack = (images, f"label labels/{stem}.png") if stem in images else (labels, "image images/"
-                                                                                      f"{stem}.jpg (or .png ...)")
-            raise UserError(f"{have[stem]} has no {lack} under {root}: add it, or leave {stem} out")
+            what = images.get(stem) or labels.get(stem) or f"{lists[split == 'val']} lists {stem}, which"
+            lack = f"label labels/{stem}.png" if stem in images else f"image images/{stem}.jpg (or .jpeg, .png, .bmp)"
+            raise UserError(f"{what} has no {lack} under {root}: add it, or leave {stem} out")
     return [(images[stem], labels[stem]) for stem in stems]
 
 
@@ -738,34 +731,17 @@ def read_classes(root):
         raise UserError(f"--data-root {root} is not a folder: give the one that holds images/, labels/, classes.txt")
     lines = [line.split() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     if not 0 < len(lines) < 256:
-        raise UserError(f"{path} {'is empty' if path.is_file() else 'is missing'}: write the class names in it, one a "
-                        "line, class 0 first (255 at most; 'name r g b' sets a colour)"
-                        if not lines else f"{path} names {len(lines)} classes; 255 at most (255 marks ignored pixels)")
-    names, colours = [], []
-    for k, words in enumerate(lines):
-        rgb = words[-3:] if len(words) > 3 and all(w.isdigit() and int(w) < 256 for w in words[-3:]) else None
-        names.append(" ".join(words[:-3] if rgb else words))
-        colours.append([int(w) for w in rgb] if rgb else PALETTE[k].tolist())
-    return names, colours
+        raise UserError(f"{path} is {'empty' if path.is_file() else 'missing'}: write the class names in it, one a "
+                        "line, class 0 first, 255 at most ('name r g b' sets a colour)")
+    rgb = [words[-3:] if len(words) > 3 and all(w.isdigit() and int(w) < 256 for w in words[-3:]) else None
+           for words in lines]
+    return ([" ".join(words[:-3] if c else words) for words, c in zip(lines, rgb)],
+            [[int(v) for v in c] if c else PALETTE[k].tolist() for k, c in enumerate(rgb)])
 
 
-class Mapped(torch.utils.data.Dataset):
-    """fn(0), ..., fn(n − 1) as a data set: a DataLoader's workers then share the calls."""
-
-    def __init__(self, fn, n):
-        self.fn, self.n = fn, n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, index):
-        return self.fn(index)
-
-
-def label_values(pairs, num_classes, index):
-    """The values in a label, read with read_label's checks (mode, size against its image's header, range)."""
-    image, label = pairs[index]
-    return read_label(label, image_size(image), num_classes).unique()
+def label_values(num_classes, pair):
+    """The values in a label, read with read_label's checks (mode, range, size against its image's header)."""
+    return read_label(pair[1], image_size(pair[0]), num_classes).unique()
 
 
 def check_labels(train_pairs, val_pairs, classes, workers=0):
@@ -773,8 +749,9 @@ def check_labels(train_pairs, val_pairs, classes, workers=0):
     as 0/255 (255 is "ignore", so the foreground would never be learnt), and a warning for each class
     the training labels never show."""
     pairs, seen = train_pairs + val_pairs, torch.zeros(2, 256, dtype=torch.bool)  # training, validation labels
-    loader = torch.utils.data.DataLoader(Mapped(functools.partial(label_values, pairs, len(classes)), len(pairs)),
-                                         batch_size=None, num_workers=workers)
+    # the list of pairs as a data set; collate_fn runs in the workers, so they share the reading
+    loader = torch.utils.data.DataLoader(pairs, batch_size=None, num_workers=workers,
+                                         collate_fn=functools.partial(label_values, len(classes)))
     for k, values in enumerate(loader, 1):
         seen[int(k > len(train_pairs)), values.long()] = True
         if k % 1000 == 0:
@@ -782,8 +759,7 @@ def check_labels(train_pairs, val_pairs, classes, workers=0):
     if seen.any(0).nonzero().flatten().tolist() == [0, IGNORE_INDEX]:
         raise UserError(f"the labels in {pairs[0][1].parent} hold only 0 and 255, and 255 means 'ignore': the "
                         "foreground would never be learnt; store it as 1 (and name it on line 2 of classes.txt)")
-    never = [name for c, name in enumerate(classes) if not seen[0, c]]
-    if never:
+    if never := [name for c, name in enumerate(classes) if not seen[0, c]]:
         print(f"warning: the training labels never show {', '.join(never)}", file=sys.stderr)
 
 

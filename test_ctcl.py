@@ -2095,12 +2095,12 @@ def label_without_image(root):
 
 def stem_without_files(root):
     (root / "val.txt").write_text("img10\nghost\n")
-    return "val.txt lists ghost, but there is no images/ghost.* and no labels/ghost.png"
+    return "val.txt lists ghost, which has no image images/ghost.jpg"
 
 
 def one_list(root):
     (root / "val.txt").unlink()
-    return "has train.txt but no val.txt"
+    return "has one of train.txt and val.txt: write both lists of stems, or neither"
 
 
 def colour_label(root):
