@@ -304,9 +304,7 @@ class HFD(nn.Module):
         self.vit_to_cnn = projector(vit_channels, cnn_channels)  # Γ_v, trained with the ViT
 
     def forward(self, low_cnn, low_vit, next_cnn=None, next_vit=None, cnn_stage=None, vit_stage=None):
-        def identity(x):
-            return x
-        cnn_stage, vit_stage = cnn_stage or identity, vit_stage or identity
+        cnn_stage, vit_stage = cnn_stage or nn.Identity(), vit_stage or nn.Identity()
         return (mimic_loss(vit_stage(self.cnn_to_vit(low_cnn)), low_vit if next_vit is None else next_vit),
                 mimic_loss(cnn_stage(self.vit_to_cnn(low_vit)), low_cnn if next_cnn is None else next_cnn))
 
@@ -1185,7 +1183,9 @@ def load_checkpoint(path):
 
 
 def gather_rng_states(world_size):
-    """Every rank's random state, so that a resumed DDP run draws the same numbers."""
+    """Every rank's random states, so that a resumed run draws the same numbers: on the CPU it then
+    continues bit for bit; on CUDA the floats drift, as the backward of bilinear interpolation and of
+    adaptive average pooling is nondeterministic there (also without a resume)."""
     state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
     states = [state] * world_size
     if world_size > 1:
@@ -1392,7 +1392,8 @@ def load_students(path, device):
 
 def image_files(paths):
     """The image files named, then those in each folder named (sorted; other files skipped)."""
-    files, kinds = [], PIL.Image.registered_extensions()
+    kinds = {ext for ext, kind in PIL.Image.registered_extensions().items() if kind in PIL.Image.OPEN}
+    files = []
     for path in map(pathlib.Path, paths):
         if not path.exists():
             raise UserError(f"--predict {path}: no such file or folder")
@@ -1538,9 +1539,10 @@ def get_args_parser():
     p = Parser(description="CTCL (ICCV 2023), reference implementation", formatter_class=HelpWithDefaults)
     a = p.add_argument
     count, weight = number(int, 1), number(float, 0)
-    a("--data", default="synthetic", choices=list(DATASETS), help="data set (camvid-val: train on CamVid's "
-      "train split, evaluate on val: for choosing a recipe without the test set)")
-    a("--data-root", default=None, help="data folder (default: the data set's folder under ./data)")
+    a("--data", default="synthetic", choices=list(DATASETS), help="data set (camvid-val: CamVid's train split, "
+      "evaluated on val, for choosing a recipe; folder: your own, see --data-root)")
+    a("--data-root", default=None, help="data folder (default: the data set's under ./data; folder: the one "
+      "with images/, labels/, classes.txt)")
     a("--data-seed", type=number(int, 0, 999_999), default=0, help="seed of the synthetic data")
     a("--gpu", type=number(int, -1), default=None, help="GPU index, -1 for the CPU (default: 0 if there is one)")
     a("--iters", type=count, default=None, help="training iterations (default: per data set)")
@@ -1668,25 +1670,29 @@ def fill_defaults(args):
                         "or pass --vit-weights none to train the ViT from scratch")
 
 
+def milliseconds(work, sync, times=1):
+    """Wall time of work() in ms, per time; `sync` waits for the GPU, which runs ahead of the host."""
+    sync()
+    began = time.perf_counter()
+    work()
+    sync()
+    return (time.perf_counter() - began) * 1000 / times
+
+
 def student_sizes(model, crop_size, device, autocast, sync, runs=5):
     """Per student: parameters (M), multiply-accumulates for one crop (GMACs: the FLOP counter's FLOPs / 2)
-    and the forward's ms per image at batch 1 (median of `runs`). The counter counts convolutions, linear
-    layers and matrix products, not normalisations, activations or resizes; attention runs in its math
-    form, whose matrix products it sees (it counts 0 for the fused kernel on the CPU)."""
+    and the forward's ms per image at batch 1 (median of `runs` after a warm-up). The counter counts
+    convolutions, linear layers and matrix products, not normalisations, activations or resizes;
+    attention runs in its math form, whose matrix products it sees (it counts 0 for the fused kernel)."""
     image, sizes = torch.randn(1, 3, *crop_size, device=device), {}
     for name in ("cnn", "vit"):
-        student, counter, times = getattr(model, name).eval(), FlopCounterMode(display=False), []
+        student, counter = getattr(model, name).eval(), FlopCounterMode(display=False)
         with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
             student(image)
         with torch.no_grad(), autocast:
-            for _ in range(runs + 1):  # the first is a warm-up
-                sync()
-                began = time.perf_counter()
-                student(image)
-                sync()
-                times.append((time.perf_counter() - began) * 1000)
+            times = sorted(milliseconds(lambda: student(image), sync) for _ in range(runs + 1))
         sizes[name] = {"params_m": sum(p.numel() for p in student.parameters()) / 1e6,
-                       "gmacs": counter.get_total_flops() / 2e9, "ms_per_image": sorted(times[1:])[runs // 2]}
+                       "gmacs": counter.get_total_flops() / 2e9, "ms_per_image": times[runs // 2]}
     return sizes
 
 
@@ -1701,16 +1707,11 @@ def benchmark(args, ctx, rounds=5, steps=3):
     target = torch.randint(0, classes, (args.batch_size, *args.crop_size), device=ctx.device)
     target[:, :, :4] = IGNORE_INDEX
     scaler, kd_weight = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16), torch.ones((), device=ctx.device)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)  # a GPU runs ahead of the host: wait for it
-    allocated = torch.cuda.memory_allocated if cuda else (lambda: 0)
+    sync, allocated = (torch.cuda.synchronize, torch.cuda.memory_allocated) if cuda else (lambda: None, lambda: 0)
 
     def timed(model, opt):
-        sync()
-        began = time.perf_counter()
-        for _ in range(steps):
-            train_step(model, images, target, *opt, scaler, ctx.autocast(), kd_weight)
-        sync()
-        return (time.perf_counter() - began) / steps * 1000
+        return milliseconds(lambda: [train_step(model, images, target, *opt, scaler, ctx.autocast(), kd_weight)
+                                     for _ in range(steps)], sync, steps)
     args.pretrained, args.vit_weights, runs = False, None, {}  # a step's time does not depend on the weights
     for args.method in ("independent", "dml", "ctcl"):
         before = allocated()
@@ -1719,9 +1720,8 @@ def benchmark(args, ctx, rounds=5, steps=3):
         if args.compile:
             model.compile()
         opt = build_optimizers(model, iters=10 ** 6)
-        warmup = timed(model, opt)
-        runs[args.method] = {"model": model, "opt": opt, "ms": [], "warmup_s": warmup * steps / 1000,
-                             "held": allocated() - before, "peak": 0}
+        runs[args.method] = {"model": model, "opt": opt, "ms": [], "warmup_s": timed(model, opt) * steps / 1000,
+                             "held": allocated() - before, "peak": 0}  # held: its weights, gradients, moments
     for _ in range(rounds):
         for run in runs.values():
             if cuda:
