@@ -1685,10 +1685,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
 def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys, content, message):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(content) if content else torch.save({"weights": torch.zeros(2)}, bad)
-    with pytest.raises(SystemExit) as exit_info:
-        ctcl.main(["--out", str(tmp_path / "out"), "--resume", str(bad)])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    write_image(tmp_path / "photo.png", random_rgb(40, 40, 0))
+    for use in ([], ["--predict", tmp_path / "photo.png"], ["--export"]):  # the same line for every use
+        assert message in one_line_error(["--out", tmp_path / "out", "--resume", bad, *use], capsys)
 
 
 def test_bad_argument_from_the_shell_has_no_traceback(tmp_path):
@@ -1753,12 +1752,12 @@ def torchrun(*argv, processes=2):
 
 def test_torchrun_two_processes_gloo(tmp_path):
     """--batch-size 8 on 2 processes: 4 images each per step, and together the very images (same
-    crops, same flips) that one process sees with --batch-size 8; rank 0 alone logs and saves; the
-    panels are named by the image's index in the evaluation set (each process draws its own)."""
+    crops, same flips) that one process sees with --batch-size 8; rank 0 alone logs and saves. One
+    validation image: rank 1 evaluates none, and still takes part in the sums."""
     script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT.format(repo=str(HERE), tmp=str(tmp_path), val=3))
+    script.write_text(DDP_SCRIPT.format(repo=str(HERE), tmp=str(tmp_path), val=1))
     out = tmp_path / "out"
-    argv = [str(script), "--gpu", "-1", "--iters", "2", *SMALL, "--batch-size", "8", "--vis", "3"]
+    argv = [str(script), "--gpu", "-1", "--iters", "2", *SMALL, "--batch-size", "8"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = torchrun(*argv, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -1772,28 +1771,28 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert [len(s) for s in rank0["seen"] + rank1["seen"]] == [4] * 4 and [len(s) for s in one["seen"]] == [8, 8]
     for step in (0, 1):
         assert sorted(rank0["seen"][step] + rank1["seen"][step]) == sorted(one["seen"][step])
-    # the 3 validation images are split 2 + 1 over the ranks; the summed matrix counts each once
-    valid_pixels = sum(int((label != 255).sum()) for _, label in small_val_set())
-    for rank in (rank0, rank1):
+    valid_pixels = sum(int((label != 255).sum()) for _, label in small_val_set(1))
+    for rank in (rank0, rank1):  # the summed matrices count each valid pixel once, on both ranks
         assert int(rank["conf"]["cnn"].sum()) == valid_pixels == int(rank["conf"]["vit"].sum())
-        assert int(rank["conf"]["agreement"].sum()) == valid_pixels  # complementarity: summed over ranks too
+        assert int(rank["conf"]["agreement"].sum()) == int(rank["conf"]["ensemble"].sum()) == valid_pixels
     records = read_metrics(out / "metrics.jsonl")  # rank 0 alone writes: one line per iteration
     assert [r["iter"] for r in records if r["type"] == "train"] == [1, 2]
-    assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt", "metrics.jsonl", "vis"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt", "metrics.jsonl"]
     assert len([r for r in records if r["type"] == "eval"]) == 1
-    assert sorted(p.name for p in (out / "vis").iterdir()) == [f"it000002_{i:03d}.png" for i in range(3)]
 
 
-def test_torchrun_with_fewer_evaluation_images_than_processes(tmp_path):
-    """1 validation image, 2 processes: rank 1 has none, and still takes part in the sums."""
-    script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT.format(repo=str(HERE), tmp=str(tmp_path), val=1))
-    proc = torchrun(script, "--gpu", "-1", "--iters", "1", *SMALL, "--batch-size", "4", "--out", tmp_path / "out")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    valid_pixels = sum(int((label != 255).sum()) for _, label in small_val_set(1))
+def test_under_ddp_each_process_draws_its_panels_named_by_the_image_index(tmp_path, monkeypatch):
+    """Process r evaluates images r, r + K, ...: it draws those among the first --vis N, each named by
+    its index in the evaluation set, so K processes write the panels one process writes."""
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: t.mul_(1))  # the sum over processes
+    torch.manual_seed(0)
+    model, names = ctcl.CTCL(5), []
     for rank in (0, 1):
-        conf = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["conf"]
-        assert int(conf["cnn"].sum()) == int(conf["ensemble"].sum()) == int(conf["agreement"].sum()) == valid_pixels
+        ctcl.evaluate(model, small_val_set(3), num_classes=5, device=torch.device("cpu"),
+                      autocast=contextlib.nullcontext(), rank=rank, world_size=2, vis_dir=tmp_path / str(rank),
+                      vis_count=3)
+        names.append(sorted(p.name for p in (tmp_path / str(rank)).iterdir()))
+    assert names == [["000.png", "002.png"], ["001.png"]]
 
 
 def test_under_torchrun_an_error_is_said_once(tmp_path):
