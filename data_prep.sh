@@ -190,9 +190,14 @@ prep_camvid() {
 
 prep_weights() {
     local mit="$WEIGHTS_DIR/mit_b0.pth"
-    say "caching torchvision's ImageNet ResNet-18 (under \$TORCH_HOME, default ~/.cache/torch)"
-    "$PYTHON" -c 'import torchvision; torchvision.models.resnet18(weights="IMAGENET1K_V1")' \
-        || die "could not fetch the ResNet-18 weights; without a network, train with --no-pretrained"
+    local resnet="${TORCH_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/torch}/hub/checkpoints/resnet18-f37072fd.pth"
+    if [ -s "$resnet" ]; then
+        say "torchvision's ImageNet ResNet-18 is already in $resnet"
+    else
+        say "caching torchvision's ImageNet ResNet-18 (under \$TORCH_HOME, default ~/.cache/torch)"
+        "$PYTHON" -c 'import torchvision; torchvision.models.resnet18(weights="IMAGENET1K_V1")' \
+            || die "could not fetch the ResNet-18 weights; without a network, train with --no-pretrained"
+    fi
     if [ -s "$mit" ]; then
         say "MiT-B0 is already at $mit"
     else

@@ -2429,6 +2429,7 @@ def test_data_prep_weights_checks_the_mit_layout(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "weights" / "mit_b0.pth").read_bytes() == hub.read_bytes()
     assert "transformers (hub file) layout" in proc.stdout and "non-commercial" in proc.stdout
+    assert "ResNet-18 is already in" in proc.stdout  # the cached file: no Python started for it
     # NVlabs' official file, put in the downloads folder by hand, is used as it is
     for leftover in (tmp_path / "weights" / "mit_b0.pth", tmp_path / "downloads" / "mit_b0.pth"):
         leftover.unlink()
