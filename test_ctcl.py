@@ -1408,11 +1408,11 @@ def test_the_loop_weights_distillation_by_the_ramp_over_kd_warmup(tmp_path, smal
 
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_resume_is_exact(tmp_path, small_data, workers):
-    whole = state_of(run_main(tmp_path, "--iters", "8", "--workers", workers, out="whole"))
-    run_main(tmp_path, "--iters", "8", "--stop-at", "3", "--workers", workers, out="split")
+    whole = state_of(run_main(tmp_path, "--iters", "6", "--workers", workers, out="whole"))
+    run_main(tmp_path, "--iters", "6", "--stop-at", "3", "--workers", workers, out="split")
     ckpt = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert ckpt["iter"] == 3
-    resumed = state_of(run_main(tmp_path, "--iters", "8", "--resume", str(tmp_path / "split" / "last.pt"),
+    resumed = state_of(run_main(tmp_path, "--iters", "6", "--resume", str(tmp_path / "split" / "last.pt"),
                                 "--workers", workers, out="split"))
     assert whole.keys() == resumed.keys()
     for k in whole:
@@ -1424,21 +1424,21 @@ def test_resume_is_exact(tmp_path, small_data, workers):
 def test_a_killed_run_resumes_from_its_last_periodic_checkpoint_exactly(tmp_path, small_data):
     """SIGKILL between two --save-every checkpoints: the run resumes from the last one and ends
     with bitwise the weights of a run that was never interrupted."""
-    whole = state_of(run_main(tmp_path, "--iters", "16", "--save-every", "5", out="whole"))
+    whole = state_of(run_main(tmp_path, "--iters", "8", "--save-every", "3", out="whole"))
     script = tmp_path / "run.py"
     script.write_text(SMALL_RUN.format(repo=str(HERE)))
     out = tmp_path / "killed"
-    argv = [sys.executable, str(script), "--out", str(out), *SMALL, "--iters", "16", "--save-every", "5",
+    argv = [sys.executable, str(script), "--out", str(out), *SMALL, "--iters", "8", "--save-every", "3",
             "--log-every", "1"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:  # the log line of iteration 6 comes after the checkpoint of iteration 5
-        if line.startswith("it 6/16"):
+    for line in proc.stdout:  # the log line of iteration 4 comes after the checkpoint of iteration 3
+        if line.startswith("it 4/8"):
             proc.kill()
             break
     assert proc.wait(timeout=60) == -signal.SIGKILL
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["iter"] == 5 and not (out / "last.pt.tmp").exists()
-    resumed = state_of(run_main(tmp_path, "--iters", "16", "--save-every", "5", "--resume", str(out / "last.pt"),
+    assert ckpt["iter"] == 3 and not (out / "last.pt.tmp").exists()
+    resumed = state_of(run_main(tmp_path, "--iters", "8", "--save-every", "3", "--resume", str(out / "last.pt"),
                                 out="killed"))
     for k in whole:
         assert torch.equal(whole[k], resumed[k]), k
@@ -1699,7 +1699,9 @@ def test_bad_argument_from_the_shell_has_no_traceback(tmp_path):
 
 
 def test_benchmark_prints_json_line(capsys):
-    result = ctcl.main(["--benchmark", "--gpu", "-1", "--crop-size", "32", "--batch-size", "2"])
+    args = ctcl.get_args_parser().parse_args(["--benchmark", "--gpu", "-1", "--crop-size", "32", "--batch-size", "2"])
+    ctcl.fill_defaults(args)
+    result = ctcl.benchmark(args, ctcl.Runtime(args.gpu, args.amp, None), rounds=1, steps=1)  # main() takes 5 × 3
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(last) == {"independent_ms", "dml_ms", "ctcl_ms", "ctcl_over_independent", "peak_rss_mb", "warmup_s",
                          "sizes"}  # the CPU has only the process's peak; a GPU gives one per method
@@ -1745,27 +1747,30 @@ def small_val_set(n=3):
 
 
 def torchrun(*argv, processes=2):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={processes}", *map(str, argv)], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    """`torchrun` started, one thread a process; .communicate() waits for its (stdout, stderr)."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={processes}", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-def test_torchrun_two_processes_gloo(tmp_path):
+def test_torchrun_two_processes_gloo(tmp_path, monkeypatch):
     """--batch-size 8 on 2 processes: 4 images each per step, and together the very images (same
     crops, same flips) that one process sees with --batch-size 8; rank 0 alone logs and saves. One
     validation image: rank 1 evaluates none, and still takes part in the sums."""
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(repo=str(HERE), tmp=str(tmp_path), val=1))
     out = tmp_path / "out"
-    argv = [str(script), "--gpu", "-1", "--iters", "2", *SMALL, "--batch-size", "8"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = torchrun(*argv, "--out", out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("mIoU") == 1  # rank 0 alone prints
-    single = subprocess.run([sys.executable, *argv, "--out", str(tmp_path / "one")], capture_output=True, text=True,
-                            timeout=300, env=env)
-    assert single.returncode == 0, single.stderr[-3000:]
-    rank0, rank1, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1, "-"))
+    argv = ["--gpu", "-1", "--iters", "2", *SMALL, "--batch-size", "8"]
+    proc = torchrun(script, *argv, "--out", out)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("mIoU") == 1  # rank 0 alone prints
+    one, build, step = {"seen": []}, ctcl.build_datasets, ctcl.train_step  # one process, here, as the script does
+    monkeypatch.setattr(ctcl, "build_datasets", lambda *a, **k: build(*a, **dict(k, synthetic_size=(12, 1))))
+    monkeypatch.setattr(ctcl, "train_step", lambda model, images, *a: one["seen"].append(images.sum((1, 2, 3)).tolist())
+                        or step(model, images, *a))
+    ctcl.main([*argv, "--out", str(tmp_path / "one")])
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for k in rank0["model"]:
         assert torch.equal(rank0["model"][k], rank1["model"][k]), k
     assert [len(s) for s in rank0["seen"] + rank1["seen"]] == [4] * 4 and [len(s) for s in one["seen"]] == [8, 8]
@@ -1802,11 +1807,13 @@ def test_under_torchrun_an_error_is_said_once(tmp_path):
     corrupt = root / "JPEGImages" / "2007_val001.jpg"
     corrupt.write_bytes(b"no jpeg")  # evaluation image 1: rank 1's
     argv = [HERE / "ctcl.py", "--data", "voc", "--data-root", root, "--iters", "1", *SMALL, "--batch-size", "4", *REAL,
-            "--gpu", "-1", "--out", tmp_path / "out"]
-    for extra, message in (([], f"cannot decode image {corrupt}"), (["--resume", tmp_path / "no.pt"], "no such file")):
-        proc = torchrun(*argv, *extra)
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("ctcl.py:")]
-        assert proc.returncode != 0 and len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+            "--gpu", "-1"]
+    runs = [(torchrun(*argv, "--out", tmp_path / "one"), f"cannot decode image {corrupt}"),  # both at once
+            (torchrun(*argv, "--out", tmp_path / "all", "--resume", tmp_path / "no.pt"), "no such file")]
+    for proc, message in runs:
+        stderr = proc.communicate(timeout=300)[1]
+        errors = [line for line in stderr.splitlines() if line.startswith("ctcl.py:")]
+        assert proc.returncode != 0 and len(errors) == 1 and message in errors[0], stderr[-3000:]
 
 
 def test_before_the_process_group_only_rank_0_says_the_error(tmp_path, capsys, monkeypatch):
