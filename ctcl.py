@@ -1476,14 +1476,12 @@ class Runtime:
         gpu = (0 if torch.cuda.is_available() else -1) if gpu is None else gpu
         if self.world_size > 1 and not torch.distributed.is_initialized():  # first, so that errors below are said once
             torch.distributed.init_process_group("nccl" if gpu >= 0 else "gloo")
-        if gpu >= 0:
-            index = gpu
-            if self.world_size > 1:  # one GPU per process: its rank on its machine
-                local = [os.environ[name] for name in LOCAL_RANKS if name in os.environ]
-                if not local:
-                    raise UserError(f"WORLD_SIZE is {self.world_size}, but no {', '.join(LOCAL_RANKS)} tells this "
-                                    "process its GPU: launch with torchrun --nproc_per_node=GPUS ctcl.py ...")
-                index = int(local[0])
+        if gpu >= 0:  # under DDP, one GPU per process: the process's rank on its machine, from its launcher
+            local = next((os.environ[name] for name in LOCAL_RANKS if name in os.environ), None)
+            if self.world_size > 1 and local is None:
+                raise UserError(f"WORLD_SIZE is {self.world_size}, but no {', '.join(LOCAL_RANKS)} tells this "
+                                "process its GPU: launch with torchrun --nproc_per_node=GPUS ctcl.py ...")
+            index = int(local) if self.world_size > 1 else gpu
             if index >= torch.cuda.device_count():  # 0 where CUDA is missing
                 raise UserError(f"--gpu {index}: CUDA sees {torch.cuda.device_count()} GPU(s) here (numbered "
                                 "from 0); use --gpu -1 for the CPU")
