@@ -747,17 +747,18 @@ def check_labels(train_pairs, val_pairs, classes, workers=0):
     as 0/255 (255 is "ignore", so the foreground would never be learnt), and a warning for each class
     the training labels never show."""
     pairs, seen = train_pairs + val_pairs, torch.zeros(2, 256, dtype=torch.bool)  # training, validation labels
+    says = int(os.environ.get("RANK", 0)) == 0  # under torchrun every process checks, and one speaks
     # the list of pairs as a data set; collate_fn runs in the workers, so they share the reading
     loader = torch.utils.data.DataLoader(pairs, batch_size=None, num_workers=workers,
                                          collate_fn=functools.partial(label_values, len(classes)))
     for k, values in enumerate(loader, 1):
         seen[int(k > len(train_pairs)), values.long()] = True
-        if k % 1000 == 0:
+        if k % 1000 == 0 and says:
             print(f"checked {k} of {len(pairs)} labels", file=sys.stderr)
     if seen.any(0).nonzero().flatten().tolist() == [0, IGNORE_INDEX]:
         raise UserError(f"the labels in {pairs[0][1].parent} hold only 0 and 255, and 255 means 'ignore': the "
                         "foreground would never be learnt; store it as 1 (and name it on line 2 of classes.txt)")
-    if never := [name for c, name in enumerate(classes) if not seen[0, c]]:
+    if (never := [name for c, name in enumerate(classes) if not seen[0, c]]) and says:
         print(f"warning: the training labels never show {', '.join(never)}", file=sys.stderr)
 
 
