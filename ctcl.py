@@ -14,6 +14,8 @@ together with no pre-trained teacher: a ResNet-18 DeepLabV3+ (CNN) and a SegForm
     bash data_prep.sh voc && python ctcl.py --data voc --gpu 0
     torchrun --nproc_per_node=4 ctcl.py --data voc    # the same recipe on 4 GPUs (DDP)
     python ctcl.py --method independent               # baselines: independent, dml
+    python ctcl.py --data folder --data-root my_data  # your own data: images/, labels/, classes.txt
+    python ctcl.py --predict photos/ --resume runs/voc-ctcl-s0/last.pt   # segment images; --export ships one
     python -m pytest -q test_ctcl.py                  # the tests
 
 Choices the abstract and the figure leave open are marked [I] (interpreted); each is a flag,
@@ -1598,7 +1600,8 @@ def get_args_parser():
     a("--vis", type=number(int, 0), default=0, help="PNG panels written per evaluation to OUT/vis")
     a("--compile", action="store_true", help="torch.compile both students and the losses (needs a C++ compiler; "
       "under DDP on GPUs, SyncBatchNorm cuts the graph into many small ones, so expect less)")
-    a("--benchmark", action="store_true", help="time training steps of independent, dml and ctcl, then stop")
+    a("--benchmark", action="store_true", help="time training steps of independent, dml and ctcl, print each student's "
+      "size, then stop")
     a("--predict", nargs="+", metavar="PATH", help="segment these images (files, folders) with the --resume "
       "checkpoint: class-index PNGs and overlays in --out (default: the checkpoint's folder/predict)")
     a("--export", action="store_true", help="write the --resume checkpoint's students as torch.export programs "
