@@ -1001,10 +1001,9 @@ def predictions(logits):
 @torch.no_grad()
 def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_size=1, workers=0,
              vis_dir=None, vis_count=0, tag="", colours=None):
-    """Whole images, batch 1, logits upsampled to each label's own size. Image i is evaluated by
-    process i mod world_size; the panels of images 0 … vis_count − 1 are named by i.
-
-    Returns {"cnn", "vit", "ensemble": C×C confusion, "agreement": 2×2}, summed over the processes."""
+    """Whole images, batch 1, logits upsampled to each label's own size; image i by process i mod
+    world_size, which draws its panel if i < vis_count. Returns {"cnn", "vit", "ensemble": C×C
+    confusion, "agreement": 2×2}, summed over the processes."""
     model.eval()
     benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False  # whole images vary in size
     # zeros, not 0: a process whose shard is empty (fewer images than processes) still sends a tensor
@@ -1061,9 +1060,8 @@ def colour_table(colours=None):
 
 
 def draw_panel(tiles, names, legend):
-    """One row of tiles (uint8 H×W×3, one size), each name below its tile, then a legend of colour
-    swatches. Small tiles are scaled k = ceil(PANEL_TILE / min(H, W)) times (nearest neighbour: every
-    label and mask pixel stays a sharp k×k block), large ones subsampled to PANEL_MAX."""
+    """A row of tiles (uint8 H×W×3), names below, a legend of colour swatches. Small tiles are scaled
+    k = ceil(PANEL_TILE / min(H, W)) times (nearest: each pixel a sharp k×k block), large ones subsampled."""
     step = max(1, math.ceil(max(tiles[0].shape[:2]) / PANEL_MAX))
     tiles = [tile[::step, ::step] for tile in tiles]
     h, w = tiles[0].shape[:2]
@@ -1408,9 +1406,8 @@ def image_files(paths):
 
 @torch.no_grad()
 def predict(args, ctx):
-    """Per image, for the CNN, the ViT and their ensemble: a palette PNG of class indices at the image's
-    own size, exactly what evaluation scores (its normalisation, the whole image, logits upsampled to
-    it); and <stem>_overlay.png, the image blended with each one's colours, with a legend."""
+    """Per image, for the CNN, the ViT and their ensemble, a palette PNG of class indices at the image's
+    size, exactly what evaluation scores; and <stem>_overlay.png, the image blended with their colours."""
     files = image_files(args.predict)
     model, saved = load_students(args.resume, ctx.device)
     out = args.out or pathlib.Path(args.resume).parent / "predict"
@@ -1448,9 +1445,8 @@ class Deployed(nn.Module):
 
 
 def export(args):
-    """cnn.pt2 and vit.pt2: torch.export programs of Deployed students for any batch and any H and W that
-    are multiples of 32 from 64 (at 32 a map's 1×1 cells fix other strides), with the class names and
-    colours as their extra files classes.json and colours.json."""
+    """cnn.pt2, vit.pt2: torch.export programs of Deployed students, any batch, H and W multiples of 32
+    from 64 (at 32, 1×1 maps fix strides), with classes.json and colours.json as extra files."""
     model, saved = load_students(args.resume, torch.device("cpu"))
     out = args.out or pathlib.Path(args.resume).parent / "export"
     out.mkdir(parents=True, exist_ok=True)
@@ -1682,10 +1678,9 @@ def milliseconds(work, sync, times=1):
 
 
 def student_sizes(model, crop_size, device, autocast, sync, runs=5):
-    """Per student: parameters (M), multiply-accumulates for one crop (GMACs: the FLOP counter's FLOPs / 2)
-    and the forward's ms per image at batch 1 (median of `runs` after a warm-up). The counter counts
-    convolutions, linear layers and matrix products, not normalisations, activations or resizes;
-    attention runs in its math form, whose matrix products it sees (it counts 0 for the fused kernel)."""
+    """Per student: parameters (M), GMACs of one crop (the FLOP counter's FLOPs / 2: convolutions, linear
+    layers, matrix products; attention in its math form, as the counter gives 0 for the fused kernel),
+    forward ms per image at batch 1 (median of `runs` after a warm-up)."""
     image, sizes = torch.randn(1, 3, *crop_size, device=device), {}
     for name in ("cnn", "vit"):
         student, counter = getattr(model, name).eval(), FlopCounterMode(display=False)
@@ -1699,11 +1694,9 @@ def student_sizes(model, crop_size, device, autocast, sync, runs=5):
 
 
 def benchmark(args, ctx, rounds=5, steps=3):
-    """ms per training step of independent, dml and ctcl, interleaved round by round so that all three
-    see the same machine state (the median of `rounds`, after a warm-up where --compile compiles); on a
-    GPU each method's peak memory: its weights, gradients and optimiser states, plus the most a step
-    allocated on top, measured after its warm-up (the CPU has only the process's peak). Then each
-    student's size (student_sizes)."""
+    """ms per training step of independent, dml and ctcl, interleaved round by round (the median of
+    `rounds`, after a warm-up where --compile compiles); on a GPU each method's peak memory: its weights,
+    gradients and moments plus the most one step allocated after its warm-up; each student's size."""
     classes, cuda = len(args.classes), ctx.device.type == "cuda"
     images = torch.randn(args.batch_size, 3, *args.crop_size, device=ctx.device)
     target = torch.randint(0, classes, (args.batch_size, *args.crop_size), device=ctx.device)
