@@ -731,8 +731,9 @@ def read_classes(root):
         raise UserError(f"--data-root {root} is not a folder: give the one that holds images/, labels/, classes.txt")
     lines = [line.split() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     if not 0 < len(lines) < 256:
-        raise UserError(f"{path} is {'empty' if path.is_file() else 'missing'}: write the class names in it, one a "
-                        "line, class 0 first, 255 at most ('name r g b' sets a colour)")
+        problem = "is missing" if not path.is_file() else f"names {len(lines)} classes" if lines else "is empty"
+        raise UserError(f"{path} {problem}: write the class names in it, one a line, class 0 first, 255 at most "
+                        "('name r g b' sets a colour)")
     rgb = [words[-3:] if len(words) > 3 and all(w.isdigit() and int(w) < 256 for w in words[-3:]) else None
            for words in lines]
     return ([" ".join(words[:-3] if c else words) for words, c in zip(lines, rgb)],

@@ -2089,6 +2089,11 @@ def empty_classes(root):
     return "classes.txt is empty"
 
 
+def too_many_classes(root):
+    (root / "classes.txt").write_text("".join(f"class{k}\n" for k in range(256)))
+    return "classes.txt names 256 classes: write the class names in it, one a line, class 0 first, 255 at most"
+
+
 def image_without_label(root):
     (root / "labels" / "img03.png").unlink()
     return "img03.jpg has no label labels/img03.png"
@@ -2129,7 +2134,7 @@ def masks_of_0_and_255(root):
     return "hold only 0 and 255, and 255 means 'ignore': the foreground would never be learnt; store it as 1"
 
 
-@pytest.mark.parametrize("corrupt", [no_classes, empty_classes, image_without_label, label_without_image,
+@pytest.mark.parametrize("corrupt", [no_classes, empty_classes, too_many_classes, image_without_label, label_without_image,
                                      stem_without_files, one_list, colour_label, label_of_another_size,
                                      value_beyond_the_classes, masks_of_0_and_255])
 def test_a_broken_folder_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys, corrupt):
