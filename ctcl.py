@@ -188,7 +188,7 @@ class MiTBlock(nn.Module):
 
 class MixTransformer(nn.Module):
     """MiT encoder; the defaults are MiT-B0. forward(x) returns the 4 stage maps (NCHW);
-    forward(x, stages=(2,)) runs stage 2 alone on a stage-1 map x."""
+    forward(x, stage=2) runs stage 2 alone on a stage-1 map x and returns its map."""
 
     def __init__(self, widths=(32, 64, 160, 256), heads=(1, 2, 5, 8), depths=(2, 2, 2, 2),
                  sr_ratios=(8, 4, 2, 1), mlp_ratio=4, drop_path=0.1):
@@ -205,15 +205,15 @@ class MixTransformer(nn.Module):
             setattr(self, f"norm{i}", nn.LayerNorm(dim, eps=1e-6))
         self.apply(init_mit_weights)
 
-    def forward(self, x, stages=(1, 2, 3, 4)):
+    def forward(self, x, stage=None):
         maps = []
-        for i in stages:
+        for i in (1, 2, 3, 4) if stage is None else (stage,):
             x, h, w = getattr(self, f"patch_embed{i}")(x)
             for block in getattr(self, f"block{i}"):
                 x = block(x, h, w)
             x = getattr(self, f"norm{i}")(x).transpose(1, 2).reshape(x.shape[0], -1, h, w)
             maps.append(x)
-        return maps
+        return maps if stage is None else maps[0]
 
 
 def init_mit_weights(module):
@@ -253,29 +253,22 @@ class SegFormer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------
-# HFD: heterogeneous feature distillation, in the low-layer feature space
+# The method, as the framework figure draws it. Its symbols: F₁ᶜ, F₂ᶜ (ResNet layer1, layer2), F₁ᵛ, F₂ᵛ
+# (MiT stages 1, 2), Fₗᶜ, Fₗᵛ (each encoder's last feature), Γ (a projector, owned by the learner),
+# Pᶜ, Pᵛ (the predictions); sg = stop-gradient, n = L2 normalisation over the channels.
+#
+# HFD, "HFD Eq. (2)": heterogeneous feature distillation between the low layers
 
-def normalized_distance(a, b):
-    """||n(a) − n(b)||² at each position, n = L2 normalisation over the channels (dim 1)."""
-    return (F.normalize(a, dim=1) - F.normalize(b, dim=1)).pow(2).sum(dim=1)
-
-
-def mimic_loss(student, teacher, weight=None, denominator=None):
-    """Σ_positions w·||n(student) − sg(n(teacher))||² / max(1, D), D = Σ w unless given (e.g. the
-    count of valid positions); the plain mean without w. In fp32 with autocast off: for features
-    that nearly agree the distance is a small difference of large numbers, noise in bf16/fp16."""
+def feature_distance(student, teacher):
+    """‖n(student) − sg(n(teacher))‖² at each position: (B, C, H, W) -> (B, H, W). In fp32 with autocast
+    off: for features that nearly agree the distance is a small difference of large numbers, noise in bf16."""
+    assert student.shape == teacher.shape, f"shapes differ: {tuple(student.shape)} vs {tuple(teacher.shape)}"
     with torch.autocast(student.device.type, enabled=False):
-        student, teacher = student.float(), teacher.detach().float()
-        if student.shape[-2:] != teacher.shape[-2:]:
-            student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
-        dist = normalized_distance(student, teacher)
-        if weight is None:
-            return dist.mean()
-        return (weight * dist).sum() / (weight.sum() if denominator is None else denominator).clamp_min(1)
+        return (F.normalize(student.float(), dim=1) - F.normalize(teacher.detach().float(), dim=1)).pow(2).sum(1)
 
 
 def projector(in_channels, out_channels):
-    """1x1 conv -> BN -> ReLU -> 1x1 conv [I]."""
+    """Γ: 1x1 conv -> BN -> ReLU -> 1x1 conv [I]."""
     return nn.Sequential(conv_bn_relu(in_channels, out_channels), nn.Conv2d(out_channels, out_channels, 1))
 
 
@@ -291,28 +284,27 @@ def frozen(module, **kwargs):
 
 
 class HFD(nn.Module):
-    """Heterogeneous feature distillation, as the framework figure draws it: each student's stage-1
-    feature F1, projected by its own Γ, goes through the peer's next stage S (a fixed function:
-    `frozen`) and must give what S made of the peer's own F1 [I]:
+    """The figure's two insets. Each student's F₁, projected into the peer's form by its own Γ₁, goes
+    through the peer's next block (a fixed function, see `frozen`) and must give the peer's own F₂ [I]:
 
-        loss_cnn = mean_positions ||n(S_v(Γ_c(F1_c))) − sg(n(F2_v))||²   ("ViT to CNNs")
-        loss_vit = mean_positions ||n(S_c(Γ_v(F1_v))) − sg(n(F2_c))||²   ("CNNs to ViT")
-
-    S_v is MiT stage 2, S_c ResNet layer2. Without them (--hfd stage1) S = identity, F2 = F1."""
+        "ViT to CNNs":  loss_cnn = mean_positions ‖n(Attn(Γ₁ᶜ(F₁ᶜ))) − sg(n(F₂ᵛ))‖²,  Attn = MiT stage 2
+        "CNNs to ViT":  loss_vit = mean_positions ‖n(MLP(Γ₁ᵛ(F₁ᵛ))) − sg(n(F₂ᶜ))‖²,   MLP = ResNet layer2
+    """
 
     def __init__(self, cnn_channels=64, vit_channels=32):
         super().__init__()
-        self.cnn_to_vit = projector(cnn_channels, vit_channels)  # Γ_c, trained with the CNN
-        self.vit_to_cnn = projector(vit_channels, cnn_channels)  # Γ_v, trained with the ViT
+        self.cnn_to_vit = projector(cnn_channels, vit_channels)  # Γ₁ᶜ, trained with the CNN
+        self.vit_to_cnn = projector(vit_channels, cnn_channels)  # Γ₁ᵛ, trained with the ViT
 
-    def forward(self, low_cnn, low_vit, next_cnn=None, next_vit=None, cnn_stage=None, vit_stage=None):
-        cnn_stage, vit_stage = cnn_stage or nn.Identity(), vit_stage or nn.Identity()
-        return (mimic_loss(vit_stage(self.cnn_to_vit(low_cnn)), low_vit if next_vit is None else next_vit),
-                mimic_loss(cnn_stage(self.vit_to_cnn(low_vit)), low_cnn if next_cnn is None else next_cnn))
+    def forward(self, f1_cnn, f1_vit, f2_cnn, f2_vit, cnn_next, vit_next):
+        """cnn_next, vit_next: each peer's next block, F₁ -> F₂, as a fixed function."""
+        return (feature_distance(vit_next(self.cnn_to_vit(f1_cnn)), f2_vit).mean(),
+                feature_distance(cnn_next(self.vit_to_cnn(f1_vit)), f2_cnn).mean())
 
 
 # ----------------------------------------------------------------------------------
-# Region-wise BSD: who teaches whom, region by region, on the encoders' last features
+# Region-wise BSD, "BSD" of the figure: in each region the student whose prediction is more
+# reliable there ("Select" from Pᶜ, Pᵛ) teaches the other one, on the encoders' last features
 
 def region_sums(x, region_size):
     """Sum a (B, H, W) map over region_size² blocks; the last row/column may be partial."""
@@ -323,8 +315,8 @@ def region_sums(x, region_size):
 
 
 def region_bsd_masks(ce_cnn, ce_vit, target, region_size=32, ignore_index=255, margin=0.0):
-    """Which student teaches each region_size² block R of the label grid, from a per-pixel cost
-    (CE [I]; 0/1 error maps compare error rates) averaged over R's valid pixels:
+    """Which student teaches each region_size² block R of the label grid, from the per-pixel CE of Pᶜ
+    and Pᵛ against the label [I] (0/1 error maps compare error rates), averaged over R's valid pixels:
         cnn_teaches[R] = R has a valid pixel and  mean_CE_vit(R) − mean_CE_cnn(R) > margin
     vit_teaches the mirror image; ties and empty blocks: neither. (B, H, W) -> (B, ⌈H/r⌉, ⌈W/r⌉)."""
     valid = (target != ignore_index).to(ce_cnn.dtype)
@@ -343,35 +335,32 @@ def expand_region_mask(mask, cells_per_region, size):
 
 
 class RegionBSD(nn.Module):
-    """Region-wise bidirectional selective distillation on two feature maps of one grid (stride
-    `feature_stride`: 32 for the encoders' last features, 4 for the decoders' in our earlier reading).
+    """The transfer on Fₗᶜ (ASPP's output, where DeepLabV3+'s encoder ends [I]) and Fₗᵛ (MiT stage 4),
+    each through its learner's Γₗ [I], on the ViT's stride-32 grid, onto which Fₗᶜ is averaged:
 
-        loss_vit = Σ_positions m_c→v·v ||n(Γ_v(F_v)) − sg(n(F_c))||² / N_valid
-        loss_cnn = Σ_positions m_v→c·v ||n(Γ_c(F_c)) − sg(n(F_v))||² / N_valid
+        loss_vit = Σ_positions m_c→v·v·‖n(Γₗᵛ(Fₗᵛ)) − sg(n(Fₗᶜ))‖² / N_valid
+        loss_cnn = Σ_positions m_v→c·v·‖n(Γₗᶜ(Fₗᶜ)) − sg(n(Fₗᵛ))‖² / N_valid
 
-    m_c→v is cnn_teaches expanded from the region grid to the feature grid; v marks the positions
-    whose label cell holds a valid pixel, N_valid counts them (an untaught one adds 0) [I];
-    per_taught=True divides by Σ m·v instead. Each learner owns its projector Γ [I]."""
+    m_c→v: cnn_teaches expanded from regions to positions; v: the positions whose 32×32 label cell holds a
+    valid pixel, N_valid their count (an untaught one adds 0) [I]; per_taught=True divides by Σ m·v."""
 
-    def __init__(self, channels=256, region_size=32, feature_stride=32):
+    def __init__(self, channels=256, region_size=32, cnn_stride=16):
         super().__init__()
-        assert region_size % feature_stride == 0, (
-            f"region_size ({region_size}) must be a multiple of the feature stride ({feature_stride})")
-        self.cells_per_region, self.feature_stride = region_size // feature_stride, feature_stride
-        self.q_cnn = nn.Conv2d(channels, channels, 1)
-        self.q_vit = nn.Conv2d(channels, channels, 1)
+        assert region_size % 32 == 0, f"region_size must be a multiple of 32 (the grid's stride), got {region_size}"
+        self.cells_per_region, self.pool = region_size // 32, 32 // cnn_stride
+        self.q_cnn = nn.Conv2d(channels, channels, 1)  # Γₗᶜ, trained with the CNN
+        self.q_vit = nn.Conv2d(channels, channels, 1)  # Γₗᵛ, trained with the ViT
 
-    def forward(self, feat_cnn, feat_vit, cnn_teaches, vit_teaches, valid=None, per_taught=False):
-        size = feat_cnn.shape[-2:]
-        m_cnn_to_vit = expand_region_mask(cnn_teaches, self.cells_per_region, size)
-        m_vit_to_cnn = expand_region_mask(vit_teaches, self.cells_per_region, size)
-        n_valid = None
-        if valid is not None:  # a position is valid if its stride² label cell holds a valid pixel
-            cells = F.max_pool2d(valid[:, None].float(), self.feature_stride, ceil_mode=True)[:, 0, :size[0], :size[1]]
-            m_cnn_to_vit, m_vit_to_cnn = m_cnn_to_vit * cells, m_vit_to_cnn * cells
-            n_valid = None if per_taught else cells.sum()
-        return (mimic_loss(self.q_cnn(feat_cnn), feat_vit, m_vit_to_cnn, n_valid),
-                mimic_loss(self.q_vit(feat_vit), feat_cnn, m_cnn_to_vit, n_valid))
+    def forward(self, last_cnn, last_vit, cnn_teaches, vit_teaches, valid, per_taught=False):
+        """last_cnn at the CNN's stride, last_vit at 32; the masks from region_bsd_masks; valid: the
+        label's valid pixels (B, H, W)."""
+        f_cnn = F.avg_pool2d(last_cnn, self.pool, ceil_mode=True)  # the cells of one 32-pixel block, averaged
+        cells = F.max_pool2d(valid[:, None].float(), 32, ceil_mode=True)[:, 0]  # 1: the cell has a valid pixel
+        m_cnn_to_vit = expand_region_mask(cnn_teaches, self.cells_per_region, cells.shape[-2:]) * cells
+        m_vit_to_cnn = expand_region_mask(vit_teaches, self.cells_per_region, cells.shape[-2:]) * cells
+        n_cnn, n_vit = (m_vit_to_cnn.sum(), m_cnn_to_vit.sum()) if per_taught else (cells.sum(), cells.sum())
+        return ((m_vit_to_cnn * feature_distance(self.q_cnn(f_cnn), last_vit)).sum() / n_cnn.clamp_min(1),
+                (m_cnn_to_vit * feature_distance(self.q_vit(last_vit), f_cnn)).sum() / n_vit.clamp_min(1))
 
 
 # ----------------------------------------------------------------------------------
@@ -389,23 +378,22 @@ def pixel_bsd_masks(logits_cnn, logits_vit, target, ignore_index=255, learner_mu
     return cnn_teaches.to(logits_cnn.dtype), vit_teaches.to(logits_cnn.dtype)
 
 
-def masked_kl(logits_student, logits_teacher, mask, temperature=1.0, denominator=None):
-    """T²·Σ_pixels m·KL(sg softmax(z_t/T) || softmax(z_s/T)) / max(1, D), D = Σ m unless given
-    (e.g. the count of valid pixels). In fp32 with autocast off, like mimic_loss."""
+def kl_map(logits_student, logits_teacher, temperature=1.0):
+    """T²·KL(sg softmax(z_t/T) ‖ softmax(z_s/T)) at each pixel: (B, C, H, W) -> (B, H, W). In fp32 with
+    autocast off, like feature_distance."""
     with torch.autocast(logits_student.device.type, enabled=False):
         log_p_student = F.log_softmax(logits_student.float() / temperature, dim=1)
         log_p_teacher = F.log_softmax(logits_teacher.detach().float() / temperature, dim=1)
-        kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1)
-        return temperature ** 2 * (mask * kl).sum() / (mask.sum() if denominator is None else denominator).clamp_min(1)
+        return temperature ** 2 * F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(1)
 
 
-def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, temperature=1.0, valid=None):
-    """loss_vit = masked_kl(z_v <- z_c, cnn_teaches), loss_cnn = masked_kl(z_c <- z_v, vit_teaches),
-    over the `valid` pixels when given (an untransferred one adds 0 [I]), else over the transferred
-    ones. With both masks = every valid pixel, this is deep mutual learning (DML)."""
-    denominator = None if valid is None else valid.sum()
-    return (masked_kl(logits_cnn, logits_vit, vit_teaches, temperature, denominator),
-            masked_kl(logits_vit, logits_cnn, cnn_teaches, temperature, denominator))
+def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, valid, temperature=1.0, per_taught=False):
+    """loss_vit = T²·Σ_pixels cnn_teaches·KL(sg Pᶜ ‖ Pᵛ) / N_valid, loss_cnn the mirror image; N_valid
+    counts the valid label pixels (an untransferred one adds 0) [I]; per_taught=True divides by Σ m.
+    With both masks = valid, this is deep mutual learning (DML)."""
+    n_cnn, n_vit = (vit_teaches.sum(), cnn_teaches.sum()) if per_taught else (valid.sum(), valid.sum())
+    return ((vit_teaches * kl_map(logits_cnn, logits_vit, temperature)).sum() / n_cnn.clamp_min(1),
+            (cnn_teaches * kl_map(logits_vit, logits_cnn, temperature)).sum() / n_vit.clamp_min(1))
 
 
 # ----------------------------------------------------------------------------------
@@ -425,7 +413,7 @@ def sigmoid_rampup(step, length):
 class CTCL(nn.Module):
     """Both students and the projectors each one owns; forward() returns the objective.
 
-        L_cnn = CE_cnn + w(t)·(λ_hfd·HFD_cnn + λ_rbsd·RBSD_cnn + λ_pbsd·PBSD_cnn)
+        L_cnn = CE_cnn + w(t)·(λ_hfd·HFD_cnn + λ_rbsd·RBSD_cnn + λ_pbsd·PBSD_cnn)      ("CE Eq. (1)" + ...)
         L_vit = CE_vit + w(t)·(λ_hfd·HFD_vit + λ_rbsd·RBSD_vit + λ_pbsd·PBSD_vit)
 
     Every teacher side is detached: one backward of L_cnn + L_vit gives each student its own
@@ -433,25 +421,19 @@ class CTCL(nn.Module):
     A term whose λ is 0 is not built (no idle parameters for DDP)."""
 
     def __init__(self, num_classes, *, method="ctcl", lambda_hfd=1.0, lambda_rbsd=1.0, lambda_pbsd=1.0,
-                 hfd="next-stage", rbsd_feature="encoder", region_size=32, margin=0.0, region_score="ce",
-                 temperature=1.0, pixel_rule="exclusive", bsd_norm="valid", output_stride=16, pretrained=False,
-                 vit_weights=None, ignore_index=255):
+                 region_size=32, margin=0.0, region_score="ce", temperature=1.0, pixel_rule="exclusive",
+                 bsd_norm="valid", output_stride=16, pretrained=False, vit_weights=None, ignore_index=255):
         super().__init__()
-        assert method in ("independent", "dml", "ctcl") and hfd in ("next-stage", "stage1") and \
-            rbsd_feature in ("encoder", "decoder") and region_score in ("ce", "error") and \
+        assert method in ("independent", "dml", "ctcl") and region_score in ("ce", "error") and \
             pixel_rule in ("exclusive", "teacher-right", "lower-ce", "all") and bsd_norm in ("selected", "valid")
-        self.method, self.hfd_mode, self.rbsd_feature, self.region_score = method, hfd, rbsd_feature, region_score
-        self.pixel_rule, self.bsd_norm, self.temperature = pixel_rule, bsd_norm, temperature
-        self.ignore_index = ignore_index
-        self.region_size, self.margin = region_size, margin
+        self.method, self.region_score, self.pixel_rule, self.bsd_norm = method, region_score, pixel_rule, bsd_norm
+        self.region_size, self.margin, self.temperature, self.ignore_index = region_size, margin, temperature, ignore_index
         self.lambdas = {"dml": 1.0, "hfd": lambda_hfd, "rbsd": lambda_rbsd, "pbsd": lambda_pbsd}
         self.cnn = DeepLabV3Plus(num_classes, output_stride=output_stride, pretrained=pretrained)
         self.vit = SegFormer(num_classes, encoder_weights=vit_weights)
         ctcl = method == "ctcl"
         self.hfd = HFD(64, 32) if ctcl and lambda_hfd else None
-        # the encoders' last features meet on the ViT's stride-32 grid; the decoders' at stride 4
-        self.rbsd = RegionBSD(256, region_size, 32 if rbsd_feature == "encoder" else 4) \
-            if ctcl and lambda_rbsd else None
+        self.rbsd = RegionBSD(256, region_size, output_stride) if ctcl and lambda_rbsd else None
         self.use_pbsd = ctcl and bool(lambda_pbsd)
 
     def parameter_groups(self):
@@ -466,51 +448,53 @@ class CTCL(nn.Module):
         return self.objective(self.cnn(images), self.vit(images), target, kd_weight)
 
     def objective(self, out_cnn, out_vit, target, kd_weight=1.0):
-        """L_cnn, L_vit and the logged numbers from both students' outputs and the label."""
-        z_cnn, z_vit = (upsample_logits(out["logits"], target.shape[-2:]) for out in (out_cnn, out_vit))
+        """CE against the label, each exchange of --method as one (CNN term, ViT term) pair, then L_cnn,
+        L_vit and the logged numbers."""
+        z_cnn, z_vit = (upsample_logits(out["logits"], target.shape[-2:]) for out in (out_cnn, out_vit))  # Pᶜ, Pᵛ
         valid = (target != self.ignore_index).float()
         n_valid = valid.sum().clamp_min(1)
         ce_cnn, ce_vit = (F.cross_entropy(z, target, ignore_index=self.ignore_index, reduction="none")
                           for z in (z_cnn, z_vit))
-        terms = {"ce_cnn": ce_cnn.sum() / n_valid, "ce_vit": ce_vit.sum() / n_valid}
-        kd, stats = {}, {}  # kd: name -> (term of the CNN, term of the ViT), unweighted
+        logged = {"ce_cnn": ce_cnn.sum() / n_valid, "ce_vit": ce_vit.sum() / n_valid}
+        kd = {}  # name -> (term of the CNN, term of the ViT), before λ and w(t)
         if self.method == "dml":
-            kd["dml"] = pixel_bsd_loss(z_cnn, z_vit, valid, valid, self.temperature)
-        if self.hfd is not None and self.hfd_mode == "next-stage":  # the peers' next stages, fixed functions here
-            vit_stage = frozen(self.vit.encoder, stages=(2,))
+            kd["dml"] = pixel_bsd_loss(z_cnn, z_vit, valid, valid, valid, self.temperature)
+        if self.hfd is not None:  # the peers' next blocks as fixed functions
             kd["hfd"] = self.hfd(out_cnn["low"], out_vit["low"], out_cnn["mid"], out_vit["mid"],
-                                 cnn_stage=frozen(self.cnn.backbone.layer2), vit_stage=lambda x: vit_stage(x)[0])
-        elif self.hfd is not None:
-            kd["hfd"] = self.hfd(out_cnn["low"], out_vit["low"])
+                                 cnn_next=frozen(self.cnn.backbone.layer2), vit_next=frozen(self.vit.encoder, stage=2))
         if self.rbsd is not None:
-            cost_cnn, cost_vit = ce_cnn, ce_vit
-            if self.region_score == "error":  # compare error rates instead of mean CE
-                cost_cnn, cost_vit = ((z.argmax(1) != target).float() for z in (z_cnn, z_vit))
-            cnn_teaches, vit_teaches = region_bsd_masks(cost_cnn, cost_vit, target, self.region_size,
-                                                        self.ignore_index, self.margin)
-            f_cnn, f_vit = out_cnn["feat"], out_vit["feat"]
-            if self.rbsd_feature == "encoder":  # ASPP's output, averaged from stride 16 (or 8) to 32
-                f_cnn = F.avg_pool2d(out_cnn["last"], 32 // self.cnn.output_stride, ceil_mode=True)
-                f_vit = out_vit["last"]
-            kd["rbsd"] = self.rbsd(f_cnn, f_vit, cnn_teaches, vit_teaches, valid, self.bsd_norm == "selected")
-            stats["regions_cnn_teaches"], stats["regions_vit_teaches"] = cnn_teaches.mean(), vit_teaches.mean()
+            kd["rbsd"], regions = self.region_bsd(out_cnn["last"], out_vit["last"], z_cnn, z_vit, ce_cnn, ce_vit,
+                                                  target, valid)
+            logged["regions_cnn_teaches"], logged["regions_vit_teaches"] = (m.mean() for m in regions)
         if self.use_pbsd:
-            cnn_teaches = vit_teaches = valid  # pixel_rule "all": no selection, the DML term
-            if self.pixel_rule == "lower-ce":  # the student with the lower CE teaches: region BSD's rule, 1×1 regions
-                cnn_teaches, vit_teaches = region_bsd_masks(ce_cnn, ce_vit, target, 1, self.ignore_index)
-            elif self.pixel_rule != "all":
-                cnn_teaches, vit_teaches = pixel_bsd_masks(z_cnn.detach(), z_vit.detach(), target, self.ignore_index,
-                                                           learner_must_be_wrong=self.pixel_rule == "exclusive")
-            kd["pbsd"] = pixel_bsd_loss(z_cnn, z_vit, cnn_teaches, vit_teaches, self.temperature,
-                                        valid if self.bsd_norm == "valid" else None)
-            stats["pixels_cnn_to_vit"] = cnn_teaches.sum() / n_valid
-            stats["pixels_vit_to_cnn"] = vit_teaches.sum() / n_valid
-        loss_cnn = terms["ce_cnn"] + kd_weight * sum(self.lambdas[name] * c for name, (c, v) in kd.items())
-        loss_vit = terms["ce_vit"] + kd_weight * sum(self.lambdas[name] * v for name, (c, v) in kd.items())
-        logged = {"loss_cnn": loss_cnn, "loss_vit": loss_vit, **terms, **stats}
+            kd["pbsd"], pixels = self.pixel_bsd(z_cnn, z_vit, ce_cnn, ce_vit, target, valid)
+            logged["pixels_cnn_to_vit"], logged["pixels_vit_to_cnn"] = (m.sum() / n_valid for m in pixels)
+        loss_cnn = logged["ce_cnn"] + kd_weight * sum(self.lambdas[name] * c for name, (c, v) in kd.items())
+        loss_vit = logged["ce_vit"] + kd_weight * sum(self.lambdas[name] * v for name, (c, v) in kd.items())
         for name, (c, v) in kd.items():
             logged[f"{name}_cnn"], logged[f"{name}_vit"] = c, v
-        return loss_cnn, loss_vit, {k: torch.as_tensor(v).detach() for k, v in logged.items()}
+        logged["loss_cnn"], logged["loss_vit"] = loss_cnn, loss_vit
+        return loss_cnn, loss_vit, {k: v.detach() for k, v in logged.items()}
+
+    def region_bsd(self, last_cnn, last_vit, z_cnn, z_vit, ce_cnn, ce_vit, target, valid):
+        """Who teaches each region ("Select"), then the transfer on Fₗᶜ, Fₗᵛ. A region's score [I]: mean CE,
+        or (--region-score error) the error rate."""
+        score_cnn, score_vit = ce_cnn, ce_vit
+        if self.region_score == "error":
+            score_cnn, score_vit = ((z.argmax(1) != target).float() for z in (z_cnn, z_vit))
+        masks = region_bsd_masks(score_cnn, score_vit, target, self.region_size, self.ignore_index, self.margin)
+        return self.rbsd(last_cnn, last_vit, *masks, valid, self.bsd_norm == "selected"), masks
+
+    def pixel_bsd(self, z_cnn, z_vit, ce_cnn, ce_vit, target, valid):
+        """Which pixels each student teaches (--pixel-rule [I]), then the masked KL."""
+        if self.pixel_rule == "all":  # no selection: every valid pixel both ways, the DML term
+            masks = valid, valid
+        elif self.pixel_rule == "lower-ce":  # the student with the lower CE teaches: region BSD's rule, 1×1 regions
+            masks = region_bsd_masks(ce_cnn, ce_vit, target, 1, self.ignore_index)
+        else:
+            masks = pixel_bsd_masks(z_cnn.detach(), z_vit.detach(), target, self.ignore_index,
+                                    learner_must_be_wrong=self.pixel_rule == "exclusive")
+        return pixel_bsd_loss(z_cnn, z_vit, *masks, valid, self.temperature, self.bsd_norm == "selected"), masks
 
 
 # ----------------------------------------------------------------------------------
@@ -1259,9 +1243,8 @@ def build_model(args, num_classes, ctx=None):
         torch.distributed.barrier()
     try:
         return CTCL(num_classes, method=args.method, lambda_hfd=args.lambda_hfd, lambda_rbsd=args.lambda_rbsd,
-                    lambda_pbsd=args.lambda_pbsd, hfd=args.hfd, rbsd_feature=args.rbsd_feature,
-                    region_size=args.region_size, margin=args.rbsd_margin, region_score=args.region_score,
-                    temperature=args.temperature, pixel_rule=args.pixel_rule, bsd_norm=args.bsd_norm,
+                    lambda_pbsd=args.lambda_pbsd, region_size=args.region_size, margin=args.rbsd_margin,
+                    region_score=args.region_score, temperature=args.temperature, pixel_rule=args.pixel_rule, bsd_norm=args.bsd_norm,
                     output_stride=args.output_stride, pretrained=args.pretrained, vit_weights=args.vit_weights)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
         raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({error}): run "
@@ -1300,7 +1283,7 @@ def train(args, ctx):
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as error:
-            made_with = {k: ckpt.get("args", {}).get(k) for k in ("data", "method", "hfd", "rbsd_feature")}
+            made_with = {k: ckpt.get("args", {}).get(k) for k in ("data", "method", "lambda_hfd", "lambda_rbsd")}
             raise UserError(f"--resume {args.resume} holds another model (made with {made_with}): "
                             f"{str(error).splitlines()[0]}") from None
         for obj, state in zip(optimizers + schedulers, ckpt["optimizers"] + ckpt["schedulers"]):
@@ -1565,12 +1548,7 @@ def get_args_parser():
     a("--lambda-hfd", type=weight, default=1.0, help="[I] weight of HFD (0 = ablation)")
     a("--lambda-rbsd", type=weight, default=1.0, help="[I] weight of region-wise BSD (0 = ablation)")
     a("--lambda-pbsd", type=weight, default=1.0, help="[I] weight of pixel-wise BSD (0 = ablation)")
-    a("--hfd", default="next-stage", choices=["next-stage", "stage1"], help="[I] through the peer's next "
-      "stage against its stage-2 feature (the figure), or against its stage-1 feature")
-    a("--rbsd-feature", default="encoder", choices=["encoder", "decoder"], help="[I] region BSD on the "
-      "encoders' last features at stride 32 (the figure), or on the decoder features at stride 4")
-    a("--region-size", type=count, default=32, help="[I] side of a region in label pixels (a multiple of 32; "
-      "of 4 with --rbsd-feature decoder)")
+    a("--region-size", type=count, default=32, help="[I] side of a region in label pixels (a multiple of 32)")
     a("--rbsd-margin", type=float, default=0.0, help="[I] a student teaches a region if its score there is "
       "lower than its peer's by more than this (-inf: both teach everywhere)")
     a("--region-score", default="ce", choices=["ce", "error"], help="[I] a student's score in a region: its "
@@ -1639,15 +1617,14 @@ def fill_defaults(args):
     args.out = given_or(args.out, pathlib.Path("runs") / f"{args.data}-{args.method}-s{args.seed}")
     world = int(os.environ.get("WORLD_SIZE", 1))
     cpu = args.gpu == -1 or (args.gpu is None and not torch.cuda.is_available())
-    stride = 32 if args.rbsd_feature == "encoder" else 4  # the grid region BSD works on
     checks = [
         (len(args.crop_size) == 2, f"--crop-size takes one or two sides, got {' '.join(map(str, args.crop_size))}"),
         (args.batch_size % world == 0, f"--batch-size {args.batch_size} does not split evenly across {world} "
          f"processes: it is the global batch, so make it a multiple of {world}"),
         (args.batch_size // world >= 2 or not cpu, f"--batch-size {args.batch_size} leaves one image per process, "
          "and BatchNorm needs two on the CPU (no SyncBatchNorm there): raise it to at least 2 per process"),
-        (args.region_size % stride == 0, f"--region-size must be a positive multiple of {stride} (the stride of the "
-         f"features that --rbsd-feature {args.rbsd_feature} compares), got {args.region_size}"),
+        (args.region_size % 32 == 0, "--region-size must be a positive multiple of 32 (the stride of the encoders' "
+         f"last features that region BSD compares), got {args.region_size}"),
         (math.isfinite(args.rbsd_margin) or args.rbsd_margin == -math.inf, f"--rbsd-margin must be a finite number "
          f"or -inf (every region taught both ways), got {args.rbsd_margin}"),
         (args.vit_weights != "", "--vit-weights needs a path, or 'none'"),

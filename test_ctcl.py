@@ -386,22 +386,6 @@ def ref_masked_kl(student, teacher, mask, temperature, denominator=None):
 # ----------------------------------------------------------------------------------
 # HFD
 
-def test_hfd_stage1_reading_equals_reference():
-    torch.manual_seed(0)
-    hfd = ctcl.HFD(cnn_channels=6, vit_channels=4).eval()
-    low_cnn, low_vit = torch.randn(2, 6, 5, 7), torch.randn(2, 4, 5, 7)
-    loss_cnn, loss_vit = hfd(low_cnn, low_vit)
-    with torch.no_grad():
-        assert loss_cnn.item() == pytest.approx(ref_mimic(hfd.cnn_to_vit(low_cnn), low_vit), abs=1e-6)
-        assert loss_vit.item() == pytest.approx(ref_mimic(hfd.vit_to_cnn(low_vit), low_cnn), abs=1e-6)
-
-
-def test_hfd_resizes_projection_to_target():
-    hfd = ctcl.HFD(cnn_channels=6, vit_channels=4).eval()
-    loss_cnn, loss_vit = hfd(torch.randn(1, 6, 8, 8), torch.randn(1, 4, 4, 4))
-    assert torch.isfinite(loss_cnn) and torch.isfinite(loss_vit)
-
-
 def students_and_outputs(seed=0, size=(48, 64), mode="eval", **kwargs):
     torch.manual_seed(seed)
     model = ctcl.CTCL(4, **kwargs)
@@ -417,7 +401,7 @@ def test_hfd_through_the_peer_stage_equals_reference():
     model, images, out_cnn, out_vit = students_and_outputs()
     logged = model.objective(out_cnn, out_vit, random_target(2, 48, 64, 4))[2]
     with torch.no_grad():
-        through_vit = model.vit.encoder(model.hfd.cnn_to_vit(out_cnn["low"]), stages=(2,))[0]
+        through_vit = model.vit.encoder(model.hfd.cnn_to_vit(out_cnn["low"]), stage=2)
         through_cnn = model.cnn.backbone.layer2(model.hfd.vit_to_cnn(out_vit["low"]))
         assert through_vit.shape == out_vit["mid"].shape == (2, 64, 6, 8)
         assert through_cnn.shape == out_cnn["mid"].shape == (2, 128, 6, 8)
@@ -434,8 +418,8 @@ def test_hfd_through_the_peer_trains_only_the_learner_and_leaves_the_peer_bn_alo
     students = nn.ModuleList([model.cnn, model.vit])
     buffers = {k: v.clone() for k, v in students.named_buffers()}
     hfd_cnn, hfd_vit = model.hfd(out_cnn["low"], out_vit["low"], out_cnn["mid"], out_vit["mid"],
-                                 cnn_stage=ctcl.frozen(model.cnn.backbone.layer2),
-                                 vit_stage=lambda x: ctcl.frozen(model.vit.encoder, stages=(2,))(x)[0])
+                                 cnn_next=ctcl.frozen(model.cnn.backbone.layer2),
+                                 vit_next=ctcl.frozen(model.vit.encoder, stage=2))
     for k, v in students.named_buffers():
         assert torch.equal(v, buffers[k]), k
     cnn_stage1 = [*model.cnn.backbone.layer1.parameters(), *model.hfd.cnn_to_vit.parameters()]
@@ -466,10 +450,8 @@ def test_hfd_is_zero_for_identical_students():
     identity_projector_(hfd.cnn_to_vit)
     identity_projector_(hfd.vit_to_cnn)
     low = torch.rand(2, 8, 6, 6)  # post-ReLU features are non-negative
-    loss_cnn, loss_vit = hfd(low, low.clone())
-    assert loss_cnn.item() == pytest.approx(0, abs=1e-5) and loss_vit.item() == pytest.approx(0, abs=1e-5)
     stage = nn.Conv2d(8, 5, 3, padding=1)  # one peer stage for both: the same feature through it is its target
-    loss_cnn, loss_vit = hfd(low, low.clone(), stage(low), stage(low), cnn_stage=stage, vit_stage=stage)
+    loss_cnn, loss_vit = hfd(low, low.clone(), stage(low), stage(low), cnn_next=stage, vit_next=stage)
     assert loss_cnn.item() == pytest.approx(0, abs=1e-5) and loss_vit.item() == pytest.approx(0, abs=1e-5)
 
 
@@ -511,85 +493,75 @@ def test_region_bsd_masks_empty_regions_and_ties_teach_nobody():
     assert (cnn * vit).sum() == 0 and cnn.sum() > 0 and vit.sum() > 0
 
 
-def ref_region_loss(q_student, feat_student, feat_teacher, mask, s, valid=None, per_taught=False, stride=4):
-    """Region mask expanded by a loop; with a label-grid `valid` mask, only positions whose
-    stride×stride label cell holds a valid pixel count, in the sum and in N_valid."""
+def ref_region_loss(q_student, feat_student, feat_teacher, mask, s, valid, per_taught=False):
+    """Region mask expanded by a loop; only positions whose 32×32 label cell holds a valid pixel
+    count, in the sum and in N_valid (per_taught: in Σ m·v)."""
     b, _, h, w = feat_student.shape
-    expanded, cells = torch.zeros(b, h, w), torch.ones(b, h, w)
+    expanded, cells = torch.zeros(b, h, w), torch.zeros(b, h, w)
     for i in range(b):
         for y in range(h):
             for x in range(w):
                 expanded[i, y, x] = mask[i, y // s, x // s]
-                if valid is not None:
-                    cells[i, y, x] = float(valid[i, y * stride:(y + 1) * stride, x * stride:(x + 1) * stride].any())
-    denominator = None if valid is None or per_taught else float(cells.sum())
+                cells[i, y, x] = float(valid[i, y * 32:(y + 1) * 32, x * 32:(x + 1) * 32].any())
     with torch.no_grad():
-        return ref_mimic(q_student(feat_student), feat_teacher, expanded * cells, denominator)
+        return ref_mimic(q_student(feat_student), feat_teacher, expanded * cells,
+                         None if per_taught else float(cells.sum()))
 
 
-@pytest.mark.parametrize("region_size,stride", [(8, 4), (16, 4), (32, 4), (32, 32), (64, 32)])
-def test_region_bsd_loss_equals_reference(region_size, stride):
-    torch.manual_seed(1)
-    h, w = 37, 45  # label size; feature grid ceil(h/stride) x ceil(w/stride), partial regions
-    hf, wf = math.ceil(h / stride), math.ceil(w / stride)
-    rbsd = ctcl.RegionBSD(channels=6, region_size=region_size, feature_stride=stride)
-    feat_cnn, feat_vit = torch.randn(2, 6, hf, wf), torch.randn(2, 6, hf, wf)
-    gh, gw = math.ceil(h / region_size), math.ceil(w / region_size)
-    cnn_teaches = (torch.rand(2, gh, gw) < 0.5).float()
-    vit_teaches = (1 - cnn_teaches) * (torch.rand(2, gh, gw) < 0.5).float()
-    loss_cnn, loss_vit = rbsd(feat_cnn, feat_vit, cnn_teaches, vit_teaches)
-    s = region_size // stride
-    assert loss_vit.item() == pytest.approx(ref_region_loss(rbsd.q_vit, feat_vit, feat_cnn, cnn_teaches, s), abs=1e-6)
-    assert loss_cnn.item() == pytest.approx(ref_region_loss(rbsd.q_cnn, feat_cnn, feat_vit, vit_teaches, s), abs=1e-6)
-
-
-@pytest.mark.parametrize("region_size,stride,per_taught", [(8, 4, False), (16, 4, False), (16, 4, True),
-                                                          (32, 32, False)])
-def test_region_bsd_counts_only_positions_over_valid_pixels(region_size, stride, per_taught):
+@pytest.mark.parametrize("region_size,per_taught", [(32, False), (64, False), (64, True), (96, False)])
+def test_region_bsd_loss_counts_only_positions_over_valid_pixels(region_size, per_taught):
     """Σ m·v·d / Σ v (or / Σ m·v): a taught position whose label cell holds no valid pixel (padding,
     a 255 border) adds nothing to the sum, as it adds nothing to the count."""
     torch.manual_seed(2)
-    h, w = 37, 45
-    hf, wf = math.ceil(h / stride), math.ceil(w / stride)
-    rbsd = ctcl.RegionBSD(channels=6, region_size=region_size, feature_stride=stride)
-    feat_cnn, feat_vit = torch.randn(2, 6, hf, wf), torch.randn(2, 6, hf, wf)
-    target = random_target(2, h, w, 3, ignore_frac=0.9 if stride == 4 else 0.3, seed=4)  # cells with no valid pixel
-    target[0, :16, :16] = 255
-    target[1, 32:, :] = 255
+    h, w = 150, 230  # a 5×8 grid of 32-pixel cells, the last ones partial
+    rbsd = ctcl.RegionBSD(channels=6, region_size=region_size, cnn_stride=32)  # both features on the grid
+    feat_cnn, feat_vit = torch.randn(2, 6, 5, 8), torch.randn(2, 6, 5, 8)
+    target = random_target(2, h, w, 3, ignore_frac=0.3, seed=4)
+    target[0, :64, :64] = 255
+    target[1, 128:, :] = 255
     gh, gw = math.ceil(h / region_size), math.ceil(w / region_size)
-    cnn_teaches = torch.ones(2, gh, gw)
-    cnn_teaches[0, 0, 1] = 0
+    cnn_teaches = (torch.rand(2, gh, gw) < 0.5).float()
     vit_teaches = 1 - cnn_teaches
     valid = target != 255
-    loss_cnn, loss_vit = rbsd(feat_cnn, feat_vit, cnn_teaches, vit_teaches, valid=valid, per_taught=per_taught)
-    s = region_size // stride
-    want_vit = ref_region_loss(rbsd.q_vit, feat_vit, feat_cnn, cnn_teaches, s, valid, per_taught, stride)
-    want_cnn = ref_region_loss(rbsd.q_cnn, feat_cnn, feat_vit, vit_teaches, s, valid, per_taught, stride)
+    loss_cnn, loss_vit = rbsd(feat_cnn, feat_vit, cnn_teaches, vit_teaches, valid, per_taught)
+    s = region_size // 32
+    want_vit = ref_region_loss(rbsd.q_vit, feat_vit, feat_cnn, cnn_teaches, s, valid, per_taught)
+    want_cnn = ref_region_loss(rbsd.q_cnn, feat_cnn, feat_vit, vit_teaches, s, valid, per_taught)
     assert loss_vit.item() == pytest.approx(want_vit, rel=1e-5) and loss_cnn.item() == pytest.approx(want_cnn, rel=1e-5)
-    if stride == 4:
-        assert 0 < ref_valid_feature_cells(target) < 2 * hf * wf
+    assert 0 < ref_valid_feature_cells(target, stride=32) < 2 * 5 * 8 and 0 < cnn_teaches.sum() < cnn_teaches.numel()
+
+
+def test_region_bsd_averages_the_cnn_feature_onto_the_vit_grid():
+    """The CNN's stride-16 feature, averaged over the (up to) 2×2 cells of each 32-pixel block by a loop."""
+    torch.manual_seed(3)
+    rbsd = ctcl.RegionBSD(channels=6)  # 32-pixel regions, the CNN at stride 16
+    last_cnn, last_vit = torch.randn(2, 6, 5, 7), torch.randn(2, 6, 3, 4)  # an 80×100 crop
+    ones, valid = torch.ones(2, 3, 4), torch.ones(2, 80, 100, dtype=torch.bool)
+    loss_cnn, loss_vit = rbsd(last_cnn, last_vit, ones, ones, valid)
+    pooled = ref_pool_to_regions(last_cnn, (3, 4))
+    assert loss_vit.item() == pytest.approx(ref_region_loss(rbsd.q_vit, last_vit, pooled, ones, 1, valid), rel=1e-5)
+    assert loss_cnn.item() == pytest.approx(ref_region_loss(rbsd.q_cnn, pooled, last_vit, ones, 1, valid), rel=1e-5)
 
 
 def test_region_bsd_with_no_teaching_region_is_zero():
-    rbsd = ctcl.RegionBSD(channels=4, region_size=8, feature_stride=4)
+    rbsd = ctcl.RegionBSD(channels=4, region_size=64, cnn_stride=32)
     zeros = torch.zeros(1, 2, 2)
-    loss_cnn, loss_vit = rbsd(torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4), zeros, zeros)
+    loss_cnn, loss_vit = rbsd(torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4), zeros, zeros, torch.ones(1, 128, 128))
     assert loss_cnn.item() == 0 and loss_vit.item() == 0
 
 
-def test_region_size_must_be_multiple_of_feature_stride():
-    with pytest.raises(AssertionError, match="multiple"):
-        ctcl.RegionBSD(region_size=30, feature_stride=4)
-    with pytest.raises(AssertionError, match="multiple"):
-        ctcl.RegionBSD(region_size=48)  # the encoders' grid: stride 32
+def test_region_size_must_be_multiple_of_32():
+    for size in (16, 48):
+        with pytest.raises(AssertionError, match="multiple of 32"):
+            ctcl.RegionBSD(region_size=size)
 
 
 def test_region_bsd_gradients_flow_only_to_the_learner():
-    rbsd = ctcl.RegionBSD(channels=4, region_size=8, feature_stride=4)
+    rbsd = ctcl.RegionBSD(channels=4, region_size=64, cnn_stride=32)
     feat_cnn = torch.randn(1, 4, 4, 4, requires_grad=True)
     feat_vit = torch.randn(1, 4, 4, 4, requires_grad=True)
     ones = torch.ones(1, 2, 2)
-    loss_cnn, loss_vit = rbsd(feat_cnn, feat_vit, ones, ones)
+    loss_cnn, loss_vit = rbsd(feat_cnn, feat_vit, ones, ones, torch.ones(1, 128, 128))
     g_cnn, g_vit = torch.autograd.grad(loss_cnn, (feat_cnn, feat_vit), allow_unused=True)
     assert g_vit is None and g_cnn.abs().sum() > 0
     g_cnn, g_vit = torch.autograd.grad(loss_vit, (feat_cnn, feat_vit), allow_unused=True)
@@ -597,14 +569,14 @@ def test_region_bsd_gradients_flow_only_to_the_learner():
 
 
 def test_region_bsd_is_zero_for_identical_students():
-    rbsd = ctcl.RegionBSD(channels=4, region_size=8, feature_stride=4)
+    rbsd = ctcl.RegionBSD(channels=4, region_size=64, cnn_stride=32)
     with torch.no_grad():
         for q in (rbsd.q_cnn, rbsd.q_vit):
             q.weight.copy_(torch.eye(4).reshape(4, 4, 1, 1))
             q.bias.zero_()
     feat = torch.randn(2, 4, 5, 5)
     ones = torch.ones(2, 3, 3)
-    loss_cnn, loss_vit = rbsd(feat, feat.clone(), ones, ones)
+    loss_cnn, loss_vit = rbsd(feat, feat.clone(), ones, ones, torch.ones(2, 160, 160))
     assert loss_cnn.item() == pytest.approx(0, abs=1e-6) and loss_vit.item() == pytest.approx(0, abs=1e-6)
     ce = torch.rand(2, 20, 20)
     cnn, vit = ctcl.region_bsd_masks(ce, ce.clone(), torch.zeros(2, 20, 20, dtype=torch.long), region_size=8)
@@ -668,7 +640,8 @@ def test_pixel_bsd_masks_teacher_right_rule():
 def test_pixel_bsd_loss_equals_reference(temperature):
     logits_cnn, logits_vit, target = pixel_inputs(seed=3)
     cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, target)
-    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits_cnn, logits_vit, cnn, vit, temperature=temperature)
+    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits_cnn, logits_vit, cnn, vit, target != 255, temperature=temperature,
+                                             per_taught=True)  # the reference averages over the taught pixels
     assert loss_vit.item() == pytest.approx(ref_masked_kl(logits_vit, logits_cnn, cnn, temperature), abs=1e-6)
     assert loss_cnn.item() == pytest.approx(ref_masked_kl(logits_cnn, logits_vit, vit, temperature), abs=1e-6)
 
@@ -698,7 +671,7 @@ def test_pixel_bsd_gradients_flow_only_to_the_learner():
     cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, target)
     logits_cnn.requires_grad_(True)
     logits_vit.requires_grad_(True)
-    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits_cnn, logits_vit, cnn, vit)
+    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits_cnn, logits_vit, cnn, vit, target != 255)
     g_cnn, g_vit = torch.autograd.grad(loss_cnn, (logits_cnn, logits_vit), allow_unused=True)
     assert g_vit is None and g_cnn.abs().sum() > 0
     g_cnn, g_vit = torch.autograd.grad(loss_vit, (logits_cnn, logits_vit), allow_unused=True)
@@ -710,7 +683,7 @@ def test_pixel_bsd_is_zero_for_identical_students():
     cnn, vit = ctcl.pixel_bsd_masks(logits, logits.clone(), target)
     assert cnn.sum() == 0 and vit.sum() == 0  # nobody is right where the other is wrong
     ones = torch.ones_like(cnn)
-    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits, logits.clone(), ones, ones)
+    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits, logits.clone(), ones, ones, ones)
     assert loss_cnn.item() == pytest.approx(0, abs=1e-6) and loss_vit.item() == pytest.approx(0, abs=1e-6)
 
 
@@ -792,8 +765,7 @@ def test_confusion_matrix_accumulates_over_a_split():
 # ----------------------------------------------------------------------------------
 # The teaching pieces stand alone, and the masking has no host sync or Python loop
 
-TEACHING_PIECES = ["HFD", "frozen", "region_bsd_masks", "RegionBSD", "pixel_bsd_masks", "pixel_bsd_loss",
-                   "confusion_matrix", "iou_from_confusion"]
+METHOD_PIECES = ["HFD", "frozen", "region_bsd_masks", "RegionBSD", "pixel_bsd_masks", "pixel_bsd_loss"]
 
 
 def module_helpers(obj, seen=None):
@@ -815,50 +787,61 @@ def module_helpers(obj, seen=None):
     return seen
 
 
-@pytest.mark.parametrize("name", TEACHING_PIECES)
-def test_teaching_piece_runs_alone(name):
+def copied_alone(name):
+    """ctcl.<name> and the module-level helpers it uses, executed on their own in a fresh namespace."""
     piece = getattr(ctcl, name)
     namespace = {"torch": torch, "nn": nn, "F": F}
     for obj in module_helpers(piece)[::-1] + [piece]:
         exec(inspect.getsource(obj), namespace)
-    alone = namespace[name]
+    return namespace[name]
+
+
+def test_method_pieces_copied_alone_give_the_objectives_terms():
+    """A lecturer copies HFD, RegionBSD, region_bsd_masks, pixel_bsd_masks and pixel_bsd_loss (each
+    with its small helpers) into course notes and calls each with the arguments it needs and no
+    more: they give the terms the program's default objective computes on the same outputs."""
+    model, images, out_cnn, out_vit = students_and_outputs(size=(80, 100))
+    target = random_target(2, 80, 100, 4, seed=9)
+    target[0, :32, :32] = 255
+    logged = model.objective(out_cnn, out_vit, target)[2]
+    pieces = {name: copied_alone(name) for name in METHOD_PIECES}
+    with torch.no_grad():
+        hfd, rbsd = pieces["HFD"]().eval(), pieces["RegionBSD"]()
+        hfd.load_state_dict(model.hfd.state_dict())
+        rbsd.load_state_dict(model.rbsd.state_dict())
+        frozen = pieces["frozen"]
+        got = {"hfd": hfd(out_cnn["low"], out_vit["low"], out_cnn["mid"], out_vit["mid"],
+                          frozen(model.cnn.backbone.layer2), frozen(model.vit.encoder, stage=2))}
+        z = [F.interpolate(o["logits"], size=(80, 100), mode="bilinear", align_corners=False) for o in (out_cnn, out_vit)]
+        ce = [F.cross_entropy(zz, target, ignore_index=255, reduction="none") for zz in z]
+        valid = target != 255
+        got["rbsd"] = rbsd(out_cnn["last"], out_vit["last"], *pieces["region_bsd_masks"](*ce, target), valid)
+        got["pbsd"] = pieces["pixel_bsd_loss"](*z, *pieces["pixel_bsd_masks"](*z, target), valid)
+    for name, (c, v) in got.items():
+        assert c.item() == pytest.approx(logged[f"{name}_cnn"].item(), rel=1e-6), name
+        assert v.item() == pytest.approx(logged[f"{name}_vit"].item(), rel=1e-6), name
+        assert c.item() > 0 and v.item() > 0
+
+
+@pytest.mark.parametrize("name", ["frozen", "confusion_matrix", "iou_from_confusion"])
+def test_helper_piece_runs_alone(name):
+    piece, alone = getattr(ctcl, name), copied_alone(name)
     torch.manual_seed(0)
-    if name == "HFD":
-        args = (torch.randn(2, 64, 6, 6), torch.randn(2, 32, 6, 6))
-    elif name == "RegionBSD":
-        args = (torch.randn(2, 256, 6, 6), torch.randn(2, 256, 6, 6), torch.ones(2, 1, 1), torch.ones(2, 1, 1))
-    elif name == "region_bsd_masks":
-        ce_cnn, ce_vit, target = region_inputs()
-        args = (ce_cnn, ce_vit, target)
-    elif name in ("pixel_bsd_masks", "pixel_bsd_loss"):
-        logits_cnn, logits_vit, target = pixel_inputs()
-        args = (logits_cnn, logits_vit, target)
-        if name == "pixel_bsd_loss":
-            args = (logits_cnn, logits_vit) + ctcl.pixel_bsd_masks(*args)
-    elif name == "confusion_matrix":
-        args = (torch.randint(0, 3, (2, 5, 5)), random_target(2, 5, 5, 3), 3)
-    elif name == "frozen":  # a BN layer as a fixed function, on the same input
+    if name == "frozen":  # a BN layer as a fixed function, on the same input
         stage, x = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), torch.randn(2, 3, 5, 5)
-        got, want = alone(stage)(x), piece(stage)(x)
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(alone(stage)(x), piece(stage)(x))
         assert stage[1].num_batches_tracked == 0
         return
-    else:
-        args = (torch.randint(0, 9, (3, 3)),)
-    if inspect.isclass(piece):
-        torch.manual_seed(0)
-        alone_module = alone()
-        torch.manual_seed(0)
-        got, want = alone_module(*args), piece()(*args)
-    else:
-        got, want = alone(*args), piece(*args)
+    args = (torch.randint(0, 3, (2, 5, 5)), random_target(2, 5, 5, 3), 3) if name == "confusion_matrix" else (
+        torch.randint(0, 9, (3, 3)),)
+    got, want = alone(*args), piece(*args)
     for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
         torch.testing.assert_close(g, w, equal_nan=True)
 
 
 FORBIDDEN = re.compile(r"\.item\(|\.tolist\(|\.cpu\(|nonzero|\bfor\b|\bwhile\b|\[[^\]]*(mask|valid|keep|teaches)[^\]]*\]")
-NO_SYNC_PIECES = ["mimic_loss", "normalized_distance", "region_sums", "region_bsd_masks", "expand_region_mask",
-                  "RegionBSD", "HFD", "pixel_bsd_masks", "masked_kl", "pixel_bsd_loss",
+NO_SYNC_PIECES = ["feature_distance", "region_sums", "region_bsd_masks", "expand_region_mask",
+                  "RegionBSD", "HFD", "pixel_bsd_masks", "kl_map", "pixel_bsd_loss",
                   "confusion_matrix"]
 
 
@@ -890,7 +873,7 @@ def value_and_grad(fn, x, *rest, autocast=False):
 
 @pytest.mark.parametrize("agree", [True, False])
 def test_distances_and_kl_under_bf16_autocast_equal_fp32(agree):
-    """mimic_loss (HFD, region BSD) and pixel BSD's KL, value and gradient, within 1% of fp32
+    """feature_distance (HFD, region BSD) and pixel BSD's KL, value and gradient, within 1% of fp32
     under torch.autocast("cpu", bfloat16): both run in fp32 with autocast off. A distance
     computed as 2 − 2·<a, b>/(|a||b|) with the dot product in bf16 is off by more than 100%."""
     a, close, far = nearly_agreeing(0)
@@ -899,8 +882,15 @@ def test_distances_and_kl_under_bf16_autocast_equal_fp32(agree):
     if agree:
         assert F.mse_loss(F.normalize(a, dim=1), F.normalize(b, dim=1), reduction="sum") / (2 * 144) <= 0.01
     logits_a, logits_b = a[:, :21] * 0.5, b[:, :21] * 0.5
-    for fn, x, rest in ((ctcl.mimic_loss, a, (b,)), (ctcl.mimic_loss, a, (b, weight)),
-                        (ctcl.masked_kl, logits_a, (logits_b, weight))):
+    def hfd_like(a, b):
+        return ctcl.feature_distance(a, b).mean()
+
+    def region_like(a, b):
+        return (weight * ctcl.feature_distance(a, b)).sum() / weight.sum()
+
+    def pixel_like(a, b):
+        return (weight * ctcl.kl_map(a, b)).sum() / weight.sum()
+    for fn, x, rest in ((hfd_like, a, (b,)), (region_like, a, (b,)), (pixel_like, logits_a, (logits_b,))):
         want, want_grad = value_and_grad(fn, x, *rest)
         got, got_grad = value_and_grad(fn, x, *rest, autocast=True)
         assert got == pytest.approx(want, rel=0.01), fn.__name__
@@ -1034,22 +1024,17 @@ def ref_pool_to_regions(last_cnn, grid):
     return out
 
 
-READINGS = [("next-stage", "encoder", "valid", "exclusive"), ("stage1", "decoder", "valid", "exclusive"),
-            ("next-stage", "encoder", "selected", "exclusive"), ("stage1", "decoder", "selected", "lower-ce"),
-            ("next-stage", "encoder", "valid", "lower-ce")]
-
-
-@pytest.mark.parametrize("hfd,rbsd_feature,bsd_norm,pixel_rule", READINGS)
-def test_objective_equals_reference_with_loops_deciding_who_teaches(hfd, rbsd_feature, bsd_norm, pixel_rule):
+@pytest.mark.parametrize("bsd_norm,pixel_rule", [("valid", "exclusive"), ("selected", "exclusive"),
+                                                 ("selected", "lower-ce"), ("valid", "lower-ce")])
+def test_objective_equals_reference_with_loops_deciding_who_teaches(bsd_norm, pixel_rule):
     """Every term of L_cnn and L_vit, recomputed from the students' own outputs: plain loops
     decide which student teaches each region and pixel, and the learner is the other one;
     HFD runs the peers' stages by plain calls. A swap of the two masks, or of learner and
     peer, anywhere in CTCL.objective changes L_cnn and L_vit."""
     torch.manual_seed(0)
     lam = dict(lambda_hfd=0.7, lambda_rbsd=1.3, lambda_pbsd=2.1)
-    r = 32 if rbsd_feature == "encoder" else 16
-    model = ctcl.CTCL(4, hfd=hfd, rbsd_feature=rbsd_feature, region_size=r, bsd_norm=bsd_norm,
-                      pixel_rule=pixel_rule, **lam).eval()  # no dropout
+    r = 32
+    model = ctcl.CTCL(4, bsd_norm=bsd_norm, pixel_rule=pixel_rule, **lam).eval()  # no dropout
     h, w = 64, 100
     images, target = torch.randn(2, 3, h, w), random_target(2, h, w, 4, ignore_frac=0.15, seed=6)
     target[1, :32, :32] = 255  # a region with no valid pixel
@@ -1068,23 +1053,17 @@ def test_objective_equals_reference_with_loops_deciding_who_teaches(hfd, rbsd_fe
             pixels_cnn, pixels_vit = ref_pixel_masks(z_cnn, z_vit, target)
         for m in (regions_cnn, regions_vit, pixels_cnn, pixels_vit):
             assert 0 < m.sum() < m.numel()  # every direction teaches somewhere, not everywhere
-        if hfd == "next-stage":  # the learner's projected stage 1 through the peer's stage 2
-            hfd_cnn = ref_mimic(model.vit.encoder(model.hfd.cnn_to_vit(out_cnn["low"]), stages=(2,))[0], out_vit["mid"])
-            hfd_vit = ref_mimic(model.cnn.backbone.layer2(model.hfd.vit_to_cnn(out_vit["low"])), out_cnn["mid"])
-        else:
-            hfd_cnn = ref_mimic(model.hfd.cnn_to_vit(out_cnn["low"]), out_vit["low"])
-            hfd_vit = ref_mimic(model.hfd.vit_to_cnn(out_vit["low"]), out_cnn["low"])
-        if rbsd_feature == "encoder":
-            f_cnn, f_vit, s, stride = ref_pool_to_regions(out_cnn["last"], out_vit["last"].shape[-2:]), out_vit["last"], 1, 32
-        else:
-            f_cnn, f_vit, s, stride = out_cnn["feat"], out_vit["feat"], 4, 4
+        # the learner's projected stage 1 through the peer's stage 2
+        hfd_cnn = ref_mimic(model.vit.encoder(model.hfd.cnn_to_vit(out_cnn["low"]), stage=2), out_vit["mid"])
+        hfd_vit = ref_mimic(model.cnn.backbone.layer2(model.hfd.vit_to_cnn(out_vit["low"])), out_cnn["mid"])
+        f_cnn, f_vit, s = ref_pool_to_regions(out_cnn["last"], out_vit["last"].shape[-2:]), out_vit["last"], 1
         valid, per_taught = target != 255, bsd_norm == "selected"
         want = {
             "ce_cnn": float(ce_cnn.sum()) / n_valid, "ce_vit": float(ce_vit.sum()) / n_valid,
             "hfd_cnn": hfd_cnn, "hfd_vit": hfd_vit,
             # the CNN learns where the ViT teaches, and the other way round
-            "rbsd_cnn": ref_region_loss(model.rbsd.q_cnn, f_cnn, f_vit, regions_vit, s, valid, per_taught, stride),
-            "rbsd_vit": ref_region_loss(model.rbsd.q_vit, f_vit, f_cnn, regions_cnn, s, valid, per_taught, stride),
+            "rbsd_cnn": ref_region_loss(model.rbsd.q_cnn, f_cnn, f_vit, regions_vit, s, valid, per_taught),
+            "rbsd_vit": ref_region_loss(model.rbsd.q_vit, f_vit, f_cnn, regions_cnn, s, valid, per_taught),
             "pbsd_cnn": ref_masked_kl(z_cnn, z_vit, pixels_vit, 1.0, None if per_taught else n_valid),
             "pbsd_vit": ref_masked_kl(z_vit, z_cnn, pixels_cnn, 1.0, None if per_taught else n_valid),
         }
@@ -1623,9 +1602,8 @@ def test_summarize_groups_seeds_and_leaves_out_unfinished_runs(tmp_path, small_d
 
 @pytest.mark.parametrize("argv,message", [
     (["--resume", "missing.pt"], "--resume missing.pt: no such file"),
-    (["--region-size", "30"], "--region-size must be a positive multiple of 32 (the stride of the features that "
-                               "--rbsd-feature encoder compares), got 30"),
-    (["--region-size", "30", "--rbsd-feature", "decoder"], "--region-size must be a positive multiple of 4"),
+    (["--region-size", "30"], "--region-size must be a positive multiple of 32 (the stride of the encoders' last "
+                               "features that region BSD compares), got 30"),
     (["--save-every", "0"], "argument --save-every: must be a whole number >= 1, got 0"),
     (["--crop-size", "16"], "argument --crop-size: must be a whole number >= 32 and <= 4096, got 16"),
     (["--crop-size", "64", "64", "64"], "--crop-size takes one or two sides, got 64 64 64"),
@@ -1695,7 +1673,7 @@ def test_bad_argument_from_the_shell_has_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("ctcl.py: error: --region-size must be a positive multiple of 32 (the stride of the "
-                                   "features that --rbsd-feature encoder compares), got 30")
+                                   "encoders' last features that region BSD compares), got 30")
 
 
 def test_benchmark_prints_json_line(capsys):
