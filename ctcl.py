@@ -22,9 +22,11 @@ Choices the abstract and the figure leave open are marked [I] (interpreted); eac
 and the README lists them under "What we inferred".
 """
 import argparse
+import collections
 import contextlib
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -52,6 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
 IGNORE_INDEX = 255  # VOC's "void" label: padding, object borders, unlabelled pixels
+PIL.Image.MAX_IMAGE_PIXELS = None  # panoramas and orthophotos are the user's own files, not a stranger's upload
 
 
 class UserError(Exception):
@@ -643,16 +646,26 @@ class SegmentationSet(torch.utils.data.Dataset):
             return self.transform(image, label)
 
 
+def read_lines(path):
+    """The non-empty lines of a UTF-8 text file, stripped; a byte-order mark (Windows editors write one) is dropped."""
+    try:
+        text = pathlib.Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start} is not): save it as UTF-8") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def voc_pairs(root, split):
     """VOC 2012: train_aug (SBD labels in SegmentationClassAug) when present, else train."""
     root, label_dir = pathlib.Path(root), "SegmentationClass"
     if split == "train" and (root / "ImageSets/Segmentation/train_aug.txt").exists():
         split, label_dir = "train_aug", "SegmentationClassAug"
     path = root / f"ImageSets/Segmentation/{split}.txt"
-    if not path.exists() or not path.read_text().split():
+    stems = read_lines(path) if path.is_file() else []
+    if not stems:
         raise UserError(f"split list {path} is {'empty' if path.exists() else 'missing'}: run "
                         "`bash data_prep.sh voc` or fix --data-root")
-    return [(root / "JPEGImages" / f"{i}.jpg", root / label_dir / f"{i}.png") for i in path.read_text().split()]
+    return [(root / "JPEGImages" / f"{i}.jpg", root / label_dir / f"{i}.png") for i in stems]
 
 
 def cityscapes_lut():
@@ -686,19 +699,34 @@ def camvid_lut():
     return ids.masked_fill(ids >= 11, IGNORE_INDEX)  # class 11 is "void"
 
 
+def files_by_stem(folder, suffixes):
+    """{stem: path} of the files in folder with one of these suffixes, in any case; hidden files (macOS's
+    ._IMG_0001.jpg) skipped; two files of one stem refused."""
+    found = {}
+    for path in sorted(folder.glob("*")):
+        if path.suffix.lower() in suffixes and not path.name.startswith("."):
+            if path.stem in found:
+                raise UserError(f"{found[path.stem]} and {path.name} have one stem, {path.stem}: keep one of them")
+            found[path.stem] = path
+    return found
+
+
 def folder_pairs(root, split):
     """Your own data: DIR/images/<stem>.{jpg,jpeg,png,bmp} with DIR/labels/<stem>.png, the stems of
     each split listed in DIR/train.txt and DIR/val.txt; without the two lists, every 10th sorted stem
     (the first included) is for validation, the rest for training."""
-    images = {p.stem: p for p in root.glob("images/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp")}
-    labels, lists = {p.stem: p for p in root.glob("labels/*.png")}, [root / "train.txt", root / "val.txt"]
+    images = files_by_stem(root / "images", (".jpg", ".jpeg", ".png", ".bmp"))
+    labels, lists = files_by_stem(root / "labels", (".png",)), [root / "train.txt", root / "val.txt"]
     if not any(p.is_file() for p in lists):
         stems = [s for k, s in enumerate(sorted(images.keys() | labels.keys())) if (k % 10 == 0) == (split == "val")]
     elif not all(p.is_file() for p in lists):
         raise UserError(f"{root} has one of train.txt and val.txt: write both lists of stems, or neither (then "
                         "every 10th sorted stem is for validation)")
     else:
-        stems = lists[split == "val"].read_text().split()
+        listed = [read_lines(p) for p in lists]
+        if twice := [stem for stem, n in collections.Counter(listed[0] + listed[1]).items() if n > 1]:
+            raise UserError(f"{root}: train.txt and val.txt list the stem {twice[0]} twice: list each image once")
+        stems = listed[split == "val"]
     for stem in stems:
         if stem not in labels or stem not in images:
             what = images.get(stem) or labels.get(stem) or f"{lists[split == 'val']} lists {stem}, which"
@@ -713,15 +741,17 @@ def read_classes(root):
     path = pathlib.Path(root) / "classes.txt"
     if not path.parent.is_dir():
         raise UserError(f"--data-root {root} is not a folder: give the one that holds images/, labels/, classes.txt")
-    lines = [line.split() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    lines = [line.split() for line in read_lines(path)] if path.is_file() else []
     if not 0 < len(lines) < 256:
         problem = "is missing" if not path.is_file() else f"names {len(lines)} classes" if lines else "is empty"
         raise UserError(f"{path} {problem}: write the class names in it, one a line, class 0 first, 255 at most "
                         "('name r g b' sets a colour)")
     rgb = [words[-3:] if len(words) > 3 and all(w.isdigit() and int(w) < 256 for w in words[-3:]) else None
            for words in lines]
-    return ([" ".join(words[:-3] if c else words) for words, c in zip(lines, rgb)],
-            [[int(v) for v in c] if c else PALETTE[k].tolist() for k, c in enumerate(rgb)])
+    names = [" ".join(words[:-3] if c else words) for words, c in zip(lines, rgb)]
+    if twice := next((name for name in names if names.count(name) > 1), None):
+        raise UserError(f"{path} names the class {twice} twice: give each class its own name")
+    return names, [[int(v) for v in c] if c else PALETTE[k].tolist() for k, c in enumerate(rgb)]
 
 
 def label_values(num_classes, pair):
@@ -734,7 +764,7 @@ def check_labels(train_pairs, val_pairs, classes, workers=0):
     as 0/255 (255 is "ignore", so the foreground would never be learnt), and a warning for each class
     the training labels never show."""
     pairs, seen = train_pairs + val_pairs, torch.zeros(2, 256, dtype=torch.bool)  # training, validation labels
-    says = int(os.environ.get("RANK", 0)) == 0  # under torchrun every process checks, and one speaks
+    says = first_rank()  # under torchrun every process checks, and one speaks
     # the list of pairs as a data set; collate_fn runs in the workers, so they share the reading
     loader = torch.utils.data.DataLoader(pairs, batch_size=None, num_workers=workers,
                                          collate_fn=functools.partial(label_values, len(classes)))
@@ -783,12 +813,13 @@ DATASETS = {
 
 def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256), classes=None, workers=0):
     """(train, val) data sets; train items are augmented, val items only normalised. A folder's labels
-    are all checked first."""
+    are all checked first, and every validation image's size (from its header): whole images must have 32
+    pixels a side. val.largest_side, the longest side among them, is what --predict scales photos down to."""
     spec = DATASETS[name]
     classes = classes or spec["classes"]
     if name == "synthetic":
         sets = [make_synthetic(n, seed=data_seed + k) for k, n in enumerate(synthetic_size)]
-        loads = [(functools.partial(from_tensors, *s), len(s[0])) for s in sets]
+        loads, largest = [(functools.partial(from_tensors, *s), len(s[0])) for s in sets], sets[1][0].shape[-1]
     else:
         root = pathlib.Path(root or spec["root"])
         if not root.is_dir():
@@ -804,8 +835,15 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
                 raise UserError(f"{name} {split} files are missing, e.g. {missing[0]}")
         if name == "folder":
             check_labels(*splits, classes, workers)
+        sides = [image_size(image) for image, _ in splits[1]]
+        if small := next((f"{p} is {h}×{w}" for (p, _), (h, w) in zip(splits[1], sides) if min(h, w) < 32), None):
+            raise UserError(f"validation image {small}: the students need 32 pixels a side; scale it up or leave it "
+                            "out of the validation split")
         loads = [(functools.partial(from_files, pairs, len(classes), lut), len(pairs)) for pairs in splits]
-    return [SegmentationSet(load, n, JointTransform(crop)) for (load, n), crop in zip(loads, (crop_size, None))]
+        largest = max(max(side) for side in sides)
+    train, val = (SegmentationSet(load, n, JointTransform(crop)) for (load, n), crop in zip(loads, (crop_size, None)))
+    val.largest_side = largest
+    return train, val
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -983,6 +1021,23 @@ def predictions(logits):
     return {"cnn": logits["cnn"].argmax(1), "vit": logits["vit"].argmax(1), "ensemble": ensemble.argmax(1)}
 
 
+def predictions_in_bands(logits, size, rows=64):
+    """predictions() of the logits upsampled to `size`, `rows` output rows at a time, so that memory holds
+    a band's scores, not a whole photo's: bilinear at the points F.interpolate samples (align_corners=False),
+    by grid_sample; equal to upsample_logits up to float rounding."""
+    (h, w), device = size, logits["cnn"].device
+    xs = (torch.arange(w, device=device) + 0.5) * 2 / w - 1  # pixel centres in grid_sample's [-1, 1]
+    preds = {name: torch.empty(1, h, w, dtype=torch.uint8) for name in STUDENTS}
+    for top in range(0, h, rows):
+        ys = (torch.arange(top, min(h, top + rows), device=device) + 0.5) * 2 / h - 1
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]  # (1, rows, w, (x, y))
+        band = {name: F.grid_sample(z.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+                for name, z in logits.items()}
+        for name, pred in predictions(band).items():
+            preds[name][:, top:top + rows] = pred.byte().cpu()
+    return preds
+
+
 @torch.no_grad()
 def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_size=1, workers=0,
              vis_dir=None, vis_count=0, tag="", colours=None):
@@ -1124,8 +1179,9 @@ def eval_record(conf):
 
 def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500, fused=True):
     """CNN side: SGD + poly(0.9). ViT side: AdamW (no decay on norms and biases, decoder and
-    projectors at 10× lr) + linear warm-up, then poly(1.0). Both stepped every iteration.
-    fused: torch's fused kernels, the same update rule in one pass over the weights."""
+    projectors at 10× lr) + linear warm-up, then poly(1.0). Both stepped every iteration. The schedules
+    are closed forms of the iteration, so a run resumed with a new --iters has, from then on, the
+    learning rates a run of that many iterations has. fused: torch's fused kernels, the same update rule."""
     cnn_params, vit_encoder, vit_heads = model.parameter_groups()
     sgd = torch.optim.SGD(cnn_params, lr=cnn_lr, momentum=0.9, weight_decay=1e-4, fused=fused)
     groups = []
@@ -1133,12 +1189,15 @@ def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500,
         groups.append({"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": 0.01})
         groups.append({"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0})
     adamw = torch.optim.AdamW(groups, lr=vit_lr, betas=(0.9, 0.999), fused=fused)
-    sched_cnn = torch.optim.lr_scheduler.PolynomialLR(sgd, total_iters=iters, power=0.9)
     warmup = min(vit_warmup, iters - 1)
-    poly = torch.optim.lr_scheduler.PolynomialLR(adamw, total_iters=iters - warmup, power=1.0)
-    sched_vit = poly if warmup <= 0 else torch.optim.lr_scheduler.SequentialLR(
-        adamw, [torch.optim.lr_scheduler.LinearLR(adamw, 1e-6, 1.0, total_iters=warmup), poly], milestones=[warmup])
-    return (sgd, adamw), (sched_cnn, sched_vit)
+
+    def cnn_factor(t):
+        return max(0.0, 1 - t / iters) ** 0.9
+
+    def vit_factor(t):
+        return 1e-6 + (1 - 1e-6) * t / warmup if t < warmup else max(0.0, 1 - (t - warmup) / (iters - warmup))
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, f) for opt, f in ((sgd, cnn_factor), (adamw, vit_factor))]
+    return (sgd, adamw), tuple(schedules)
 
 
 def write_whole(path, write):
@@ -1158,7 +1217,8 @@ def write_whole(path, write):
 def load_checkpoint(path):
     path = pathlib.Path(path)
     if not path.is_file():
-        raise UserError(f"--resume {path}: no such file")
+        raise UserError(f"--resume {path}: " + ("a folder: give the checkpoint in it, e.g. "
+                                                f"{path / 'last.pt'}" if path.is_dir() else "no such file"))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -1257,10 +1317,10 @@ def build_model(args, num_classes, ctx=None):
             torch.distributed.barrier()
 
 
-def train(args, ctx):
-    ckpt = load_checkpoint(args.resume) if args.resume else None  # a bad checkpoint fails before any work
+def train(args, ctx, ckpt=None):
     train_set, val_set = build_datasets(args.data, args.data_root, args.crop_size, args.data_seed,
                                         classes=args.classes, workers=args.workers)
+    args.largest_side = val_set.largest_side
     if args.vit_weights is None and args.data != "synthetic" and ctx.is_main:
         print("warning: --vit-weights none trains MiT-B0 from scratch; expect numbers far below the paper's",
               file=sys.stderr)
@@ -1269,7 +1329,8 @@ def train(args, ctx):
         ctx.print(f"{args.data_root}: no train.txt and val.txt: every 10th sorted stem is for validation "
                   f"({len(val_set)} images)")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = build_model(args, num_classes, ctx).to(ctx.device)
+    initial = args if ckpt is None else argparse.Namespace(**{**vars(args), "pretrained": False, "vit_weights": None})
+    model = build_model(initial, num_classes, ctx).to(ctx.device)  # a checkpoint holds every weight
     if model.vit.weights_layout:
         ctx.print(f"MiT-B0 weights: {args.vit_weights} ({model.vit.weights_layout} layout)")
     if ctx.world_size > 1 and ctx.device.type == "cuda":
@@ -1288,6 +1349,9 @@ def train(args, ctx):
                             f"{str(error).splitlines()[0]}") from None
         for obj, state in zip(optimizers + schedulers, ckpt["optimizers"] + ckpt["schedulers"]):
             obj.load_state_dict(state)
+        for sched in schedulers:  # this --iters' learning rates from here on (the same ones if it is unchanged)
+            for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * factor(sched.last_epoch)
         if ckpt["scaler"]:  # {} from a run without an fp16 scaler: the loss scale then starts afresh
             scaler.load_state_dict(ckpt["scaler"])
         restore_rng_state(ckpt["rng"], ctx.rank)
@@ -1295,7 +1359,7 @@ def train(args, ctx):
         ctx.print(f"resumed from {args.resume} at iteration {start}")
     if ctx.is_main:  # bad flags, data or checkpoints have been refused by now, with nothing written
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
+        write_whole(args.out / "args.json", lambda f: f.write(json.dumps(vars(args), default=str, indent=1).encode()))
 
     def run_eval(it):
         if ctx.world_size > 1:  # CPU DDP keeps per-rank BN statistics: evaluate rank 0's
@@ -1375,43 +1439,66 @@ def load_students(path, device):
     return model.to(device).eval(), saved
 
 
-def image_files(paths):
-    """The image files named, then those in each folder named (sorted; other files skipped)."""
+def image_files(paths, out):
+    """(file, output name) of the images named and of those in the folders named, subfolders included
+    (hidden files such as macOS's ._IMG_0001.jpg, and anything under `out`, skipped). The name is the
+    file's path below its folder argument (a file argument: its name) less the suffix, day1/IMG_0001.jpg ->
+    day1/IMG_0001; inputs that would share a name keep their suffix (x.jpg, x.png); two that still share
+    one are refused."""
     kinds = {ext for ext, kind in PIL.Image.registered_extensions().items() if kind in PIL.Image.OPEN}
-    files = []
-    for path in map(pathlib.Path, paths):
-        if not path.exists():
-            raise UserError(f"--predict {path}: no such file or folder")
-        files += sorted(p for p in path.iterdir() if p.suffix.lower() in kinds) if path.is_dir() else [path]
-    if not files:
+    found = {}
+    for arg in map(pathlib.Path, paths):
+        if not arg.exists():
+            raise UserError(f"--predict {arg}: no such file or folder")
+        files = [(p, p.relative_to(arg)) for p in sorted(arg.rglob("*")) if p.suffix.lower() in kinds and p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(arg).parts)
+                 and out.resolve() not in p.resolve().parents] if arg.is_dir() else [(arg, pathlib.Path(arg.name))]
+        found.update({file.resolve(): (file, name) for file, name in files})  # a file given twice is read once
+    if not found:
         raise UserError(f"--predict {' '.join(paths)}: no image files there")
-    return files
+    stems = collections.Counter(name.with_suffix("") for _, name in found.values())
+    named = [(file, name.with_suffix("") if stems[name.with_suffix("")] == 1 else name) for file, name in found.values()]
+    names = collections.Counter(name for _, name in named)
+    if clash := [str(file) for file, name in named if names[name] > 1 and name == max(names, key=names.get)]:
+        raise UserError(f"--predict: {clash[0]} and {clash[1]} would write the same files: rename one, or segment "
+                        "them in two runs, each with its own --out")
+    return named
 
 
 @torch.no_grad()
 def predict(args, ctx):
     """Per image, for the CNN, the ViT and their ensemble, a palette PNG of class indices at the image's
-    size, exactly what evaluation scores; and <stem>_overlay.png, the image blended with their colours."""
-    files = image_files(args.predict)
-    model, saved = load_students(args.resume, ctx.device)
+    size, and <name>_overlay.png, the image blended with their colours. An image no larger than the data
+    set's largest validation image is segmented exactly as evaluation does; a larger one (a phone photo)
+    is first scaled down to that size (unless --full-size), its scores brought back to its own size band
+    by band. Under torchrun the processes share the images."""
     out = args.out or pathlib.Path(args.resume).parent / "predict"
-    out.mkdir(parents=True, exist_ok=True)
+    writable(out)
+    files = image_files(args.predict, out)[ctx.rank::ctx.world_size]
+    model, saved = load_students(args.resume, ctx.device)
+    side = getattr(saved, "largest_side", None) or math.inf  # checkpoints older than largest_side: no scaling
     table, began = colour_table(saved.colours), time.time()
-    for n, path in enumerate(files, 1):
+    for n, (path, name) in enumerate(files, 1):
         image = read_image(path)
-        if min(image.shape[-2:]) < 32:  # MiT's spatial reduction needs an 8×8 map at stride 4
-            raise UserError(f"{path} is {image.shape[1]}×{image.shape[2]}: the students need 32 pixels a side")
-        logits = student_logits(model, normalize(image)[None].to(ctx.device), image.shape[-2:], ctx.autocast())
-        preds = {name: pred[0].byte().cpu() for name, pred in predictions(logits).items()}
-        for name, pred in preds.items():
+        (h, w), scale = image.shape[-2:], 1 if args.full_size else min(1, side / max(image.shape[-2:]))
+        if min(h, w) < 32:  # MiT's spatial reduction needs an 8×8 map at stride 4
+            raise UserError(f"{path} is {h}×{w}: the students need 32 pixels a side")
+        small = v2.functional.resize(image, [max(32, round(h * scale)), max(32, round(w * scale))], antialias=True)
+        with ctx.autocast():
+            logits = {s: getattr(model, s)(normalize(small)[None].to(ctx.device))["logits"] for s in ("cnn", "vit")}
+        preds = predictions({s: upsample_logits(z, (h, w)) for s, z in logits.items()}) if max(h, w) <= side \
+            else predictions_in_bands(logits, (h, w))
+        preds = {kind: pred[0].byte().cpu() for kind, pred in preds.items()}
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        for kind, pred in preds.items():
             png = PIL.Image.frombytes("P", pred.shape[::-1], pred.numpy().tobytes())
             png.putpalette(table.flatten().tolist())
-            write_whole(out / f"{path.stem}_{name}.png", lambda f: png.save(f, format="PNG"))
+            write_whole(out / f"{name}_{kind}.png", lambda f: png.save(f, format="PNG"))
         pixels = image.permute(1, 2, 0)
         present = torch.cat([pred.unique() for pred in preds.values()]).unique().tolist()
         overlay = draw_panel([pixels] + [pixels // 2 + table[pred.long()] // 2 for pred in preds.values()],
                              ["image", *STUDENTS.values()], {saved.classes[c]: table[c].tolist() for c in present})
-        write_whole(out / f"{path.stem}_overlay.png", lambda f: overlay.save(f, format="PNG"))
+        write_whole(out / f"{name}_overlay.png", lambda f: overlay.save(f, format="PNG"))
         if n % 10 == 0 or n == len(files):
             ctx.print(f"predict: {n}/{len(files)} images, {n / (time.time() - began):.2f} images/s, in {out}")
 
@@ -1433,6 +1520,7 @@ def export(args):
     from 64 (at 32, 1×1 maps fix strides), with classes.json and colours.json as extra files."""
     model, saved = load_students(args.resume, torch.device("cpu"))
     out = args.out or pathlib.Path(args.resume).parent / "export"
+    writable(out)
     out.mkdir(parents=True, exist_ok=True)
     dims = {0: torch.export.Dim("batch", min=1, max=1024), 2: 32 * torch.export.Dim("h", min=2, max=512),
             3: 32 * torch.export.Dim("w", min=2, max=512)}
@@ -1447,7 +1535,15 @@ def export(args):
 # ----------------------------------------------------------------------------------
 # The command line: devices, DDP, flags, the benchmark, main()
 
-LOCAL_RANKS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")  # torchrun's, srun's, mpirun's
+def check_launcher():
+    """ctcl.py takes its rank and world size from torchrun: refuse srun's or mpirun's processes without it,
+    which would each train alone, on GPU 0, into one folder."""
+    for variable, launcher in (("SLURM_STEP_NUM_TASKS", "srun"), ("OMPI_COMM_WORLD_SIZE", "mpirun"),
+                               ("PMI_SIZE", "mpirun")):
+        if "WORLD_SIZE" not in os.environ and int(os.environ.get(variable, 1)) > 1:
+            raise UserError(f"{launcher} started {os.environ[variable]} processes, but ctcl.py takes its processes "
+                            f"from torchrun: start one task per machine that runs torchrun, e.g. `{launcher} "
+                            "--ntasks-per-node=1 torchrun --nproc_per_node=GPUS ... ctcl.py ...` (see the README)")
 
 
 class Runtime:
@@ -1459,12 +1555,11 @@ class Runtime:
         gpu = (0 if torch.cuda.is_available() else -1) if gpu is None else gpu
         if self.world_size > 1 and not torch.distributed.is_initialized():  # first, so that errors below are said once
             torch.distributed.init_process_group("nccl" if gpu >= 0 else "gloo")
-        if gpu >= 0:  # under DDP, one GPU per process: the process's rank on its machine, from its launcher
-            local = next((os.environ[name] for name in LOCAL_RANKS if name in os.environ), None)
-            if self.world_size > 1 and local is None:
-                raise UserError(f"WORLD_SIZE is {self.world_size}, but no {', '.join(LOCAL_RANKS)} tells this "
-                                "process its GPU: launch with torchrun --nproc_per_node=GPUS ctcl.py ...")
-            index = int(local) if self.world_size > 1 else gpu
+        if gpu >= 0:  # under DDP, one GPU per process: the process's rank on its machine, from torchrun
+            if self.world_size > 1 and "LOCAL_RANK" not in os.environ:
+                raise UserError(f"WORLD_SIZE is {self.world_size}, but no LOCAL_RANK tells this process its GPU: "
+                                "launch with torchrun --nproc_per_node=GPUS ctcl.py ...")
+            index = int(os.environ["LOCAL_RANK"]) if self.world_size > 1 else gpu
             if index >= torch.cuda.device_count():  # 0 where CUDA is missing
                 raise UserError(f"--gpu {index}: CUDA sees {torch.cuda.device_count()} GPU(s) here (numbered "
                                 "from 0); use --gpu -1 for the CPU")
@@ -1485,8 +1580,12 @@ class Runtime:
 
     def log(self, record):
         if self.is_main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            with open(self.out / "metrics.jsonl", "a+b") as f:
+                cut = False
+                if f.tell() > 0:  # a run killed mid-write leaves half a line: start on a line of its own
+                    f.seek(-1, os.SEEK_END)
+                    cut = f.read(1) != b"\n"
+                f.write((("\n" if cut else "") + json.dumps(record) + "\n").encode())
 
 
 class Parser(argparse.ArgumentParser):
@@ -1579,6 +1678,8 @@ def get_args_parser():
       "size, then stop")
     a("--predict", nargs="+", metavar="PATH", help="segment these images (files, folders) with the --resume "
       "checkpoint: class-index PNGs and overlays in --out (default: the checkpoint's folder/predict)")
+    a("--full-size", action="store_true", help="--predict: segment each image at its own size, however large "
+      "(default: one larger than the training data's largest image is scaled down to it first)")
     a("--export", action="store_true", help="write the --resume checkpoint's students as torch.export programs "
       "cnn.pt2, vit.pt2 to --out (default: the checkpoint's folder/export)")
     a("--summarize", nargs="+", metavar="RUN_DIR", help="print a Markdown table (mean ± std over seeds) of "
@@ -1614,7 +1715,6 @@ def fill_defaults(args):
     args.vit_warmup = given_or(args.vit_warmup, min(1500, args.iters // 10))
     args.pretrained = given_or(args.pretrained, real)
     args.vit_weights = given_or(args.vit_weights, "weights/mit_b0.pth" if real else "none")
-    args.out = given_or(args.out, pathlib.Path("runs") / f"{args.data}-{args.method}-s{args.seed}")
     world = int(os.environ.get("WORLD_SIZE", 1))
     cpu = args.gpu == -1 or (args.gpu is None and not torch.cuda.is_available())
     checks = [
@@ -1641,9 +1741,83 @@ def fill_defaults(args):
     args.classes, args.colours = dataset_classes(args)
     if args.vit_weights == "none":
         args.vit_weights = None
-    elif not pathlib.Path(args.vit_weights).is_file():
+    elif not args.resume and not pathlib.Path(args.vit_weights).is_file():  # a checkpoint holds every weight
         raise UserError(f"MiT-B0 weights not found at {args.vit_weights}: run `bash data_prep.sh weights`, "
                         "or pass --vit-weights none to train the ViT from scratch")
+
+
+# where and how to run: the flags --resume never takes from a checkpoint
+RUNTIME = {"out", "resume", "stop_at", "eval_only", "workers", "gpu", "vis", "benchmark", "summarize", "compile",
+           "predict", "export", "full_size"}
+# what does not change what a run learns: runs that differ only in these are seeds of one row of --summarize
+NOT_RECIPE = RUNTIME | {"seed", "eval_every", "save_every", "log_every", "largest_side"}
+
+
+def given_flags(argv):
+    """The flags (argparse dests) given on the command line, as opposed to left at their defaults."""
+    parser, unset = get_args_parser(), object()
+    args = parser.parse_args(argv, argparse.Namespace(**{name: unset for name in vars(parser.parse_args([]))}))
+    return {name for name, value in vars(args).items() if value is not unset}
+
+
+def continue_recipe(args, given, saved):
+    """--resume continues the checkpoint's run: each flag not given takes the checkpoint's value, but for
+    the flags of where and how to run (RUNTIME)."""
+    if saved.get("hfd", "next-stage") != "next-stage" or saved.get("rbsd_feature", "encoder") != "encoder":
+        raise UserError(f"--resume {args.resume} was made with --hfd {saved.get('hfd')} --rbsd-feature "
+                        f"{saved.get('rbsd_feature')}, readings ctcl.py no longer has (the history keeps them)")
+    for name, value in saved.items():
+        if name not in given and name not in RUNTIME and hasattr(args, name):
+            setattr(args, name, "none" if name == "vit_weights" and value is None else value)
+
+
+def refuse_another_recipe(args, saved):
+    """After fill_defaults: a resumed run's recipe flag (and seed, classes) given with another value than the
+    checkpoint's is refused in one line naming each; --iters may change (see build_optimizers), and --amp."""
+    names = (set(saved) - NOT_RECIPE - {"iters", "amp", "data_root"} | {"seed"}) & set(saved)
+    if differ := [k for k in sorted(names) if json.dumps(getattr(args, k, saved[k]), default=str) != json.dumps(saved[k])]:
+        raise UserError(f"--resume {args.resume} continues a run made with " + ", ".join(
+            f"--{k.replace('_', '-')} {saved[k]} (not {getattr(args, k)})" for k in differ) +
+            ": drop the flags that differ, or start a new run without --resume")
+
+
+def run_in(folder):
+    """What run a folder holds, in words, or None: a checkpoint, metrics or args make one."""
+    if (folder / "last.pt").is_file():
+        try:
+            return f"a run at iteration {torch.load(folder / 'last.pt', map_location='cpu', mmap=True)['iter']}"
+        except Exception:
+            return "a run (its last.pt is unreadable)"
+    return "a run" if any((folder / name).is_file() for name in ("metrics.jsonl", "args.json")) else None
+
+
+def choose_out(args):
+    """--out, or by default runs/DATA-METHOD-sSEED (a resumed run: its checkpoint's folder). A folder that
+    holds a run is written only by resuming that run: a default one then moves to the next free -2, -3, ...;
+    a given one is refused. Checked before any work, so that nothing is lost and no time."""
+    default = args.out is None
+    if default:
+        args.out = pathlib.Path(args.resume).parent if args.resume else \
+            pathlib.Path("runs") / f"{args.data}-{args.method}-s{args.seed}"
+    held = run_in(args.out)
+    if held and not (args.resume and pathlib.Path(args.resume).resolve().parent == args.out.resolve()):
+        if not default:
+            raise UserError(f"--out {args.out} holds {held}: continue it with --resume {args.out / 'last.pt'}, "
+                            "or give another --out")
+        taken, args.out = args.out, next(args.out.with_name(f"{args.out.name}-{k}") for k in itertools.count(2)
+                                         if not run_in(args.out.with_name(f"{args.out.name}-{k}")))
+        if first_rank():
+            print(f"{taken} holds {held}: this run writes to {args.out} (--resume {taken / 'last.pt'} continues "
+                  "that one)", flush=True)
+    writable(args.out)
+
+
+def writable(folder, flag="--out"):
+    """Refuse, before any work, a folder that is a file or lies in one, or that this process cannot write."""
+    existing = next(p for p in (folder, *folder.resolve().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: " + (f"{existing} is a file, not a folder" if not existing.is_dir() else
+                                                f"{existing} is not writable") + ": give another folder")
 
 
 def milliseconds(work, sync, times=1):
@@ -1720,24 +1894,29 @@ def benchmark(args, ctx, rounds=5, steps=3):
     return result
 
 
-# flags that do not change what a run learns: runs that differ only in these are seeds of one row
-NOT_RECIPE = {"seed", "out", "resume", "stop_at", "eval_only", "eval_every", "save_every", "log_every", "workers",
-              "gpu", "vis", "data_root", "benchmark", "summarize", "compile", "predict", "export", "classes", "colours"}
-
-
 def read_run(folder):
-    """(args, final eval record) of a finished run; UserError says why a folder is not one."""
+    """(args, final eval record) of a finished run; UserError says why a folder is not one. A damaged
+    line of metrics.jsonl (a run killed mid-write, a full disk) costs that line alone."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder")
     for name in ("metrics.jsonl", "args.json"):
         if not (folder / name).is_file():
             raise UserError(f"{folder}: no {name}")
-    args = json.loads((folder / "args.json").read_text())
-    final = [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-             if r["type"] == "eval" and r["iter"] == args["iters"]]
+    try:
+        args = json.loads((folder / "args.json").read_bytes())
+    except ValueError:
+        raise UserError(f"{folder}: args.json is damaged (not JSON)") from None
+    records, damaged = [], 0
+    for line in (folder / "metrics.jsonl").read_bytes().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # a cut or garbled line (a killed run, a full disk): only that line is lost
+            damaged += 1
+    final = [r for r in records if isinstance(r, dict) and r.get("type") == "eval" and r.get("iter") == args["iters"]]
     if not final:
-        raise UserError(f"{folder}: unfinished (no evaluation at iteration {args['iters']})")
+        raise UserError(f"{folder}: unfinished (no intact evaluation at iteration {args['iters']}"
+                        + (f"; metrics.jsonl has {damaged} damaged line(s))" if damaged else ")"))
     return args, final[-1]
 
 
@@ -1777,8 +1956,10 @@ def summarize(folders):
         [(key, [len(records)] + [miou(records, s) for s in STUDENTS]
           + [mean_std([r["complementarity"][s] for r in records]) for s in shares]) for key, records in groups.items()])
     classes = runs[0][0].get("classes") or DATASETS.get(runs[0][0].get("data"), {}).get("classes", ())
-    if classes and all(args.get("data") == runs[0][0]["data"] and len(record[s].get("per_class_iou", ())) ==
-                       len(classes) for args, record in runs for s in ("cnn", "vit")):
+    one_set = all((args.get("data"), args.get("classes")) == (runs[0][0].get("data"), runs[0][0].get("classes"))
+                  for args, _ in runs)
+    if classes and one_set and all(len(record[s].get("per_class_iou", ())) == len(classes)
+                                   for _, record in runs for s in ("cnn", "vit")):
         def iou(records, s):  # a class absent from prediction and truth (null) is left out of its mean
             values = torch.tensor([[math.nan if v is None else v for v in r[s]["per_class_iou"]] for r in records],
                                   dtype=torch.float64)
@@ -1788,11 +1969,18 @@ def summarize(folders):
     return "\n".join(lines)
 
 
+def first_rank():
+    """Whether this process is the first of its launch (torchrun's RANK; srun's or mpirun's own, which
+    Runtime refuses, so that their error is said once too)."""
+    return next((os.environ[v] for v in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if v in os.environ),
+                "0") == "0"
+
+
 def first_to_fail():
     """Under torchrun a bad flag or file fails every process alike: only the first process to fail says
     so (the process group's store counts the failures; before the group exists, rank 0 speaks)."""
     if not torch.distributed.is_initialized():
-        return int(os.environ.get("RANK", 0)) == 0
+        return first_rank()
     try:
         return torch.distributed.distributed_c10d._get_default_store().add("ctcl.py failures", 1) == 1
     except Exception:  # the store went down with the process that held it
@@ -1806,18 +1994,25 @@ def main(argv=None):
             table = summarize(sorted({p for pattern in args.summarize for p in glob.glob(pattern) or [pattern]}))
             print(table)
             return table
+        check_launcher()
         if args.predict or args.export:  # uses of a trained checkpoint: what they need is in it
             if not args.resume:
                 raise UserError("--predict and --export need --resume CHECKPOINT (a last.pt of ctcl.py)")
             return predict(args, Runtime(args.gpu, args.amp, None)) if args.predict else export(args)
+        ckpt = load_checkpoint(args.resume) if args.resume else None  # a bad checkpoint fails before any work
+        if ckpt is not None:
+            continue_recipe(args, given_flags(argv), ckpt["args"])
         fill_defaults(args)
-        ctx = Runtime(args.gpu, args.amp, args.out)
+        if ckpt is not None:
+            refuse_another_recipe(args, ckpt["args"])
         if args.benchmark:
-            return benchmark(args, ctx)
+            return benchmark(args, Runtime(args.gpu, args.amp, None))
+        choose_out(args)
+        ctx = Runtime(args.gpu, args.amp, args.out)
         ctx.print(f"ctcl: data {args.data}, method {args.method}, {args.iters} iterations, batch {args.batch_size} "
                   f"({args.batch_size // ctx.world_size} per process), crop {args.crop_size}, device {ctx.device}, "
-                  f"world size {ctx.world_size}")
-        return train(args, ctx)
+                  f"world size {ctx.world_size}, out {args.out}")
+        return train(args, ctx, ckpt)
     except (UserError, Diverged) as error:
         # raised in a data-loading worker, the message carries the worker's traceback: keep its last line
         message = str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]

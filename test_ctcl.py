@@ -1490,18 +1490,39 @@ def test_augmentation_reseeds_only_the_cpu_generator(monkeypatch):
     assert calls == [] and torch.equal(first[0], again[0]) and torch.equal(torch.get_rng_state(), before)
 
 
-@pytest.mark.parametrize("variable", ["LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", None])
-def test_each_launcher_gives_each_process_its_gpu(tmp_path, monkeypatch, variable):
-    """srun and mpirun set no LOCAL_RANK: their own variables say which GPU is this process's."""
+@pytest.mark.parametrize("local_rank", ["1", None])
+def test_under_torchrun_local_rank_gives_each_process_its_gpu(tmp_path, monkeypatch, local_rank):
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # stops Runtime right after it chose the GPU
-    for name in ctcl.LOCAL_RANKS:
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    if variable:
-        monkeypatch.setenv(variable, "1")
-    with pytest.raises(ctcl.UserError, match="--gpu 1: CUDA sees 0" if variable else "launch with torchrun"):
+    if local_rank:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    else:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(ctcl.UserError, match="--gpu 1: CUDA sees 0" if local_rank else "launch with torchrun"):
         ctcl.Runtime(0, False, tmp_path)
+
+
+@pytest.mark.parametrize("launcher,size,rank", [("srun", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID"),
+                                                ("mpirun", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+                                                ("mpirun", "PMI_SIZE", "PMI_RANK")])
+def test_srun_or_mpirun_without_torchrun_is_refused_once_in_one_line(tmp_path, monkeypatch, capsys, launcher, size,
+                                                                     rank):
+    """srun -n 4 python ctcl.py (or mpirun) starts processes that torchrun's variables do not describe:
+    each would train alone on GPU 0 into one folder. Refused before anything is written, said by the
+    launcher's rank 0 alone; srun ... torchrun (WORLD_SIZE set) goes through."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(size, "4")
+    monkeypatch.setenv(rank, "0")
+    err = one_line_error(["--out", tmp_path / "o", "--iters", "1"], capsys)
+    assert f"{launcher} started 4 processes" in err and "torchrun --nproc_per_node" in err
+    monkeypatch.setenv(rank, "2")
+    with pytest.raises(SystemExit):
+        ctcl.main(["--out", str(tmp_path / "o"), "--iters", "1"])
+    assert capsys.readouterr().err == "" and not (tmp_path / "o").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    ctcl.check_launcher()
 
 
 def test_every_gradient_is_laid_out_as_its_parameter():
@@ -1645,7 +1666,6 @@ def test_summarize_groups_seeds_and_leaves_out_unfinished_runs(tmp_path, small_d
     (["--predict", "photo.jpg"], "--predict and --export need --resume CHECKPOINT"),
     (["--export"], "--predict and --export need --resume CHECKPOINT"),
     (["--predict", "nowhere", "--resume", "x.pt"], "--predict nowhere: no such file or folder"),
-    (["--predict", ".", "--resume", "x.pt"], "--predict .: no image files there"),
     (["--data", "folder"], "--data folder needs --data-root DIR"),
     (["--data", "folder", "--data-root", "nowhere"], "--data-root nowhere is not a folder"),
     (["--data", "voc", "--data-root", "nowhere", "--vit-weights", "none"], "run `bash data_prep.sh voc`"),
