@@ -651,7 +651,7 @@ def read_lines(path):
     try:
         text = pathlib.Path(path).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text (byte {error.start} is not): save it as UTF-8") from None
+        raise UserError(f"{path} is not UTF-8 text (at byte {error.start}): save it as UTF-8") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

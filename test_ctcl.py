@@ -2455,3 +2455,195 @@ def test_readme_lists_every_inferred_flag():
     assert len(inferred) >= 10
     missing = [flag for flag in inferred if f"`{flag}" not in section]
     assert not missing, f"README's 'What we inferred' does not list {missing}"
+
+
+# ----------------------------------------------------------------------------------
+# Off the tested path: what a new user does on the first day
+
+def test_a_rerun_never_overwrites_a_run(tmp_path, small_data, capsys, monkeypatch):
+    """A folder that holds a run is refused as --out (one line: its iteration, the two ways on), with
+    its checkpoint and metrics as they were; `python ctcl.py` twice moves the second run to OUT-2."""
+    run_main(tmp_path, "--iters", "3")
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "args.json")}
+    message = one_line_error(["--out", tmp_path / "out", *SMALL, "--iters", "1"], capsys)
+    assert f"holds a run at iteration 3: continue it with --resume {tmp_path / 'out' / 'last.pt'}" in message
+    assert all((tmp_path / "out" / name).read_bytes() == data for name, data in before.items())
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        ctcl.main([*SMALL, "--iters", "1"])
+    assert "runs/synthetic-ctcl-s0 holds a run at iteration 1: this run writes to runs/synthetic-ctcl-s0-2" in \
+        capsys.readouterr().out
+    assert [r["iter"] for r in read_metrics(tmp_path / "runs/synthetic-ctcl-s0/metrics.jsonl")] == [1, 1]
+    assert (tmp_path / "runs/synthetic-ctcl-s0-2/last.pt").is_file()
+
+
+def test_resume_continues_the_checkpoints_recipe_and_refuses_another(tmp_path, small_data, capsys):
+    """Flags not given on --resume are the checkpoint's (here --cnn-lr, --seed, --iters); a recipe flag
+    given with another value is refused in one line that names each one."""
+    run_main(tmp_path, "--iters", "4", "--stop-at", "2", "--cnn-lr", "0.05", "--seed", "3")
+    ckpt = tmp_path / "out" / "last.pt"
+    message = one_line_error(["--resume", ckpt, "--cnn-lr", "0.01", "--seed", "3", "--method", "dml"], capsys)
+    assert "--cnn-lr 0.05 (not 0.01), --method ctcl (not dml): drop the flags that differ" in message
+    ctcl.main(["--resume", str(ckpt)])  # into the checkpoint's own folder
+    saved = json.loads((tmp_path / "out" / "args.json").read_text())
+    assert (saved["cnn_lr"], saved["seed"], saved["iters"]) == (0.05, 3, 4)
+    assert [r["iter"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r["type"] == "train"] == [1, 2, 3, 4]
+
+
+def test_a_resume_with_more_iters_goes_on_at_the_learning_rates_of_the_longer_run(tmp_path, small_data):
+    """--iters 4 --stop-at 2, then --resume --iters 8: from iteration 3 on, the learning rates are those
+    of a run of 8 iterations (never 0 before its end)."""
+    run_main(tmp_path, "--iters", "4", "--stop-at", "2", out="short")
+    ctcl.main(["--resume", str(tmp_path / "short" / "last.pt"), "--iters", "8"])
+    run_main(tmp_path, "--iters", "8", out="long")
+    logged = [{r["iter"]: (r["lr_cnn"], r["lr_vit"]) for r in read_metrics(tmp_path / run / "metrics.jsonl")
+               if r["type"] == "train"} for run in ("short", "long")]
+    assert sorted(logged[0]) == list(range(1, 9))
+    for it in range(3, 9):
+        assert logged[0][it] == pytest.approx(logged[1][it], rel=1e-12), it
+        assert it == 8 or min(logged[0][it]) > 0
+    assert json.loads((tmp_path / "short" / "args.json").read_text())["iters"] == 8
+
+
+def test_a_cut_metrics_line_costs_that_line_alone(tmp_path, small_data, capsys):
+    """A run killed mid-write leaves half a line: --summarize still counts a run whose final evaluation
+    is intact, leaves out (with the reason) one whose final evaluation is the cut line, and a resumed
+    run writes its next record on a line of its own."""
+    for name in ("a", "b"):
+        run_main(tmp_path, "--iters", "2", out=f"runs/{name}")
+    with open(tmp_path / "runs/a/metrics.jsonl", "ab") as f:
+        f.write(b'{"type": "train", "it')  # a cut record after the final evaluation
+    lines = (tmp_path / "runs/b/metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (tmp_path / "runs/b/metrics.jsonl").write_bytes(b"".join(lines[:-1]) + lines[-1][:40])  # the final eval, cut
+    table = ctcl.main(["--summarize", str(tmp_path / "runs/*")])
+    assert "left out: " + str(tmp_path / "runs/b") + ": unfinished (no intact evaluation at iteration 2; " \
+        "metrics.jsonl has 1 damaged line(s))" in table
+    assert "| all | 1 |" in table
+    run_main(tmp_path, "--iters", "4", "--stop-at", "2", out="cut")
+    with open(tmp_path / "cut/metrics.jsonl", "ab") as f:
+        f.write(b'{"type": "tr')
+    ctcl.main(["--resume", str(tmp_path / "cut/last.pt")])
+    records = (tmp_path / "cut/metrics.jsonl").read_bytes().splitlines()
+    cut = records.index(b'{"type": "tr')
+    assert [json.loads(r)["iter"] for r in records[cut + 1:]][:2] == [3, 4]
+
+
+def test_summarize_never_joins_runs_on_different_data(tmp_path):
+    """Two folder data sets, their own classes: two rows, and no per-class table naming one set's
+    classes with the other's IoUs."""
+    record = {"type": "eval", "iter": 2, "complementarity": {k: 0.25 for k in ("only_cnn", "only_vit", "both", "neither")}}
+    for k, (root, classes) in enumerate((("fields", ["soil", "crop"]), ("roofs", ["sky", "roof"]))):
+        run = tmp_path / "runs" / str(k)
+        run.mkdir(parents=True)
+        (run / "args.json").write_text(json.dumps({"data": "folder", "data_root": root, "classes": classes,
+                                                   "iters": 2, "seed": 0}))
+        scores = {s: {"miou": 0.2 + 0.6 * k, "pixel_acc": 0.5, "per_class_iou": [0.1, 0.2]} for s in ctcl.STUDENTS}
+        (run / "metrics.jsonl").write_text(json.dumps({**record, **scores}) + "\n")
+    lines = ctcl.main(["--summarize", str(tmp_path / "runs/*")]).splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["['soil', 'crop']", "['sky', 'roof']"]
+    assert "" not in lines  # no per-class table
+
+
+def test_validation_images_under_32_pixels_are_refused_before_step_1(tmp_path, capsys):
+    root = fake_folder(tmp_path / "data", h=24, w=24)
+    message = one_line_error(folder_run(root, tmp_path / "out"), capsys)
+    assert message.endswith("img09.jpg is 24×24: the students need 32 pixels a side; scale it up or leave it out "
+                            "of the validation split") and not (tmp_path / "out").exists()
+
+
+def test_text_files_with_a_byte_order_mark_or_not_utf8_or_a_class_twice(tmp_path, capsys):
+    root = fake_folder(tmp_path / "data")
+    for name in ("classes.txt", "train.txt", "val.txt"):  # as Windows' Notepad saves them
+        (root / name).write_bytes(b"\xef\xbb\xbf" + (root / name).read_text().replace("\n", "\r\n").encode())
+    ctcl.main([str(a) for a in folder_run(root, tmp_path / "out")])
+    assert json.loads((tmp_path / "out" / "args.json").read_text())["classes"][0] == "background"
+    (root / "classes.txt").write_bytes("background\nchâteau\n".encode("latin-1"))
+    assert "classes.txt is not UTF-8 text (at byte 13): save it as UTF-8" in \
+        one_line_error(folder_run(root, tmp_path / "o2"), capsys)
+    (root / "classes.txt").write_text("background\ncat\ncat 0 0 255\n")
+    assert "names the class cat twice" in one_line_error(folder_run(root, tmp_path / "o3"), capsys)
+    (root / "classes.txt").write_text("background\ncat\ndog\n")
+    (root / "val.txt").write_text("img00\nimg10\n")  # img00 is also in train.txt
+    assert "list the stem img00 twice" in one_line_error(folder_run(root, tmp_path / "o4"), capsys)
+    assert not any((tmp_path / o).exists() for o in ("o2", "o3", "o4"))
+
+
+def test_folder_labels_in_any_case_hidden_files_skipped_one_stem_one_image(tmp_path, capsys):
+    root = fake_folder(tmp_path / "data", lists=False)
+    (root / "labels" / "img03.png").rename(root / "labels" / "img03.PNG")
+    (root / "images" / "._img03.jpg").write_bytes(b"macOS resource fork")
+    (root / "labels" / "._img03.png").write_bytes(b"macOS resource fork")
+    ctcl.main([str(a) for a in folder_run(root, tmp_path / "out")])
+    write_image(root / "images" / "img04.png", random_rgb(40, 48, 4))
+    assert "img04.jpg and img04.png have one stem, img04: keep one of them" in \
+        one_line_error(folder_run(root, tmp_path / "o2"), capsys)
+
+
+def test_an_image_over_pils_pixel_limit_is_read(tmp_path):
+    path = tmp_path / "panorama.png"
+    PIL.Image.new("1", (20_000, 9_500)).save(path)  # 190 MP: PIL's bomb check refuses it by default
+    assert ctcl.image_size(path) == (9_500, 20_000)
+
+
+def test_an_out_that_is_a_file_or_not_writable_is_one_line(tmp_path, small_data, capsys, monkeypatch):
+    run_main(tmp_path, "--iters", "1")
+    ckpt, taken = tmp_path / "out" / "last.pt", tmp_path / "a_file"
+    taken.write_text("")
+    write_image(tmp_path / "photo.png", random_rgb(40, 50, 0))
+    for argv in ([*SMALL, "--iters", "1"], ["--predict", tmp_path / "photo.png", "--resume", ckpt],
+                 ["--export", "--resume", ckpt]):
+        for out in (taken, taken / "below"):
+            assert f"--out {out}: {taken} is a file, not a folder: give another folder" in \
+                one_line_error([*argv, "--out", out], capsys)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert "is not writable: give another folder" in one_line_error([*SMALL, "--out", tmp_path / "new"], capsys)
+
+
+def test_predict_names_outputs_by_their_path_and_never_writes_one_file_twice(tmp_path, small_data, capsys):
+    run_main(tmp_path, "--iters", "1")
+    ckpt, photos = tmp_path / "out" / "last.pt", tmp_path / "photos"
+    for k, name in enumerate(("day1/IMG_0001.jpg", "day2/IMG_0001.jpg", "x.jpg", "x.png", "day2/.hidden/y.png")):
+        write_image(photos / name, random_rgb(40, 50, k))
+    (photos / "._x.jpg").write_bytes(b"macOS resource fork")
+    ctcl.main(["--predict", str(photos), str(photos / "x.png"), "--resume", str(ckpt), "--out", str(tmp_path / "p")])
+    assert "predict: 4/4 images" in capsys.readouterr().out
+    written = sorted(str(p.relative_to(tmp_path / "p")) for p in (tmp_path / "p").rglob("*_cnn.png"))
+    assert written == ["day1/IMG_0001_cnn.png", "day2/IMG_0001_cnn.png", "x.jpg_cnn.png", "x.png_cnn.png"]
+    masks = [numpy.array(PIL.Image.open(tmp_path / "p" / d / "IMG_0001_overlay.png")) for d in ("day1", "day2")]
+    assert not numpy.array_equal(*masks)  # two photos, two sets of files
+    message = one_line_error(["--predict", photos / "day1/IMG_0001.jpg", photos / "day2/IMG_0001.jpg",
+                              "--resume", ckpt, "--out", tmp_path / "p2"], capsys)
+    assert "IMG_0001.jpg would write the same files" in message and not (tmp_path / "p2").exists()
+    (tmp_path / "only_hidden").mkdir()
+    (tmp_path / "only_hidden" / "._a.jpg").write_bytes(b"")
+    assert "no image files there" in one_line_error(["--predict", tmp_path / "only_hidden", "--resume", ckpt], capsys)
+
+
+def test_predict_scales_a_photo_larger_than_the_data_down_and_its_masks_back_up(tmp_path, small_data, capsys):
+    """The synthetic validation images are 64 pixels: a 200×160 photo is segmented at 64×51, its scores
+    brought back to 200×160 (band by band); --full-size segments it at its own size."""
+    model = run_main(tmp_path, "--iters", "1")["model"].eval()
+    write_image(tmp_path / "photo.png", random_rgb(160, 200, 0))
+    image = ctcl.read_image(tmp_path / "photo.png")
+    for flags, size in (([], [51, 64]), (["--full-size"], [160, 200])):
+        ctcl.main(["--predict", str(tmp_path / "photo.png"), "--resume", str(tmp_path / "out" / "last.pt"),
+                   "--out", str(tmp_path / "p"), *flags])
+        small = torchvision.transforms.v2.functional.resize(image, size, antialias=True)
+        with torch.no_grad():
+            want = ctcl.predictions(ctcl.student_logits(model, ctcl.normalize(small)[None], (160, 200),
+                                                        contextlib.nullcontext()))
+        for name, pred in want.items():
+            got = torch.from_numpy(numpy.array(PIL.Image.open(tmp_path / "p" / f"photo_{name}.png"))).long()
+            assert got.shape == (160, 200) and (got == pred[0]).float().mean() > 0.999, name
+
+
+def test_predictions_in_bands_equal_those_of_the_whole_upsampled_scores():
+    g = torch.Generator().manual_seed(0)
+    logits = {name: torch.randn(1, 5, 13, 17, generator=g) for name in ("cnn", "vit")}
+    want = ctcl.predictions({name: ctcl.upsample_logits(z, (101, 67)) for name, z in logits.items()})
+    got = ctcl.predictions_in_bands(logits, (101, 67), rows=10)
+    for name in ctcl.STUDENTS:
+        assert got[name].shape == (1, 101, 67) and (got[name].long() == want[name]).float().mean() > 0.999
+    x = torch.randn(1, 3, 7, 9, generator=g)
+    grid = ctcl.predictions_in_bands({"cnn": x, "vit": x}, (30, 40), rows=7)["cnn"]
+    assert torch.equal(grid.long(), ctcl.upsample_logits(x, (30, 40)).argmax(1))
