@@ -70,9 +70,8 @@ def conv_bn_relu(in_channels, out_channels, kernel_size=1):
 
 
 def dilate_stage(stage, dilation, previous=1):
-    """A ResNet BasicBlock stage at stride 1 with dilated 3x3 convs [I]: the first keeps the previous
-    stage's dilation, the later ones get `dilation`, as torchvision's dilated Bottleneck stages do.
-    torchvision refuses this for BasicBlock, so we edit the built convs (ImageNet weights still load)."""
+    """A BasicBlock stage at stride 1, its 3x3 convs dilated [I]: the first keeps the previous stage's
+    dilation, the rest get `dilation` (torchvision's Bottleneck way, which it refuses for BasicBlock)."""
     stage[0].conv1.stride = (1, 1)
     if stage[0].downsample is not None:
         stage[0].downsample[0].stride = (1, 1)
@@ -82,14 +81,12 @@ def dilate_stage(stage, dilation, previous=1):
 
 
 class DeepLabV3Plus(nn.Module):
-    """ResNet-18 + ASPP + DeepLabV3+ decoder. Returns {low, mid, last, feat, logits}: layer1 (stride 4),
-    layer2 (stride 8), the encoder's output after ASPP (stride 16 or 8), the decoder feature and the
-    class scores (both stride 4)."""
+    """ResNet-18 + ASPP + DeepLabV3+ decoder. Returns {low, mid, last, feat, logits}: F₁ᶜ = layer1 (stride 4),
+    F₂ᶜ = layer2 (8), Fₗᶜ = ASPP's output (16 or 8), the decoder feature and the class scores (both 4)."""
 
     def __init__(self, num_classes, output_stride=16, pretrained=False):
         super().__init__()
         assert output_stride in (8, 16), f"output_stride must be 8 or 16, got {output_stride}"
-        self.output_stride = output_stride
         weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1 if pretrained else None
         self.backbone = torchvision.models.resnet18(weights=weights)
         del self.backbone.fc, self.backbone.avgpool  # a dense head replaces them
@@ -162,8 +159,7 @@ class DWConv(nn.Module):
 
 
 class MixFFN(nn.Module):
-    """Linear -> depthwise 3x3 conv -> GELU -> Linear; the conv leaks position, so no
-    position embedding is needed."""
+    """Linear -> depthwise 3x3 conv -> GELU -> Linear; the conv leaks position: no position embedding."""
 
     def __init__(self, dim, *, mlp_ratio):
         super().__init__()
@@ -231,9 +227,8 @@ def init_mit_weights(module):
 
 
 class SegFormer(nn.Module):
-    """MiT-B0 + all-MLP decoder. Returns {low, mid, last, feat, logits}: the stage-1 (stride 4),
-    stage-2 (stride 8) and stage-4 (stride 32) maps, the decoder feature and the class scores
-    (both stride 4)."""
+    """MiT-B0 + all-MLP decoder. Returns {low, mid, last, feat, logits}: F₁ᵛ, F₂ᵛ, Fₗᵛ = the stage-1, 2 and 4
+    maps (stride 4, 8, 32), the decoder feature and the class scores (both stride 4)."""
 
     def __init__(self, num_classes, encoder_weights=None, embed_dim=256, drop_path=0.1):
         super().__init__()
@@ -430,7 +425,8 @@ class CTCL(nn.Module):
         assert method in ("independent", "dml", "ctcl") and region_score in ("ce", "error") and \
             pixel_rule in ("exclusive", "teacher-right", "lower-ce", "all") and bsd_norm in ("selected", "valid")
         self.method, self.region_score, self.pixel_rule, self.bsd_norm = method, region_score, pixel_rule, bsd_norm
-        self.region_size, self.margin, self.temperature, self.ignore_index = region_size, margin, temperature, ignore_index
+        self.region_size, self.margin, self.temperature = region_size, margin, temperature
+        self.ignore_index = ignore_index
         self.lambdas = {"dml": 1.0, "hfd": lambda_hfd, "rbsd": lambda_rbsd, "pbsd": lambda_pbsd}
         self.cnn = DeepLabV3Plus(num_classes, output_stride=output_stride, pretrained=pretrained)
         self.vit = SegFormer(num_classes, encoder_weights=vit_weights)
@@ -536,11 +532,10 @@ def ignore_borders(label, width=1, ignore_index=255):
 
 @functools.lru_cache(maxsize=4)  # the tensors are never modified, so runs in one process share them
 def make_synthetic(n, size=64, seed=0, max_objects=3, radius=(0.2, 0.4), period=(6, 12)):
-    """n images (uint8, 3×size×size) and labels of overlapping objects on a grey background; the
-    colour never tells the class. Two classes are textures (stripes, dots) of any outline, two are
-    plain, told apart by outline alone (disc, square): in our trials the CNN learned textures sooner
-    and the ViT kept up on outlines, so the students err in different places. Each object draws a
-    class, hue, outline, radii, angle, position and texture period; later ones occlude earlier ones."""
+    """n images (uint8, 3×size×size) and labels of overlapping objects on a grey background, whose colour
+    never tells the class: two classes are textures (stripes, dots) of any outline, two are plain, told
+    apart by outline alone (disc, square). In our trials the CNN learned textures sooner and the ViT kept
+    up on outlines: the students err in different places. Later objects occlude earlier ones."""
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
     images = torch.empty(n, 3, size, size, dtype=torch.uint8)
@@ -582,8 +577,8 @@ def opened(path, what="image"):
 
 
 def read_image(path):
-    """uint8 RGB tensor (3, H, W) of any image PIL opens (grey, RGBA, palette, CMYK, 16-bit), turned as
-    its EXIF orientation says, so that a phone photo is read as it is shown (OpenCV reads it so too)."""
+    """uint8 RGB (3, H, W) of any image PIL opens (grey, RGBA, palette, CMYK, 16-bit), turned as its EXIF
+    orientation says: a phone photo is read as it is shown."""
     with opened(path) as image:
         image = PIL.ImageOps.exif_transpose(image)
         if image.mode.startswith("I"):  # 16- or 32-bit grey: convert("RGB") would clip, so keep the top byte
@@ -626,9 +621,8 @@ def from_files(pairs, num_classes, lut, index):
 
 
 class SegmentationSet(torch.utils.data.Dataset):
-    """Items of load(index) -> (uint8 image 3×H×W, uint8 label H×W), transformed. A training
-    item is an (index, seed) pair: each sample's augmentation is drawn from its own seed, so
-    the stream is the same with any number of workers or processes, and after a resume."""
+    """load(index) -> (uint8 image 3×H×W, uint8 label H×W), transformed. A training item is (index, seed):
+    each sample's augmentation is drawn from its own seed, alike for any workers, processes or resume."""
 
     def __init__(self, load, size, transform):
         self.load, self.size, self.transform = load, size, transform
@@ -647,7 +641,7 @@ class SegmentationSet(torch.utils.data.Dataset):
 
 
 def read_lines(path):
-    """The non-empty lines of a UTF-8 text file, stripped; a byte-order mark (Windows editors write one) is dropped."""
+    """The non-empty lines of a UTF-8 text file, stripped (a byte-order mark, as Notepad writes, dropped)."""
     try:
         text = pathlib.Path(path).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -688,8 +682,7 @@ def cityscapes_pairs(root, split):
 
 
 def camvid_pairs(root, split):
-    """SegNet's CamVid layout: {train,val,test}/ and {train,val,test}annot/, void = 11.
-    `split` names the folders to join, e.g. "train+val"."""
+    """SegNet's CamVid: {train,val,test}/ and {train,val,test}annot/, void = 11; split: e.g. "train+val"."""
     root = pathlib.Path(root)
     return [(p, root / f"{s}annot" / p.name) for s in split.split("+") for p in sorted((root / s).glob("*.png"))]
 
@@ -700,21 +693,17 @@ def camvid_lut():
 
 
 def files_by_stem(folder, suffixes):
-    """{stem: path} of the files in folder with one of these suffixes, in any case; hidden files (macOS's
-    ._IMG_0001.jpg) skipped; two files of one stem refused."""
-    found = {}
-    for path in sorted(folder.glob("*")):
-        if path.suffix.lower() in suffixes and not path.name.startswith("."):
-            if path.stem in found:
-                raise UserError(f"{found[path.stem]} and {path.name} have one stem, {path.stem}: keep one of them")
-            found[path.stem] = path
-    return found
+    """{stem: path} of the files in folder with these suffixes, in any case; hidden ones (macOS's ._x.jpg) skipped."""
+    files = [p for p in sorted(folder.glob("*")) if p.suffix.lower() in suffixes and not p.name.startswith(".")]
+    stems = collections.Counter(p.stem for p in files)
+    if twice := [p.name for p in files if stems[p.stem] > 1]:
+        raise UserError(f"{folder} has {twice[0]} and {twice[1]}, two files of one stem: keep one of them")
+    return {p.stem: p for p in files}
 
 
 def folder_pairs(root, split):
-    """Your own data: DIR/images/<stem>.{jpg,jpeg,png,bmp} with DIR/labels/<stem>.png, the stems of
-    each split listed in DIR/train.txt and DIR/val.txt; without the two lists, every 10th sorted stem
-    (the first included) is for validation, the rest for training."""
+    """Your own data: DIR/images/<stem>.{jpg,jpeg,png,bmp} with DIR/labels/<stem>.png, each split's stems
+    listed in DIR/train.txt and DIR/val.txt; without the lists, every 10th sorted stem is for validation."""
     images = files_by_stem(root / "images", (".jpg", ".jpeg", ".png", ".bmp"))
     labels, lists = files_by_stem(root / "labels", (".png",)), [root / "train.txt", root / "val.txt"]
     if not any(p.is_file() for p in lists):
@@ -736,8 +725,7 @@ def folder_pairs(root, split):
 
 
 def read_classes(root):
-    """The class names in DIR/classes.txt, one a line, class 0 first, each with its colour: 'name r g b',
-    else VOC's colour of its index."""
+    """The names in DIR/classes.txt, one a line, class 0 first, and their colours ('name r g b', else VOC's)."""
     path = pathlib.Path(root) / "classes.txt"
     if not path.parent.is_dir():
         raise UserError(f"--data-root {root} is not a folder: give the one that holds images/, labels/, classes.txt")
@@ -812,9 +800,9 @@ DATASETS = {
 
 
 def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256), classes=None, workers=0):
-    """(train, val) data sets; train items are augmented, val items only normalised. A folder's labels
-    are all checked first, and every validation image's size (from its header): whole images must have 32
-    pixels a side. val.largest_side, the longest side among them, is what --predict scales photos down to."""
+    """(train, val) data sets, train items augmented, val items only normalised. A folder's labels are checked
+    first, and every validation image's size (its header's): 32 pixels a side at least; the longest side
+    among them, val.largest_side, is what --predict scales a larger photo down to."""
     spec = DATASETS[name]
     classes = classes or spec["classes"]
     if name == "synthetic":
@@ -828,11 +816,10 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
         lut = spec["lut"]() if "lut" in spec else None
         splits = [spec["pairs"](root, split) for split in (spec["train"], spec["val"])]
         for split, pairs in zip((spec["train"], spec["val"]), splits):
-            if not pairs:
-                raise UserError(f"no {split} images found for {name} under {root}")
-            missing = [str(p) for pair in pairs for p in pair if not p.exists()][:3]
-            if missing:
-                raise UserError(f"{name} {split} files are missing, e.g. {missing[0]}")
+            missing = next((p for pair in pairs for p in pair if not p.exists()), None)
+            if missing or not pairs:
+                raise UserError(f"{name} {split} files are missing, e.g. {missing}" if pairs else
+                                f"no {split} images found for {name} under {root}")
         if name == "folder":
             check_labels(*splits, classes, workers)
         sides = [image_size(image) for image, _ in splits[1]]
@@ -857,9 +844,8 @@ def normalize(images):
 
 
 class JointTransform:
-    """Image and label together: random scale 0.5–2.0, random crop (image padded with 0,
-    label with 255), horizontal flip, ImageNet normalisation. Without a crop size (the
-    validation set) only the normalisation."""
+    """Image and label together: random scale 0.5–2.0, random crop (image padded with 0, label with 255),
+    horizontal flip, ImageNet normalisation. Without a crop size (validation): the normalisation alone."""
 
     def __init__(self, crop_size=None, scale=(0.5, 2.0)):
         self.scale = scale
@@ -879,10 +865,9 @@ class JointTransform:
 
 
 class TrainingSampler(torch.utils.data.Sampler):
-    """Endless (index, augmentation seed) pairs for one process, from iteration `start_iter` on. Each
-    epoch is a permutation (from the seed and the epoch) cut into global batches; process `rank` takes
-    its 1/world_size slice of each, and a sample's augmentation seed is its place in the epoch. So K
-    processes see the batches one process sees, augmented alike, and a resumed run the same ones."""
+    """Endless (index, augmentation seed) pairs for one process, from iteration `start_iter` on. Each epoch
+    is a permutation (from the seed and the epoch) cut into global batches; process `rank` takes its slice
+    of each, a sample's seed is its place in the epoch: K processes, or a resumed run, see the same batches."""
 
     def __init__(self, size, *, batch_size, seed=0, rank=0, world_size=1, start_iter=0):
         assert batch_size % world_size == 0, "the global batch must split evenly across the processes"
@@ -903,8 +888,8 @@ class TrainingSampler(torch.utils.data.Sampler):
 
 
 def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, world_size, pin_memory):
-    """One DataLoader for the whole run, so its workers live as long as the run. Iteration k
-    gets the same batch whether or not the run resumed, with any number of workers."""
+    """One DataLoader for the whole run (its workers live as long); iteration k gets the same batch with or
+    without a resume, with any number of workers."""
     if len(dataset) < batch_size:
         raise UserError(f"the training set has {len(dataset)} images, fewer than one batch of {batch_size}: "
                         "lower --batch-size")
@@ -1229,9 +1214,8 @@ def load_checkpoint(path):
 
 
 def gather_rng_states(world_size):
-    """Every rank's random states, so that a resumed run draws the same numbers: on the CPU it then
-    continues bit for bit; on CUDA the floats drift, as the backward of bilinear interpolation and of
-    adaptive average pooling is nondeterministic there (also without a resume)."""
+    """Every rank's random states, so that a resumed run draws the same numbers: on the CPU it goes on bit
+    for bit; on CUDA the floats drift (bilinear interpolation's backward is nondeterministic there)."""
     state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
     states = [state] * world_size
     if world_size > 1:
@@ -1252,16 +1236,12 @@ class Diverged(Exception):
 
 
 def check_finite(first_bad, out, world_size=1):
-    """Stop at the first non-finite loss (first_bad: its iteration, −1 if none). Under DDP every rank
-    stops together, or the others would wait forever, and names the earliest rank's iteration."""
+    """Stop at the first non-finite loss (first_bad: its iteration, inf if none). Under DDP every rank stops
+    together, or the others would wait forever, and names the earliest iteration of any rank."""
     if world_size > 1:
-        never = torch.iinfo(torch.long).max
-        first_bad = torch.where(first_bad < 0, never, first_bad)
         torch.distributed.all_reduce(first_bad, torch.distributed.ReduceOp.MIN)
-        first_bad = torch.where(first_bad == never, -1, first_bad)
-    bad = int(first_bad)  # a host sync, made only at log and checkpoint steps
-    if bad >= 0:
-        raise Diverged(f"non-finite loss at iteration {bad}; stopped, and {out / 'last.pt'} was left as "
+    if (bad := float(first_bad)) < math.inf:  # a host sync, made only at log and checkpoint steps
+        raise Diverged(f"non-finite loss at iteration {int(bad)}; stopped, and {out / 'last.pt'} was left as "
                        "it was: lower the learning rates, or try without --amp")
 
 
@@ -1304,7 +1284,8 @@ def build_model(args, num_classes, ctx=None):
     try:
         return CTCL(num_classes, method=args.method, lambda_hfd=args.lambda_hfd, lambda_rbsd=args.lambda_rbsd,
                     lambda_pbsd=args.lambda_pbsd, region_size=args.region_size, margin=args.rbsd_margin,
-                    region_score=args.region_score, temperature=args.temperature, pixel_rule=args.pixel_rule, bsd_norm=args.bsd_norm,
+                    region_score=args.region_score, temperature=args.temperature, pixel_rule=args.pixel_rule,
+                    bsd_norm=args.bsd_norm,
                     output_stride=args.output_stride, pretrained=args.pretrained, vit_weights=args.vit_weights)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
         raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({error}): run "
@@ -1343,10 +1324,8 @@ def train(args, ctx, ckpt=None):
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
-        except RuntimeError as error:
-            made_with = {k: ckpt.get("args", {}).get(k) for k in ("data", "method", "lambda_hfd", "lambda_rbsd")}
-            raise UserError(f"--resume {args.resume} holds another model (made with {made_with}): "
-                            f"{str(error).splitlines()[0]}") from None
+        except RuntimeError as error:  # resume_recipe builds the checkpoint's: an older ctcl.py's layout
+            raise UserError(f"--resume {args.resume} holds another model: {str(error).splitlines()[0]}") from None
         for obj, state in zip(optimizers + schedulers, ckpt["optimizers"] + ckpt["schedulers"]):
             obj.load_state_dict(state)
         for sched in schedulers:  # this --iters' learning rates from here on (the same ones if it is unchanged)
@@ -1395,14 +1374,14 @@ def train(args, ctx, ckpt=None):
     stop_at = min(args.iters if args.stop_at is None else args.stop_at, args.iters)
     if start >= stop_at:
         ctx.print(f"the checkpoint is at iteration {start} already: nothing to train (--eval-only evaluates it)")
-    first_bad = torch.full((), -1, dtype=torch.long, device=ctx.device)
+    first_bad = torch.full((), math.inf, device=ctx.device)
     sums, count, tick, conf = {}, 0, time.time(), None
     for it in range(start + 1, stop_at + 1):
         images, target = (t.to(ctx.device, non_blocking=True) for t in next(batches))
         # w(t) as a tensor, so that a compiled forward does not recompile as the ramp rises
         kd_weight = torch.full((), sigmoid_rampup(it - 1, args.kd_warmup), device=ctx.device)
         loss, terms = train_step(net, images, target, optimizers, schedulers, scaler, ctx.autocast(), kd_weight)
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), it, first_bad)
+        first_bad = torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=it))
         sums, count = {k: sums.get(k, 0) + v for k, v in terms.items()}, count + 1
         if it % args.log_every == 0 or it == stop_at:
             check_finite(first_bad, args.out, ctx.world_size)
@@ -1457,7 +1436,7 @@ def image_files(paths, out):
     if not found:
         raise UserError(f"--predict {' '.join(paths)}: no image files there")
     stems = collections.Counter(name.with_suffix("") for _, name in found.values())
-    named = [(file, name.with_suffix("") if stems[name.with_suffix("")] == 1 else name) for file, name in found.values()]
+    named = [(file, name if stems[name.with_suffix("")] > 1 else name.with_suffix("")) for file, name in found.values()]
     names = collections.Counter(name for _, name in named)
     if clash := [str(file) for file, name in named if names[name] > 1 and name == max(names, key=names.get)]:
         raise UserError(f"--predict: {clash[0]} and {clash[1]} would write the same files: rename one, or segment "
@@ -1536,14 +1515,13 @@ def export(args):
 # The command line: devices, DDP, flags, the benchmark, main()
 
 def check_launcher():
-    """ctcl.py takes its rank and world size from torchrun: refuse srun's or mpirun's processes without it,
-    which would each train alone, on GPU 0, into one folder."""
+    """Processes of srun or mpirun without torchrun would each train alone, on GPU 0, into one folder."""
     for variable, launcher in (("SLURM_STEP_NUM_TASKS", "srun"), ("OMPI_COMM_WORLD_SIZE", "mpirun"),
                                ("PMI_SIZE", "mpirun")):
         if "WORLD_SIZE" not in os.environ and int(os.environ.get(variable, 1)) > 1:
             raise UserError(f"{launcher} started {os.environ[variable]} processes, but ctcl.py takes its processes "
-                            f"from torchrun: start one task per machine that runs torchrun, e.g. `{launcher} "
-                            "--ntasks-per-node=1 torchrun --nproc_per_node=GPUS ... ctcl.py ...` (see the README)")
+                            f"from torchrun: run one task per machine, e.g. `{launcher} --ntasks-per-node=1 torchrun "
+                            "--nproc_per_node=GPUS ... ctcl.py ...` (see the README)")
 
 
 class Runtime:
@@ -1753,71 +1731,58 @@ RUNTIME = {"out", "resume", "stop_at", "eval_only", "workers", "gpu", "vis", "be
 NOT_RECIPE = RUNTIME | {"seed", "eval_every", "save_every", "log_every", "largest_side"}
 
 
-def given_flags(argv):
-    """The flags (argparse dests) given on the command line, as opposed to left at their defaults."""
+def resume_recipe(args, argv, saved):
+    """--resume continues the checkpoint's run: a flag not given takes the checkpoint's value (but for those
+    of where and how to run: RUNTIME); a recipe flag given another value is refused in one line naming each.
+    --iters may change (see build_optimizers), and --amp."""
     parser, unset = get_args_parser(), object()
-    args = parser.parse_args(argv, argparse.Namespace(**{name: unset for name in vars(parser.parse_args([]))}))
-    return {name for name, value in vars(args).items() if value is not unset}
-
-
-def continue_recipe(args, given, saved):
-    """--resume continues the checkpoint's run: each flag not given takes the checkpoint's value, but for
-    the flags of where and how to run (RUNTIME)."""
-    if saved.get("hfd", "next-stage") != "next-stage" or saved.get("rbsd_feature", "encoder") != "encoder":
-        raise UserError(f"--resume {args.resume} was made with --hfd {saved.get('hfd')} --rbsd-feature "
-                        f"{saved.get('rbsd_feature')}, readings ctcl.py no longer has (the history keeps them)")
+    given = vars(parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(parser.parse_args([]))})))
+    if (saved.get("hfd", "next-stage"), saved.get("rbsd_feature", "encoder")) != ("next-stage", "encoder"):
+        raise UserError(f"--resume {args.resume} was made with a reading ctcl.py no longer has (--hfd "
+                        f"{saved.get('hfd')}, --rbsd-feature {saved.get('rbsd_feature')}): the history keeps it")
     for name, value in saved.items():
-        if name not in given and name not in RUNTIME and hasattr(args, name):
+        if given.get(name, 0) is unset and name not in RUNTIME:
             setattr(args, name, "none" if name == "vit_weights" and value is None else value)
-
-
-def refuse_another_recipe(args, saved):
-    """After fill_defaults: a resumed run's recipe flag (and seed, classes) given with another value than the
-    checkpoint's is refused in one line naming each; --iters may change (see build_optimizers), and --amp."""
-    names = (set(saved) - NOT_RECIPE - {"iters", "amp", "data_root"} | {"seed"}) & set(saved)
-    if differ := [k for k in sorted(names) if json.dumps(getattr(args, k, saved[k]), default=str) != json.dumps(saved[k])]:
+    fill_defaults(args)
+    names = (set(saved) - NOT_RECIPE - {"iters", "amp", "data_root"}) | {"seed"}
+    differ = [k for k in sorted(names) if json.dumps(getattr(args, k, saved[k]), default=str) != json.dumps(saved[k])]
+    if differ:
         raise UserError(f"--resume {args.resume} continues a run made with " + ", ".join(
             f"--{k.replace('_', '-')} {saved[k]} (not {getattr(args, k)})" for k in differ) +
             ": drop the flags that differ, or start a new run without --resume")
 
 
 def run_in(folder):
-    """What run a folder holds, in words, or None: a checkpoint, metrics or args make one."""
+    """What run a folder holds, in words (its last.pt, metrics.jsonl or args.json make one), or None."""
     if (folder / "last.pt").is_file():
-        try:
+        with contextlib.suppress(Exception):
             return f"a run at iteration {torch.load(folder / 'last.pt', map_location='cpu', mmap=True)['iter']}"
-        except Exception:
-            return "a run (its last.pt is unreadable)"
-    return "a run" if any((folder / name).is_file() for name in ("metrics.jsonl", "args.json")) else None
+    return "a run" if any((folder / name).is_file() for name in ("last.pt", "metrics.jsonl", "args.json")) else None
 
 
 def choose_out(args):
-    """--out, or by default runs/DATA-METHOD-sSEED (a resumed run: its checkpoint's folder). A folder that
-    holds a run is written only by resuming that run: a default one then moves to the next free -2, -3, ...;
-    a given one is refused. Checked before any work, so that nothing is lost and no time."""
-    default = args.out is None
-    if default:
-        args.out = pathlib.Path(args.resume).parent if args.resume else \
-            pathlib.Path("runs") / f"{args.data}-{args.method}-s{args.seed}"
+    """--out, else runs/DATA-METHOD-sSEED (a resumed run: its checkpoint's folder). A folder that holds a run
+    is written only by resuming that run: a given --out is then refused, a default one moves on to -2, -3..."""
+    default, args.out = args.out is None, args.out or (pathlib.Path(args.resume).parent if args.resume else
+                                                       pathlib.Path("runs") / f"{args.data}-{args.method}-s{args.seed}")
     held = run_in(args.out)
     if held and not (args.resume and pathlib.Path(args.resume).resolve().parent == args.out.resolve()):
         if not default:
             raise UserError(f"--out {args.out} holds {held}: continue it with --resume {args.out / 'last.pt'}, "
                             "or give another --out")
-        taken, args.out = args.out, next(args.out.with_name(f"{args.out.name}-{k}") for k in itertools.count(2)
-                                         if not run_in(args.out.with_name(f"{args.out.name}-{k}")))
+        taken, args.out = args.out, next(folder for k in itertools.count(2)
+                                         if not run_in(folder := args.out.with_name(f"{args.out.name}-{k}")))
         if first_rank():
-            print(f"{taken} holds {held}: this run writes to {args.out} (--resume {taken / 'last.pt'} continues "
-                  "that one)", flush=True)
+            print(f"{taken} holds {held}: this run writes to {args.out}", flush=True)
     writable(args.out)
 
 
 def writable(folder, flag="--out"):
-    """Refuse, before any work, a folder that is a file or lies in one, or that this process cannot write."""
+    """Refuse, before any work, a folder that is a file or lies in one, or that this process cannot write in."""
     existing = next(p for p in (folder, *folder.resolve().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {folder}: " + (f"{existing} is a file, not a folder" if not existing.is_dir() else
-                                                f"{existing} is not writable") + ": give another folder")
+        raise UserError(f"{flag} {folder}: {existing} is " + ("not writable" if existing.is_dir() else
+                                                             "a file, not a folder") + ": give another folder")
 
 
 def milliseconds(work, sync, times=1):
@@ -1970,10 +1935,9 @@ def summarize(folders):
 
 
 def first_rank():
-    """Whether this process is the first of its launch (torchrun's RANK; srun's or mpirun's own, which
-    Runtime refuses, so that their error is said once too)."""
-    return next((os.environ[v] for v in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if v in os.environ),
-                "0") == "0"
+    """Whether this is the first process (torchrun's RANK, else srun's or mpirun's: their refusal is said once)."""
+    ranks = [os.environ[v] for v in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if v in os.environ]
+    return ranks[:1] in ([], ["0"])
 
 
 def first_to_fail():
@@ -2000,11 +1964,10 @@ def main(argv=None):
                 raise UserError("--predict and --export need --resume CHECKPOINT (a last.pt of ctcl.py)")
             return predict(args, Runtime(args.gpu, args.amp, None)) if args.predict else export(args)
         ckpt = load_checkpoint(args.resume) if args.resume else None  # a bad checkpoint fails before any work
-        if ckpt is not None:
-            continue_recipe(args, given_flags(argv), ckpt["args"])
-        fill_defaults(args)
-        if ckpt is not None:
-            refuse_another_recipe(args, ckpt["args"])
+        if ckpt is None:
+            fill_defaults(args)
+        else:
+            resume_recipe(args, argv, ckpt["args"])
         if args.benchmark:
             return benchmark(args, Runtime(args.gpu, args.amp, None))
         choose_out(args)

@@ -1470,14 +1470,14 @@ def test_resume_with_amp_onto_a_loss_scaler_from_a_run_without_one(tmp_path, sma
 def test_under_ddp_a_non_finite_loss_names_the_earliest_iteration(tmp_path, monkeypatch):
     """check_finite's all-reduce played by hand: what the other rank sends, combined by the op asked for."""
     ops = {torch.distributed.ReduceOp.MIN: torch.minimum, torch.distributed.ReduceOp.MAX: torch.maximum}
-    for mine, other, first in ((7, 3, 3), (3, 7, 3), (-1, 5, 5), (4, -1, 4), (-1, -1, None)):
+    for mine, other, first in ((7, 3, 3), (3, 7, 3), (math.inf, 5, 5), (4, math.inf, 4), (math.inf, math.inf, None)):
         sent = []
         monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op: sent.append(t.clone()))
         with contextlib.suppress(ctcl.Diverged):
-            ctcl.check_finite(torch.tensor(other), tmp_path, world_size=2)  # the other rank: what it sends
+            ctcl.check_finite(torch.tensor(float(other)), tmp_path, world_size=2)  # the other rank: what it sends
         monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op: t.copy_(ops[op](t, sent[0])))
         with pytest.raises(ctcl.Diverged, match=f"iteration {first};") if first else contextlib.nullcontext():
-            ctcl.check_finite(torch.tensor(mine), tmp_path, world_size=2)
+            ctcl.check_finite(torch.tensor(float(mine)), tmp_path, world_size=2)
 
 
 def test_augmentation_reseeds_only_the_cpu_generator(monkeypatch):
@@ -2575,7 +2575,7 @@ def test_folder_labels_in_any_case_hidden_files_skipped_one_stem_one_image(tmp_p
     (root / "labels" / "._img03.png").write_bytes(b"macOS resource fork")
     ctcl.main([str(a) for a in folder_run(root, tmp_path / "out")])
     write_image(root / "images" / "img04.png", random_rgb(40, 48, 4))
-    assert "img04.jpg and img04.png have one stem, img04: keep one of them" in \
+    assert "has img04.jpg and img04.png, two files of one stem: keep one of them" in \
         one_line_error(folder_run(root, tmp_path / "o2"), capsys)
 
 
