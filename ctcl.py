@@ -748,9 +748,8 @@ def label_values(num_classes, pair):
 
 
 def check_labels(train_pairs, val_pairs, classes, workers=0):
-    """Read every label once, before training: read_label's checks, then the trap of binary masks stored
-    as 0/255 (255 is "ignore", so the foreground would never be learnt), and a warning for each class
-    the training labels never show."""
+    """Read every label once, before training: read_label's checks, the trap of masks stored as 0/255 (255
+    is "ignore": the foreground would never be learnt), a warning for each class training never shows."""
     pairs, seen = train_pairs + val_pairs, torch.zeros(2, 256, dtype=torch.bool)  # training, validation labels
     says = first_rank()  # under torchrun every process checks, and one speaks
     # the list of pairs as a data set; collate_fn runs in the workers, so they share the reading
@@ -837,8 +836,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def normalize(images):
-    """uint8 RGB (..., 3, H, W) -> float32 scaled to [0, 1], then ImageNet's mean and std: what the
-    students see in training, evaluation, --predict and the exported programs alike."""
+    """uint8 RGB (..., 3, H, W) -> float in [0, 1] -> ImageNet's mean and std: for training, evaluation,
+    --predict and the exported programs alike."""
     return v2.functional.normalize(v2.functional.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN,
                                    IMAGENET_STD)
 
@@ -914,8 +913,7 @@ MIT_RENAMES = ((r"(patch_embed\d)\.layer_norm", r"\1.norm"), (r"layer_norm_1", "
 
 
 def mit_from_hub(state_dict):
-    """Official MiT names for the hub's layout (encoder.block.I.J.attention.self.query ...);
-    the official kv Linear is the hub's key rows stacked on its value rows."""
+    """Official MiT names for the hub's (encoder.block.I.J.attention.self.query ...); kv = key rows on value rows."""
     renamed = {}
     for name, tensor in state_dict.items():
         name = re.sub(r"^(segformer\.)?encoder\.(patch_embeddings|block|layer_norm)\.(\d)",
@@ -939,9 +937,8 @@ def read_weights(path):
 
 
 def load_encoder_weights(encoder, state_dict):
-    """Load MiT weights with strict keys; returns the layout found: the official NVlabs checkpoint
-    or the hub's (transformers) file. Classifier heads are dropped. A missing, unexpected or
-    misshaped key raises a ValueError that names it."""
+    """Load MiT weights, the official NVlabs file or the hub's (transformers), with strict keys, heads dropped;
+    returns the layout found. A missing, unexpected or misshaped key raises a ValueError naming it."""
     state_dict = state_dict.get("state_dict", state_dict)  # some dumps wrap the weights
     layout = "official"
     if any(k.startswith(("encoder.block.", "segformer.encoder.block.")) for k in state_dict):
@@ -964,8 +961,8 @@ def load_encoder_weights(encoder, state_dict):
 # Evaluation: the confusion matrix summed over the split (and the processes), panels
 
 def confusion_matrix(pred, target, num_classes, ignore_index=255):
-    """(C, C) int64 counts, rows = ground truth, columns = prediction; targets outside [0, C)
-    (ignore_index) are dropped. scatter_add keeps it on the device, with no host sync."""
+    """(C, C) int64 counts, rows = truth, columns = prediction, targets outside [0, C) (ignore_index) dropped;
+    scatter_add keeps it on the device, with no host sync."""
     keep = (target >= 0) & (target < num_classes)
     index = torch.where(keep, target * num_classes + pred, torch.zeros_like(target))
     conf = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=pred.device)
@@ -1026,9 +1023,8 @@ def predictions_in_bands(logits, size, rows=64):
 @torch.no_grad()
 def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_size=1, workers=0,
              vis_dir=None, vis_count=0, tag="", colours=None):
-    """Whole images, batch 1, logits upsampled to each label's own size; image i by process i mod
-    world_size, which draws its panel if i < vis_count. Returns {"cnn", "vit", "ensemble": C×C
-    confusion, "agreement": 2×2}, summed over the processes."""
+    """Whole images, batch 1, logits upsampled to each label's own size; image i by process i mod world_size,
+    with its panel if i < vis_count. Returns {"cnn", "vit", "ensemble": C×C, "agreement": 2×2} counts."""
     model.eval()
     benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False  # whole images vary in size
     # zeros, not 0: a process whose shard is empty (fewer images than processes) still sends a tensor
@@ -1085,8 +1081,8 @@ def colour_table(colours=None):
 
 
 def draw_panel(tiles, names, legend):
-    """A row of tiles (uint8 H×W×3), names below, a legend of colour swatches. Small tiles are scaled
-    k = ceil(PANEL_TILE / min(H, W)) times (nearest: each pixel a sharp k×k block), large ones subsampled."""
+    """A row of tiles (uint8 H×W×3), names below, a legend of colour swatches; small tiles scaled up k times
+    (nearest: each pixel a sharp k×k block), large ones subsampled."""
     step = max(1, math.ceil(max(tiles[0].shape[:2]) / PANEL_MAX))
     tiles = [tile[::step, ::step] for tile in tiles]
     h, w = tiles[0].shape[:2]
@@ -1105,8 +1101,7 @@ def draw_panel(tiles, names, legend):
 
 
 def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ignore_index=255, colours=None):
-    """A --vis panel: image, truth, CNN, ViT, region directions, pixel transfers, with the legend of the
-    two direction colours. Classes in `colours` (VOC's by default); 255 in its own colour."""
+    """A --vis panel: image, truth, CNN, ViT, region directions, pixel transfers, and the direction colours."""
     h, w = target.shape
     ce = [F.cross_entropy(z, target[None], ignore_index=ignore_index, reduction="none")
           for z in (logits_cnn, logits_vit)]
@@ -1135,8 +1130,7 @@ STUDENTS = {"cnn": "CNN", "vit": "ViT", "ensemble": "ensemble"}  # the ensemble 
 
 
 def report(conf, class_names):
-    """Per-class IoU, mIoU and pixel accuracy of both students and their ensemble, then the students'
-    complementarity."""
+    """Per-class IoU, mIoU, pixel accuracy of both students and their ensemble; the students' complementarity."""
     iou = {name: iou_from_confusion(conf[name]) for name in STUDENTS}
     lines = [f"{'class':<16}" + "".join(f"{title + ' IoU':>14}" for title in STUDENTS.values())]
     lines += [f"{cls:<16}" + "".join(f"{100 * float(iou[n][1][k]):>14.2f}" for n in STUDENTS)
@@ -1275,9 +1269,8 @@ def train_step(model, images, target, optimizers, schedulers, scaler, autocast, 
 
 
 def build_model(args, num_classes, ctx=None):
-    """The two students with the projectors of --method; pretrained weights as asked. Under
-    DDP the main process builds first (fetching the ImageNet weights into the torch cache);
-    the others wait at a barrier and then read the cache."""
+    """The two students with the projectors of --method, pretrained weights as asked. Under DDP the main
+    process builds first (fetching the ImageNet weights into the torch cache), the others then read it."""
     ddp = ctx is not None and ctx.world_size > 1
     if ddp and not ctx.is_main:
         torch.distributed.barrier()
@@ -1339,7 +1332,9 @@ def train(args, ctx, ckpt=None):
     if ctx.is_main:  # bad flags, data or checkpoints have been refused by now, with nothing written
         args.out.mkdir(parents=True, exist_ok=True)
         write_whole(args.out / "args.json", lambda f: f.write(json.dumps(vars(args), default=str, indent=1).encode()))
-
+        if (metrics := args.out / "metrics.jsonl").is_file() and metrics.read_bytes()[-1:] not in (b"", b"\n"):
+            with open(metrics, "a") as f:  # a killed run's half line: the next record starts a line of its own
+                f.write("\n")
     def run_eval(it):
         if ctx.world_size > 1:  # CPU DDP keeps per-rank BN statistics: evaluate rank 0's
             for buffer in model.buffers():
@@ -1419,11 +1414,10 @@ def load_students(path, device):
 
 
 def image_files(paths, out):
-    """(file, output name) of the images named and of those in the folders named, subfolders included
-    (hidden files such as macOS's ._IMG_0001.jpg, and anything under `out`, skipped). The name is the
-    file's path below its folder argument (a file argument: its name) less the suffix, day1/IMG_0001.jpg ->
-    day1/IMG_0001; inputs that would share a name keep their suffix (x.jpg, x.png); two that still share
-    one are refused."""
+    """(file, output name) of the images named and of those in the folders named and their subfolders (hidden
+    files such as macOS's ._x.jpg, and `out`, skipped). The name is the path below the folder named (or the
+    file's name) less its suffix, day1/IMG_0001.jpg -> day1/IMG_0001; inputs that would share one keep their
+    suffix (x.jpg, x.png); two that still do are refused."""
     kinds = {ext for ext, kind in PIL.Image.registered_extensions().items() if kind in PIL.Image.OPEN}
     found = {}
     for arg in map(pathlib.Path, paths):
@@ -1438,7 +1432,7 @@ def image_files(paths, out):
     stems = collections.Counter(name.with_suffix("") for _, name in found.values())
     named = [(file, name if stems[name.with_suffix("")] > 1 else name.with_suffix("")) for file, name in found.values()]
     names = collections.Counter(name for _, name in named)
-    if clash := [str(file) for file, name in named if names[name] > 1 and name == max(names, key=names.get)]:
+    if clash := [str(file) for file, name in named if names[name] > 1]:
         raise UserError(f"--predict: {clash[0]} and {clash[1]} would write the same files: rename one, or segment "
                         "them in two runs, each with its own --out")
     return named
@@ -1446,13 +1440,12 @@ def image_files(paths, out):
 
 @torch.no_grad()
 def predict(args, ctx):
-    """Per image, for the CNN, the ViT and their ensemble, a palette PNG of class indices at the image's
-    size, and <name>_overlay.png, the image blended with their colours. An image no larger than the data
-    set's largest validation image is segmented exactly as evaluation does; a larger one (a phone photo)
-    is first scaled down to that size (unless --full-size), its scores brought back to its own size band
-    by band. Under torchrun the processes share the images."""
-    out = args.out or pathlib.Path(args.resume).parent / "predict"
-    writable(out)
+    """Per image, for the CNN, the ViT and their ensemble, a palette PNG of class indices at the image's size,
+    and <name>_overlay.png, the image blended with their colours. An image no larger than the data set's
+    largest validation image is segmented exactly as evaluation does; a larger one (a phone photo) is first
+    scaled down to that size (but with --full-size), its scores brought back to its own size band by band.
+    Under torchrun the processes share the images."""
+    out = args.out
     files = image_files(args.predict, out)[ctx.rank::ctx.world_size]
     model, saved = load_students(args.resume, ctx.device)
     side = getattr(saved, "largest_side", None) or math.inf  # checkpoints older than largest_side: no scaling
@@ -1498,8 +1491,7 @@ def export(args):
     """cnn.pt2, vit.pt2: torch.export programs of Deployed students, any batch, H and W multiples of 32
     from 64 (at 32, 1×1 maps fix strides), with classes.json and colours.json as extra files."""
     model, saved = load_students(args.resume, torch.device("cpu"))
-    out = args.out or pathlib.Path(args.resume).parent / "export"
-    writable(out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     dims = {0: torch.export.Dim("batch", min=1, max=1024), 2: 32 * torch.export.Dim("h", min=2, max=512),
             3: 32 * torch.export.Dim("w", min=2, max=512)}
@@ -1558,12 +1550,8 @@ class Runtime:
 
     def log(self, record):
         if self.is_main:
-            with open(self.out / "metrics.jsonl", "a+b") as f:
-                cut = False
-                if f.tell() > 0:  # a run killed mid-write leaves half a line: start on a line of its own
-                    f.seek(-1, os.SEEK_END)
-                    cut = f.read(1) != b"\n"
-                f.write((("\n" if cut else "") + json.dumps(record) + "\n").encode())
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 class Parser(argparse.ArgumentParser):
@@ -1604,8 +1592,8 @@ def get_args_parser():
     a("--data-seed", type=number(int, 0, 999_999), default=0, help="seed of the synthetic data")
     a("--gpu", type=number(int, -1), default=None, help="GPU index, -1 for the CPU (default: 0 if there is one)")
     a("--iters", type=count, default=None, help="training iterations (default: per data set)")
-    a("--stop-at", type=count, default=None, help="stop (with a checkpoint) after this iteration; the "
-      "schedule still runs to --iters (default: --iters)")
+    a("--stop-at", type=count, default=None, help="stop after this iteration, with a checkpoint (the schedule "
+      "still runs to --iters)")
     a("--batch-size", type=number(int, 2), default=None, help="images per step, all processes together "
       "(default: per data set)")
     a("--crop-size", type=number(int, 32, 4096), nargs="+", default=None, help="training crop, one side or "
@@ -1616,8 +1604,9 @@ def get_args_parser():
     a("--log-every", type=count, default=None, help="log every N iterations (default: iters/30, at most 50)")
     a("--workers", type=number(int, 0), default=None, help="loader processes (default: 0 synthetic, else 8)")
     a("--seed", type=number(int, 0, 999_999), default=0, help="seed of weights, sampling and augmentation")
-    a("--out", type=pathlib.Path, default=None, help="output folder (default: runs/DATA-METHOD-sSEED)")
-    a("--resume", default=None, help="checkpoint to continue from, e.g. OUT/last.pt")
+    a("--out", type=pathlib.Path, default=None, help="output folder (default: runs/DATA-METHOD-sSEED, or its next free "
+      "-2, -3 ...; with --resume: the checkpoint's)")
+    a("--resume", default=None, help="checkpoint to continue, e.g. OUT/last.pt: the flags not given are its run's")
     a("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
     a("--amp", action="store_true", help="mixed precision: bf16 where the GPU has it, else fp16 with loss scaling")
     a("--method", default="ctcl", choices=["independent", "dml", "ctcl"], help="independent: CE only; "
@@ -1628,15 +1617,14 @@ def get_args_parser():
     a("--region-size", type=count, default=32, help="[I] side of a region in label pixels (a multiple of 32)")
     a("--rbsd-margin", type=float, default=0.0, help="[I] a student teaches a region if its score there is "
       "lower than its peer's by more than this (-inf: both teach everywhere)")
-    a("--region-score", default="ce", choices=["ce", "error"], help="[I] a student's score in a region: its "
-      "mean cross-entropy, or its error rate")
+    a("--region-score", default="ce", choices=["ce", "error"], help="[I] a student's score in a region: "
+      "mean cross-entropy or error rate")
     a("--pixel-rule", default="exclusive", choices=["exclusive", "teacher-right", "lower-ce", "all"],
       help="[I] pixel BSD where the teacher is right and the learner wrong, wherever the teacher is right, "
       "from the lower-CE student, or everywhere both ways (DML)")
     a("--bsd-norm", default="valid", choices=["valid", "selected"], help="[I] BSD averages over all valid "
       "positions (an untaught one adds 0) or over the taught ones")
-    a("--temperature", type=number(float, 0, above=True), default=1.0, help="[I] softmax temperature of "
-      "pixel BSD and DML")
+    a("--temperature", type=number(float, 0, above=True), default=1.0, help="[I] softmax temperature of pixel BSD, DML")
     a("--kd-warmup", type=number(int, 0), default=None, help="[I] iterations of the sigmoid ramp of the "
       "distillation weight (default: 5%% of --iters)")
     a("--cnn-lr", type=weight, default=None, help="[I] SGD learning rate (default: 0.01; synthetic 0.02)")
@@ -1652,8 +1640,8 @@ def get_args_parser():
     a("--vis", type=number(int, 0), default=0, help="PNG panels written per evaluation to OUT/vis")
     a("--compile", action="store_true", help="torch.compile both students and the losses (needs a C++ compiler; "
       "under DDP on GPUs, SyncBatchNorm cuts the graph into many small ones, so expect less)")
-    a("--benchmark", action="store_true", help="time training steps of independent, dml and ctcl, print each student's "
-      "size, then stop")
+    a("--benchmark", action="store_true", help="time the steps of independent, dml and ctcl, print the students' "
+      "sizes, then stop")
     a("--predict", nargs="+", metavar="PATH", help="segment these images (files, folders) with the --resume "
       "checkpoint: class-index PNGs and overlays in --out (default: the checkpoint's folder/predict)")
     a("--full-size", action="store_true", help="--predict: segment each image at its own size, however large "
@@ -1962,6 +1950,8 @@ def main(argv=None):
         if args.predict or args.export:  # uses of a trained checkpoint: what they need is in it
             if not args.resume:
                 raise UserError("--predict and --export need --resume CHECKPOINT (a last.pt of ctcl.py)")
+            args.out = args.out or pathlib.Path(args.resume).parent / ("predict" if args.predict else "export")
+            writable(args.out)
             return predict(args, Runtime(args.gpu, args.amp, None)) if args.predict else export(args)
         ckpt = load_checkpoint(args.resume) if args.resume else None  # a bad checkpoint fails before any work
         if ckpt is None:
