@@ -1,14 +1,13 @@
 """CTCL: CNN-Transformer Collaborative Learning for semantic segmentation, in one file.
 
-A reference implementation of Zhu, Luo, Zheng, Wang and Wang, "A Good Student is Cooperative
-and Reliable: CNN-Transformer Collaborative Learning for Semantic Segmentation", ICCV 2023
-(arXiv 2307.12574), built from its abstract and its framework figure. Two students learn
-together with no pre-trained teacher: a ResNet-18 DeepLabV3+ (CNN) and a SegFormer-B0 (ViT).
-  * HFD: each student's stage-1 feature, projected into the peer's form, goes through the
-    peer's next stage and must give what that stage makes of the peer's own feature.
-  * Region-wise BSD: on the encoders' last features, in each region the student with the
-    lower cross-entropy there teaches the other one.
-  * Pixel-wise BSD: a prediction is transferred only where the teacher is right and the learner wrong.
+An unofficial implementation (the authors released no code) of Zhu, Luo, Zheng, Wang and Wang, "A Good
+Student is Cooperative and Reliable: CNN-Transformer Collaborative Learning for Semantic Segmentation",
+ICCV 2023 (arXiv 2307.12574), built from its abstract and its framework figure. Two students, a ResNet-18
+DeepLabV3+ (CNN) and a SegFormer-B0 (ViT), learn together with no pre-trained teacher, through HFD and
+region- and pixel-wise BSD. The file, top to bottom:
+  * the paper: the two students, HFD, region-wise BSD, pixel-wise BSD, the objective (class CTCL);
+  * running it: data, MiT-B0 weights, evaluation, the training loop;
+  * using it: --predict and --export, then the command line (flags, --benchmark, --summarize, main).
 
     python ctcl.py                                    # synthetic data on the CPU, under 3 minutes
     bash data_prep.sh voc && python ctcl.py --data voc --gpu 0
@@ -26,6 +25,7 @@ import collections
 import contextlib
 import functools
 import glob
+import inspect
 import itertools
 import json
 import math
@@ -271,9 +271,8 @@ def projector(in_channels, out_channels):
 
 
 def frozen(module, **kwargs):
-    """module as a fixed function inside a loss: weights detached (no gradient from it), buffers
-    copied (BatchNorm's running statistics stay as they are), in the module's own mode (in
-    training: BatchNorm on the batch's statistics, drop path active) [I]."""
+    """module as a fixed function inside a loss: weights detached (no gradient from it), buffers copied
+    (BatchNorm's running statistics stay), in its own mode (training: batch statistics, drop path) [I]."""
     def call(x):
         state = {name: p.detach() for name, p in module.named_parameters()}
         state.update({name: b.clone() for name, b in module.named_buffers()})
@@ -398,8 +397,7 @@ def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, valid, temp
 # The objective: both students' losses from one forward pass
 
 def upsample_logits(logits, size):
-    """Class scores in fp32, resized (bilinear) to the label's size, where CE, the masks and the
-    confusion matrix are computed."""
+    """Class scores in fp32, resized (bilinear) to the label's size: CE, masks, confusion matrix live there."""
     return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
 
 
@@ -409,7 +407,7 @@ def sigmoid_rampup(step, length):
 
 
 class CTCL(nn.Module):
-    """Both students and the projectors each one owns; forward() returns the objective.
+    """Both students and the projectors each one owns; forward() returns the objective:
 
         L_cnn = CE_cnn + w(t)·(λ_hfd·HFD_cnn + λ_rbsd·RBSD_cnn + λ_pbsd·PBSD_cnn)      ("CE Eq. (1)" + ...)
         L_vit = CE_vit + w(t)·(λ_hfd·HFD_vit + λ_rbsd·RBSD_vit + λ_pbsd·PBSD_vit)
@@ -419,13 +417,13 @@ class CTCL(nn.Module):
     A term whose λ is 0 is not built (no idle parameters for DDP)."""
 
     def __init__(self, num_classes, *, method="ctcl", lambda_hfd=1.0, lambda_rbsd=1.0, lambda_pbsd=1.0,
-                 region_size=32, margin=0.0, region_score="ce", temperature=1.0, pixel_rule="exclusive",
+                 region_size=32, rbsd_margin=0.0, region_score="ce", temperature=1.0, pixel_rule="exclusive",
                  bsd_norm="valid", output_stride=16, pretrained=False, vit_weights=None, ignore_index=255):
         super().__init__()
         assert method in ("independent", "dml", "ctcl") and region_score in ("ce", "error") and \
             pixel_rule in ("exclusive", "teacher-right", "lower-ce", "all") and bsd_norm in ("selected", "valid")
         self.method, self.region_score, self.pixel_rule, self.bsd_norm = method, region_score, pixel_rule, bsd_norm
-        self.region_size, self.margin, self.temperature = region_size, margin, temperature
+        self.region_size, self.margin, self.temperature = region_size, rbsd_margin, temperature
         self.ignore_index = ignore_index
         self.lambdas = {"dml": 1.0, "hfd": lambda_hfd, "rbsd": lambda_rbsd, "pbsd": lambda_pbsd}
         self.cnn = DeepLabV3Plus(num_classes, output_stride=output_stride, pretrained=pretrained)
@@ -632,12 +630,10 @@ class SegmentationSet(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        image, label = self.load(index)
-        if seed is None:
-            return self.transform(image, label)
         with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
-            torch.random.default_generator.manual_seed(seed)  # the CPU's only: the GPU's drive dropout, drop path
-            return self.transform(image, label)
+            if seed is not None:  # the CPU's only: the GPU's drive dropout, drop path
+                torch.random.default_generator.manual_seed(seed)
+            return self.transform(*self.load(index))
 
 
 def read_lines(path):
@@ -662,15 +658,6 @@ def voc_pairs(root, split):
     return [(root / "JPEGImages" / f"{i}.jpg", root / label_dir / f"{i}.png") for i in stems]
 
 
-def cityscapes_lut():
-    """Label id -> train id from the official table (torchvision keeps it): 19 classes, the rest 255."""
-    lut = torch.full((256,), IGNORE_INDEX, dtype=torch.int64)
-    for c in torchvision.datasets.Cityscapes.classes:
-        if 0 <= c.id < 256 and 0 <= c.train_id < 19:
-            lut[c.id] = c.train_id
-    return lut
-
-
 def cityscapes_pairs(root, split):
     """leftImg8bit/SPLIT/CITY/*_leftImg8bit.png with gtFine/SPLIT/CITY/*_gtFine_labelIds.png."""
     try:
@@ -685,11 +672,6 @@ def camvid_pairs(root, split):
     """SegNet's CamVid: {train,val,test}/ and {train,val,test}annot/, void = 11; split: e.g. "train+val"."""
     root = pathlib.Path(root)
     return [(p, root / f"{s}annot" / p.name) for s in split.split("+") for p in sorted((root / s).glob("*.png"))]
-
-
-def camvid_lut():
-    ids = torch.arange(256)
-    return ids.masked_fill(ids >= 11, IGNORE_INDEX)  # class 11 is "void"
 
 
 def files_by_stem(folder, suffixes):
@@ -742,21 +724,14 @@ def read_classes(root):
     return names, [[int(v) for v in c] if c else PALETTE[k].tolist() for k, c in enumerate(rgb)]
 
 
-def label_values(num_classes, pair):
-    """The values in a label, read with read_label's checks (mode, range, size against its image's header)."""
-    return read_label(pair[1], image_size(pair[0]), num_classes).unique()
-
-
-def check_labels(train_pairs, val_pairs, classes, workers=0):
-    """Read every label once, before training: read_label's checks, the trap of masks stored as 0/255 (255
-    is "ignore": the foreground would never be learnt), a warning for each class training never shows."""
+def check_labels(train_pairs, val_pairs, classes):
+    """Read every label once, before training (a plain loop: loader workers were measured no faster): read_label's
+    checks, the trap of masks stored as 0/255 (255 is "ignore": the foreground would never be learnt), and a
+    warning for each class training never shows."""
     pairs, seen = train_pairs + val_pairs, torch.zeros(2, 256, dtype=torch.bool)  # training, validation labels
-    says = first_rank()  # under torchrun every process checks, and one speaks
-    # the list of pairs as a data set; collate_fn runs in the workers, so they share the reading
-    loader = torch.utils.data.DataLoader(pairs, batch_size=None, num_workers=workers,
-                                         collate_fn=functools.partial(label_values, len(classes)))
-    for k, values in enumerate(loader, 1):
-        seen[int(k > len(train_pairs)), values.long()] = True
+    says = os.environ.get("RANK", "0") == "0"  # under torchrun every process checks, and one speaks
+    for k, (image, label) in enumerate(pairs, 1):
+        seen[int(k > len(train_pairs)), read_label(label, image_size(image), len(classes)).long().unique()] = True
         if k % 1000 == 0 and says:
             print(f"checked {k} of {len(pairs)} labels", file=sys.stderr)
     if seen.any(0).nonzero().flatten().tolist() == [0, IGNORE_INDEX]:
@@ -775,12 +750,16 @@ CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign",
                   "pedestrian", "bicyclist")
 CAMVID_COLOURS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
                   (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))  # SegNet's colour map
+# label id -> class index: Cityscapes' official table (torchvision keeps it), 19 classes; CamVid's 11 is "void"
+CITYSCAPES_LUT = torch.full((256,), IGNORE_INDEX).index_put_(
+    (torch.tensor([c.id for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19]),),
+    torch.tensor([c.train_id for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19]))
+CAMVID_LUT = torch.arange(256).masked_fill(torch.arange(256) >= 11, IGNORE_INDEX)
 
-# name: class names, default root, crop, batch, iterations, the reader of (image, label) pairs and
-# the splits to train and evaluate on, and any default that differs from the flags' (learning rates,
-# evaluations per run, the colours of --vis)
+# name: class names, default root, crop, batch, iterations, the reader of (image, label) pairs, the splits
+# to train and evaluate on, any default other than the flags' (learning rates, evaluations, colours)
 CAMVID = dict(classes=CAMVID_CLASSES, root="data/CamVid", crop=(360, 480), batch=8, iters=20_000,
-              pairs=camvid_pairs, train="train+val", val="test", lut=camvid_lut, colours=CAMVID_COLOURS)
+              pairs=camvid_pairs, train="train+val", val="test", lut=CAMVID_LUT, colours=CAMVID_COLOURS)
 DATASETS = {
     # synthetic trains from scratch in under 3 CPU minutes: higher learning rates, one evaluation
     "synthetic": dict(classes=SYNTHETIC_CLASSES, root=None, crop=48, batch=16, iters=360,
@@ -788,17 +767,17 @@ DATASETS = {
     "voc": dict(classes=VOC_CLASSES, root="data/VOCdevkit/VOC2012", crop=512, batch=16, iters=40_000,
                 pairs=voc_pairs, train="train", val="val"),
     "cityscapes": dict(classes=CITYSCAPES_CLASSES, root="data/cityscapes", crop=(512, 1024), batch=8, iters=80_000,
-                       pairs=cityscapes_pairs, train="train", val="val", lut=cityscapes_lut),
+                       pairs=cityscapes_pairs, train="train", val="val", lut=CITYSCAPES_LUT),
     "camvid": CAMVID,  # the protocol of final numbers: train + val, evaluated on test
     "camvid-val": dict(CAMVID, train="train", val="val"),  # for choosing a recipe without the test set
-    # your own small data set, from ImageNet weights: batch 8 is half VOC's step (about 6 GB in fp32),
-    # 10k iterations see 80k crops (VOC's 40k × 16: 60 epochs of 10,582 images; here 200 of 400)
+    # your own small set, from ImageNet weights: batch 8, half VOC's (about 6 GB in fp32); 10k iterations see
+    # 80k crops (VOC's 40k × 16: 60 epochs of 10,582 images; here 200 of 400)
     "folder": dict(classes=None, root=None, crop=512, batch=8, iters=10_000, pairs=folder_pairs, train="train",
                    val="val"),
 }
 
 
-def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256), classes=None, workers=0):
+def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256), classes=None):
     """(train, val) data sets, train items augmented, val items only normalised. A folder's labels are checked
     first, and every validation image's size (its header's): 32 pixels a side at least; the longest side
     among them, val.largest_side, is what --predict scales a larger photo down to."""
@@ -812,7 +791,7 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
         if not root.is_dir():
             raise UserError(f"no {name} data at {root.resolve()}: run `bash data_prep.sh {name.split('-')[0]}` "
                             "or point --data-root at it")
-        lut = spec["lut"]() if "lut" in spec else None
+        lut = spec.get("lut")
         splits = [spec["pairs"](root, split) for split in (spec["train"], spec["val"])]
         for split, pairs in zip((spec["train"], spec["val"]), splits):
             missing = next((p for pair in pairs for p in pair if not p.exists()), None)
@@ -820,7 +799,7 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
                 raise UserError(f"{name} {split} files are missing, e.g. {missing}" if pairs else
                                 f"no {split} images found for {name} under {root}")
         if name == "folder":
-            check_labels(*splits, classes, workers)
+            check_labels(*splits, classes)
         sides = [image_size(image) for image, _ in splits[1]]
         if small := next((f"{p} is {h}×{w}" for (p, _), (h, w) in zip(splits[1], sides) if min(h, w) < 32), None):
             raise UserError(f"validation image {small}: the students need 32 pixels a side; scale it up or leave it "
@@ -871,8 +850,7 @@ class TrainingSampler(torch.utils.data.Sampler):
     def __init__(self, size, *, batch_size, seed=0, rank=0, world_size=1, start_iter=0):
         assert batch_size % world_size == 0, "the global batch must split evenly across the processes"
         self.size, self.batch_size, self.seed, self.start_iter = size, batch_size, seed, start_iter
-        self.local = batch_size // world_size
-        self.first = rank * self.local
+        self.local, self.first = batch_size // world_size, rank * (batch_size // world_size)
 
     def __iter__(self):
         per_epoch = self.size // self.batch_size
@@ -1004,9 +982,8 @@ def predictions(logits):
 
 
 def predictions_in_bands(logits, size, rows=64):
-    """predictions() of the logits upsampled to `size`, `rows` output rows at a time, so that memory holds
-    a band's scores, not a whole photo's: bilinear at the points F.interpolate samples (align_corners=False),
-    by grid_sample; equal to upsample_logits up to float rounding."""
+    """predictions() of the logits upsampled to `size`, `rows` output rows at a time (memory holds a band's
+    scores, not a photo's): grid_sample at F.interpolate's points, equal up to float rounding."""
     (h, w), device = size, logits["cnn"].device
     xs = (torch.arange(w, device=device) + 0.5) * 2 / w - 1  # pixel centres in grid_sample's [-1, 1]
     preds = {name: torch.empty(1, h, w, dtype=torch.uint8) for name in STUDENTS}
@@ -1157,10 +1134,9 @@ def eval_record(conf):
 # The loop: optimisers and schedules, checkpoints, the step, the log line
 
 def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500, fused=True):
-    """CNN side: SGD + poly(0.9). ViT side: AdamW (no decay on norms and biases, decoder and
-    projectors at 10× lr) + linear warm-up, then poly(1.0). Both stepped every iteration. The schedules
-    are closed forms of the iteration, so a run resumed with a new --iters has, from then on, the
-    learning rates a run of that many iterations has. fused: torch's fused kernels, the same update rule."""
+    """CNN side: SGD + poly(0.9). ViT side: AdamW (no decay on norms and biases, decoder and projectors at 10×
+    lr) + linear warm-up, then poly(1.0); closed forms of the iteration, so that a run resumed with another
+    --iters has from then on that run's learning rates. fused: torch's fused kernels, the same update rule."""
     cnn_params, vit_encoder, vit_heads = model.parameter_groups()
     sgd = torch.optim.SGD(cnn_params, lr=cnn_lr, momentum=0.9, weight_decay=1e-4, fused=fused)
     groups = []
@@ -1217,14 +1193,6 @@ def gather_rng_states(world_size):
     return states
 
 
-def restore_rng_state(states, rank):
-    if len(states) <= rank:
-        return  # a different number of processes: keep the fresh seeds
-    torch.set_rng_state(states[rank]["cpu"])
-    if states[rank]["cuda"] is not None and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(states[rank]["cuda"])
-
-
 class Diverged(Exception):
     """A non-finite loss: the run stops, the last good checkpoint stays as it was."""
 
@@ -1240,10 +1208,9 @@ def check_finite(first_bad, out, world_size=1):
 
 
 def log_line(it, iters, lrs, means, images_per_s, eta_s):
-    def terms(side):
-        return " ".join(f"{n} {means[f'{n}_{side}']:.3f}" for n in ("ce", "dml", "hfd", "rbsd", "pbsd")
-                        if f"{n}_{side}" in means)
-    line = f"it {it}/{iters} | lr cnn {lrs[0]:.2e} vit {lrs[1]:.2e} | cnn {terms('cnn')} | vit {terms('vit')}"
+    cnn, vit = (" ".join(f"{n} {means[f'{n}_{side}']:.3f}" for n in ("ce", "dml", "hfd", "rbsd", "pbsd")
+                         if f"{n}_{side}" in means) for side in ("cnn", "vit"))
+    line = f"it {it}/{iters} | lr cnn {lrs[0]:.2e} vit {lrs[1]:.2e} | cnn {cnn} | vit {vit}"
     if "regions_cnn_teaches" in means:
         line += (f" | regions c>v {100 * means['regions_cnn_teaches']:.0f}%"
                  f" v>c {100 * means['regions_vit_teaches']:.0f}%")
@@ -1275,11 +1242,8 @@ def build_model(args, num_classes, ctx=None):
     if ddp and not ctx.is_main:
         torch.distributed.barrier()
     try:
-        return CTCL(num_classes, method=args.method, lambda_hfd=args.lambda_hfd, lambda_rbsd=args.lambda_rbsd,
-                    lambda_pbsd=args.lambda_pbsd, region_size=args.region_size, margin=args.rbsd_margin,
-                    region_score=args.region_score, temperature=args.temperature, pixel_rule=args.pixel_rule,
-                    bsd_norm=args.bsd_norm,
-                    output_stride=args.output_stride, pretrained=args.pretrained, vit_weights=args.vit_weights)
+        keywords = inspect.signature(CTCL).parameters.keys() & vars(args).keys()  # each is the flag of its name
+        return CTCL(num_classes, **{name: getattr(args, name) for name in keywords})
     except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
         raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({error}): run "
                         "`bash data_prep.sh weights` where there is a network (it caches them under "
@@ -1292,12 +1256,10 @@ def build_model(args, num_classes, ctx=None):
 
 
 def train(args, ctx, ckpt=None):
-    train_set, val_set = build_datasets(args.data, args.data_root, args.crop_size, args.data_seed,
-                                        classes=args.classes, workers=args.workers)
+    train_set, val_set = build_datasets(args.data, args.data_root, args.crop_size, args.data_seed, classes=args.classes)
     args.largest_side = val_set.largest_side
     if args.vit_weights is None and args.data != "synthetic" and ctx.is_main:
-        print("warning: --vit-weights none trains MiT-B0 from scratch; expect numbers far below the paper's",
-              file=sys.stderr)
+        print("warning: --vit-weights none trains MiT-B0 from scratch: far below the paper's numbers", file=sys.stderr)
     num_classes = len(args.classes)
     if args.data == "folder" and not (pathlib.Path(args.data_root) / "train.txt").is_file():
         ctx.print(f"{args.data_root}: no train.txt and val.txt: every 10th sorted stem is for validation "
@@ -1326,7 +1288,10 @@ def train(args, ctx, ckpt=None):
                 group["lr"] = base * factor(sched.last_epoch)
         if ckpt["scaler"]:  # {} from a run without an fp16 scaler: the loss scale then starts afresh
             scaler.load_state_dict(ckpt["scaler"])
-        restore_rng_state(ckpt["rng"], ctx.rank)
+        if ctx.rank < len(states := ckpt["rng"]):  # with another number of processes: fresh seeds
+            torch.set_rng_state(states[ctx.rank]["cpu"])
+            if states[ctx.rank]["cuda"] is not None and torch.cuda.is_initialized():
+                torch.cuda.set_rng_state(states[ctx.rank]["cuda"])
         start = ckpt["iter"]
         ctx.print(f"resumed from {args.resume} at iteration {start}")
     if ctx.is_main:  # bad flags, data or checkpoints have been refused by now, with nothing written
@@ -1357,16 +1322,14 @@ def train(args, ctx, ckpt=None):
                      "rng": states, "args": json.loads(json.dumps(vars(args), default=str))}
             write_whole(args.out / "last.pt", lambda f: torch.save(state, f))
 
-    net = model
     if args.compile:  # in place, so the state dict keeps its keys
         model.compile()
-    if ctx.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
-                                                  else None)
+    net = model if ctx.world_size == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     batches = training_batches(train_set, batch_size=args.batch_size, start_iter=start, workers=args.workers,
                                seed=args.seed, rank=ctx.rank, world_size=ctx.world_size,
                                pin_memory=ctx.device.type == "cuda")
-    stop_at = min(args.iters if args.stop_at is None else args.stop_at, args.iters)
+    stop_at = min(args.stop_at or args.iters, args.iters)
     if start >= stop_at:
         ctx.print(f"the checkpoint is at iteration {start} already: nothing to train (--eval-only evaluates it)")
     first_bad = torch.full((), math.inf, device=ctx.device)
@@ -1401,8 +1364,7 @@ def train(args, ctx, ckpt=None):
 # Using what was trained: segment new images (--predict), ship a student (--export)
 
 def load_students(path, device):
-    """A checkpoint's trained model, in eval mode, and the args it was trained with (class names and
-    colours included; a checkpoint older than that takes its data set's)."""
+    """A checkpoint's model in eval mode and its args (class names and colours: older checkpoints' data set's)."""
     ckpt = load_checkpoint(path)
     saved = argparse.Namespace(**{**vars(get_args_parser().parse_args([])), **ckpt["args"]})
     if not getattr(saved, "classes", None):
@@ -1476,8 +1438,7 @@ def predict(args, ctx):
 
 
 class Deployed(nn.Module):
-    """One student as shipped: uint8 RGB (N, 3, H, W) in, class scores (N, C, H, W) at that size out,
-    with evaluation's normalisation and upsampling inside."""
+    """One student as shipped: uint8 RGB (N, 3, H, W) in, class scores (N, C, H, W) out, as evaluation makes them."""
 
     def __init__(self, student):
         super().__init__()
@@ -1488,11 +1449,10 @@ class Deployed(nn.Module):
 
 
 def export(args):
-    """cnn.pt2, vit.pt2: torch.export programs of Deployed students, any batch, H and W multiples of 32
-    from 64 (at 32, 1×1 maps fix strides), with classes.json and colours.json as extra files."""
+    """cnn.pt2, vit.pt2: torch.export programs of Deployed students, any batch, H and W multiples of 32 from 64
+    (at 32, 1×1 maps fix strides), with classes.json and colours.json as extra files."""
     model, saved = load_students(args.resume, torch.device("cpu"))
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    (out := args.out).mkdir(parents=True, exist_ok=True)
     dims = {0: torch.export.Dim("batch", min=1, max=1024), 2: 32 * torch.export.Dim("h", min=2, max=512),
             3: 32 * torch.export.Dim("w", min=2, max=512)}
     extra = {"classes.json": json.dumps(saved.classes), "colours.json": json.dumps(saved.colours)}
@@ -1505,16 +1465,6 @@ def export(args):
 
 # ----------------------------------------------------------------------------------
 # The command line: devices, DDP, flags, the benchmark, main()
-
-def check_launcher():
-    """Processes of srun or mpirun without torchrun would each train alone, on GPU 0, into one folder."""
-    for variable, launcher in (("SLURM_STEP_NUM_TASKS", "srun"), ("OMPI_COMM_WORLD_SIZE", "mpirun"),
-                               ("PMI_SIZE", "mpirun")):
-        if "WORLD_SIZE" not in os.environ and int(os.environ.get(variable, 1)) > 1:
-            raise UserError(f"{launcher} started {os.environ[variable]} processes, but ctcl.py takes its processes "
-                            f"from torchrun: run one task per machine, e.g. `{launcher} --ntasks-per-node=1 torchrun "
-                            "--nproc_per_node=GPUS ... ctcl.py ...` (see the README)")
-
 
 class Runtime:
     """Device, process group, mixed precision, and rank-0-only printing and logging."""
@@ -1587,17 +1537,15 @@ def get_args_parser():
     count, weight = number(int, 1), number(float, 0)
     a("--data", default="synthetic", choices=list(DATASETS), help="data set (camvid-val: CamVid's train split, "
       "evaluated on val, for choosing a recipe; folder: your own, see --data-root)")
-    a("--data-root", default=None, help="data folder (default: the data set's under ./data; folder: the one "
-      "with images/, labels/, classes.txt)")
+    a("--data-root", default=None, help="data folder (default: under ./data; folder: images/, labels/, classes.txt)")
     a("--data-seed", type=number(int, 0, 999_999), default=0, help="seed of the synthetic data")
     a("--gpu", type=number(int, -1), default=None, help="GPU index, -1 for the CPU (default: 0 if there is one)")
-    a("--iters", type=count, default=None, help="training iterations (default: per data set)")
-    a("--stop-at", type=count, default=None, help="stop after this iteration, with a checkpoint (the schedule "
-      "still runs to --iters)")
-    a("--batch-size", type=number(int, 2), default=None, help="images per step, all processes together "
-      "(default: per data set)")
-    a("--crop-size", type=number(int, 32, 4096), nargs="+", default=None, help="training crop, one side or "
-      "H W (default: per data set)")
+    a("--iters", type=count, default=None, help="training iterations (default, as for --batch-size, --crop-size: "
+      "per data set)")
+    a("--stop-at", type=count, default=None, help="stop after this iteration, with a checkpoint (the "
+      "schedule still runs to --iters)")
+    a("--batch-size", type=number(int, 2), default=None, help="images per step, all processes together")
+    a("--crop-size", type=number(int, 32, 4096), nargs="+", default=None, help="training crop: H W, or one side")
     a("--eval-every", type=count, default=None, help="evaluate and checkpoint every N iterations "
       "(default: iters/5; synthetic: at the end)")
     a("--save-every", type=count, default=2000, help="also checkpoint every N iterations")
@@ -1662,8 +1610,8 @@ def dataset_classes(args):
 
 
 def fill_defaults(args):
-    """Per-data-set defaults for the flags left unset (None: a 0 given is a 0), then the checks
-    that involve more than one flag: each bad value is a one-line error before any work starts."""
+    """Per-data-set defaults for the flags left unset (None: a 0 given is a 0), then the checks that involve
+    more than one flag: each bad value is a one-line error before any work starts."""
     spec, real = DATASETS[args.data], args.data != "synthetic"
 
     def given_or(value, default):
@@ -1701,9 +1649,8 @@ def fill_defaults(args):
          "--compile needs a C++ compiler (torch.compile builds its kernels with one) and none was found on "
          "PATH ($CXX, c++, clang++): install one (e.g. apt install g++) or run without --compile"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    if problem := next((message for ok, message in checks if not ok), None):
+        raise UserError(problem)
     args.classes, args.colours = dataset_classes(args)
     if args.vit_weights == "none":
         args.vit_weights = None
@@ -1720,9 +1667,8 @@ NOT_RECIPE = RUNTIME | {"seed", "eval_every", "save_every", "log_every", "larges
 
 
 def resume_recipe(args, argv, saved):
-    """--resume continues the checkpoint's run: a flag not given takes the checkpoint's value (but for those
-    of where and how to run: RUNTIME); a recipe flag given another value is refused in one line naming each.
-    --iters may change (see build_optimizers), and --amp."""
+    """--resume continues the checkpoint's run: a flag not given takes its value (but those of RUNTIME), a recipe
+    flag given another value is refused in one line naming each; --iters may change (see build_optimizers)."""
     parser, unset = get_args_parser(), object()
     given = vars(parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(parser.parse_args([]))})))
     if (saved.get("hfd", "next-stage"), saved.get("rbsd_feature", "encoder")) != ("next-stage", "encoder"):
@@ -1760,7 +1706,7 @@ def choose_out(args):
                             "or give another --out")
         taken, args.out = args.out, next(folder for k in itertools.count(2)
                                          if not run_in(folder := args.out.with_name(f"{args.out.name}-{k}")))
-        if first_rank():
+        if os.environ.get("RANK", "0") == "0":
             print(f"{taken} holds {held}: this run writes to {args.out}", flush=True)
     writable(args.out)
 
@@ -1783,9 +1729,8 @@ def milliseconds(work, sync, times=1):
 
 
 def student_sizes(model, crop_size, device, autocast, sync, runs=5):
-    """Per student: parameters (M), GMACs of one crop (the FLOP counter's FLOPs / 2: convolutions, linear
-    layers, matrix products; attention in its math form, as the counter gives 0 for the fused kernel),
-    forward ms per image at batch 1 (median of `runs` after a warm-up)."""
+    """Per student: parameters (M), GMACs of one crop (FLOPs / 2 of convolutions, linear layers and matrix
+    products; attention in its math form, the counter gives 0 for the fused one), forward ms at batch 1."""
     image, sizes = torch.randn(1, 3, *crop_size, device=device), {}
     for name in ("cnn", "vit"):
         student, counter = getattr(model, name).eval(), FlopCounterMode(display=False)
@@ -1799,9 +1744,9 @@ def student_sizes(model, crop_size, device, autocast, sync, runs=5):
 
 
 def benchmark(args, ctx, rounds=5, steps=3):
-    """ms per training step of independent, dml and ctcl, interleaved round by round (the median of
-    `rounds`, after a warm-up where --compile compiles); on a GPU each method's peak memory: its weights,
-    gradients and moments plus the most one step allocated after its warm-up; each student's size."""
+    """ms per training step of independent, dml and ctcl, interleaved round by round (the median of `rounds`,
+    after a warm-up where --compile compiles); on a GPU each method's peak memory: its weights, gradients and
+    moments plus the most one step allocated after its warm-up; each student's size."""
     classes, cuda = len(args.classes), ctx.device.type == "cuda"
     images = torch.randn(args.batch_size, 3, *args.crop_size, device=ctx.device)
     target = torch.randint(0, classes, (args.batch_size, *args.crop_size), device=ctx.device)
@@ -1851,32 +1796,25 @@ def read_run(folder):
     """(args, final eval record) of a finished run; UserError says why a folder is not one. A damaged
     line of metrics.jsonl (a run killed mid-write, a full disk) costs that line alone."""
     folder = pathlib.Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such folder")
-    for name in ("metrics.jsonl", "args.json"):
-        if not (folder / name).is_file():
-            raise UserError(f"{folder}: no {name}")
+    if missing := [name for name in ("metrics.jsonl", "args.json") if not (folder / name).is_file()]:
+        raise UserError(f"{folder}: " + ("no such folder" if not folder.is_dir() else f"no {missing[0]}"))
     try:
         args = json.loads((folder / "args.json").read_bytes())
     except ValueError:
         raise UserError(f"{folder}: args.json is damaged (not JSON)") from None
-    records, damaged = [], 0
-    for line in (folder / "metrics.jsonl").read_bytes().splitlines():
-        try:
+    lines, records = (folder / "metrics.jsonl").read_bytes().splitlines(), []
+    for line in lines:
+        with contextlib.suppress(ValueError):  # a cut or garbled line (a killed run, a full disk): only it is lost
             records.append(json.loads(line))
-        except ValueError:  # a cut or garbled line (a killed run, a full disk): only that line is lost
-            damaged += 1
-    final = [r for r in records if isinstance(r, dict) and r.get("type") == "eval" and r.get("iter") == args["iters"]]
-    if not final:
-        raise UserError(f"{folder}: unfinished (no intact evaluation at iteration {args['iters']}"
-                        + (f"; metrics.jsonl has {damaged} damaged line(s))" if damaged else ")"))
+    if not (final := [r for r in records if r.get("type") == "eval" and r.get("iter") == args["iters"]]):
+        raise UserError(f"{folder}: unfinished (no intact evaluation at iteration {args['iters']}" + (
+            f"; metrics.jsonl has {len(lines) - len(records)} damaged line(s))" if len(lines) > len(records) else ")"))
     return args, final[-1]
 
 
 def summarize(folders):
-    """Markdown tables of finished runs: one row per recipe (runs that differ only in --seed, --out
-    and the like) with mean ± std (n − 1) over its seeds of mIoU and complementarity; then, for runs
-    of one data set, each student's per-class IoU, mean over the seeds."""
+    """Markdown tables of finished runs: one row per recipe (runs that differ only in NOT_RECIPE), mean ± std
+    (n − 1) over its seeds of mIoU and complementarity; for runs of one data set, per-class IoU means."""
     runs, skipped = [], []
     for folder in folders:
         try:
@@ -1892,8 +1830,8 @@ def summarize(folders):
     for args, record in runs:
         groups.setdefault(tuple(json.dumps(args.get(k, "–")) for k in differ), []).append(record)
 
-    def mean_std(values, scale=100):
-        values = torch.tensor(values, dtype=torch.float64) * scale
+    def mean_std(values):
+        values = torch.tensor(values, dtype=torch.float64) * 100
         return f"{values.mean():.1f}" + (f" ± {values.std():.1f}" if len(values) > 1 else "")
 
     def table(columns, rows):
@@ -1908,11 +1846,10 @@ def summarize(folders):
         ["seeds"] + [f"{title} mIoU" for title in STUDENTS.values()] + [f"{s.replace('_', ' ')} right" for s in shares],
         [(key, [len(records)] + [miou(records, s) for s in STUDENTS]
           + [mean_std([r["complementarity"][s] for r in records]) for s in shares]) for key, records in groups.items()])
-    classes = runs[0][0].get("classes") or DATASETS.get(runs[0][0].get("data"), {}).get("classes", ())
-    one_set = all((args.get("data"), args.get("classes")) == (runs[0][0].get("data"), runs[0][0].get("classes"))
-                  for args, _ in runs)
-    if classes and one_set and all(len(record[s].get("per_class_iou", ())) == len(classes)
-                                   for _, record in runs for s in ("cnn", "vit")):
+    first = runs[0][0]
+    classes = first.get("classes") or DATASETS.get(first.get("data"), {}).get("classes", ())
+    if classes and all((a.get("data"), a.get("classes")) == (first.get("data"), first.get("classes")) and  # one set
+                       len(r[s].get("per_class_iou", ())) == len(classes) for a, r in runs for s in ("cnn", "vit")):
         def iou(records, s):  # a class absent from prediction and truth (null) is left out of its mean
             values = torch.tensor([[math.nan if v is None else v for v in r[s]["per_class_iou"]] for r in records],
                                   dtype=torch.float64)
@@ -1922,17 +1859,12 @@ def summarize(folders):
     return "\n".join(lines)
 
 
-def first_rank():
-    """Whether this is the first process (torchrun's RANK, else srun's or mpirun's: their refusal is said once)."""
-    ranks = [os.environ[v] for v in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if v in os.environ]
-    return ranks[:1] in ([], ["0"])
-
-
 def first_to_fail():
-    """Under torchrun a bad flag or file fails every process alike: only the first process to fail says
-    so (the process group's store counts the failures; before the group exists, rank 0 speaks)."""
-    if not torch.distributed.is_initialized():
-        return first_rank()
+    """Under torchrun a bad flag or file fails every process alike: the first to fail says so (the process
+    group's store counts the failures; before the group exists, rank 0 speaks)."""
+    if not torch.distributed.is_initialized():  # torchrun's rank, else srun's or mpirun's (refused by main)
+        return next((os.environ[v] for v in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+                     if v in os.environ), "0") == "0"
     try:
         return torch.distributed.distributed_c10d._get_default_store().add("ctcl.py failures", 1) == 1
     except Exception:  # the store went down with the process that held it
@@ -1946,7 +1878,12 @@ def main(argv=None):
             table = summarize(sorted({p for pattern in args.summarize for p in glob.glob(pattern) or [pattern]}))
             print(table)
             return table
-        check_launcher()
+        for variable, launcher in (("SLURM_STEP_NUM_TASKS", "srun"), ("OMPI_COMM_WORLD_SIZE", "mpirun"),
+                                   ("PMI_SIZE", "mpirun")):  # without torchrun each would train alone, on GPU 0
+            if "WORLD_SIZE" not in os.environ and int(os.environ.get(variable, 1)) > 1:
+                raise UserError(f"{launcher} started {os.environ[variable]} processes, but ctcl.py takes its "
+                                f"processes from torchrun: run one task per machine, e.g. `{launcher} "
+                                "--ntasks-per-node=1 torchrun --nproc_per_node=GPUS ... ctcl.py ...` (see the README)")
         if args.predict or args.export:  # uses of a trained checkpoint: what they need is in it
             if not args.resume:
                 raise UserError("--predict and --export need --resume CHECKPOINT (a last.pt of ctcl.py)")

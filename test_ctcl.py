@@ -1097,7 +1097,7 @@ def test_objective_ce_ignores_255_and_methods_build_only_their_terms():
 
 def test_no_selection_teaches_every_valid_pixel_and_region_both_ways():
     torch.manual_seed(0)
-    model = ctcl.CTCL(4, margin=float("-inf"), pixel_rule="all").eval()  # no dropout
+    model = ctcl.CTCL(4, rbsd_margin=float("-inf"), pixel_rule="all").eval()  # no dropout
     images, target = torch.randn(2, 3, 64, 64), random_target(2, 64, 64, 4, seed=5)
     t = model(images, target)[2]
     assert t["regions_cnn_teaches"] == 1 and t["regions_vit_teaches"] == 1
@@ -1521,8 +1521,9 @@ def test_srun_or_mpirun_without_torchrun_is_refused_once_in_one_line(tmp_path, m
     with pytest.raises(SystemExit):
         ctcl.main(["--out", str(tmp_path / "o"), "--iters", "1"])
     assert capsys.readouterr().err == "" and not (tmp_path / "o").exists()
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    ctcl.check_launcher()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # srun ... torchrun: past the launcher check, to the next one
+    monkeypatch.setenv(rank, "0")
+    assert "--eval-only needs --resume" in one_line_error(["--eval-only"], capsys)
 
 
 def test_every_gradient_is_laid_out_as_its_parameter():
@@ -1930,7 +1931,7 @@ def test_real_data_layouts_train_and_evaluate(tmp_path, capsys, name):
     out = capsys.readouterr().out
     assert "mIoU" in out and ctcl.DATASETS[name]["classes"][1] in out  # class names in the table
     spec = ctcl.DATASETS[name]
-    lut = spec["lut"]() if "lut" in spec else torch.arange(256)
+    lut = spec.get("lut", torch.arange(256))
     val_labels = [ctcl.read_label(label, image_shape=ctcl.read_image(image).shape, num_classes=len(spec["classes"]),
                                   lut=lut if "lut" in spec else None)
                   for image, label in spec["pairs"](root, spec["val"])]
@@ -1959,7 +1960,7 @@ CITYSCAPES_OFFICIAL = {0: 255, 1: 255, 2: 255, 3: 255, 4: 255, 5: 255, 6: 255, 7
 
 
 def test_cityscapes_id_mapping_matches_official_table():
-    lut = ctcl.cityscapes_lut()
+    lut = ctcl.CITYSCAPES_LUT
     assert len(CITYSCAPES_OFFICIAL) == 34
     assert {i: int(lut[i]) for i in range(34)} == CITYSCAPES_OFFICIAL
     assert (lut[34:] == 255).all()
@@ -1975,7 +1976,7 @@ def test_camvid_trains_on_train_and_val_for_test_and_on_train_alone_for_val(tmp_
 
 
 def test_camvid_void_is_ignored():
-    lut = ctcl.camvid_lut()
+    lut = ctcl.CAMVID_LUT
     assert lut[:11].tolist() == list(range(11)) and (lut[11:] == 255).all()
 
 
@@ -2193,7 +2194,7 @@ def test_predict_writes_exactly_what_evaluation_scores(tmp_path, capsys):
             with PIL.Image.open(out / f"{image.stem}_{name}.png") as png:
                 assert png.mode == "P" and png.getpalette()[:33] == palette and png.size == (48, 36)
                 pred = torch.from_numpy(numpy.array(png)).long()
-            label = ctcl.read_label(root / "testannot" / image.name, (36, 48), 11, ctcl.camvid_lut())
+            label = ctcl.read_label(root / "testannot" / image.name, (36, 48), 11, ctcl.CAMVID_LUT)
             total = total + ctcl.confusion_matrix(pred, label.long(), 11)
         assert torch.equal(total, conf[name]), name
     with PIL.Image.open(out / "0001TP_test0_overlay.png") as overlay:  # image, CNN, ViT, ensemble
@@ -2463,27 +2464,27 @@ def test_readme_lists_every_inferred_flag():
 def test_a_rerun_never_overwrites_a_run(tmp_path, small_data, capsys, monkeypatch):
     """A folder that holds a run is refused as --out (one line: its iteration, the two ways on), with
     its checkpoint and metrics as they were; `python ctcl.py` twice moves the second run to OUT-2."""
-    run_main(tmp_path, "--iters", "3")
+    run_main(tmp_path, "--iters", "3", "--method", "independent")
     before = {name: (tmp_path / "out" / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "args.json")}
     message = one_line_error(["--out", tmp_path / "out", *SMALL, "--iters", "1"], capsys)
     assert f"holds a run at iteration 3: continue it with --resume {tmp_path / 'out' / 'last.pt'}" in message
     assert all((tmp_path / "out" / name).read_bytes() == data for name, data in before.items())
     monkeypatch.chdir(tmp_path)
     for _ in range(2):
-        ctcl.main([*SMALL, "--iters", "1"])
-    assert "runs/synthetic-ctcl-s0 holds a run at iteration 1: this run writes to runs/synthetic-ctcl-s0-2" in \
-        capsys.readouterr().out
-    assert [r["iter"] for r in read_metrics(tmp_path / "runs/synthetic-ctcl-s0/metrics.jsonl")] == [1, 1]
-    assert (tmp_path / "runs/synthetic-ctcl-s0-2/last.pt").is_file()
+        ctcl.main([*SMALL, "--iters", "1", "--method", "independent"])
+    assert "runs/synthetic-independent-s0 holds a run at iteration 1: this run writes to " \
+        "runs/synthetic-independent-s0-2" in capsys.readouterr().out
+    assert [r["iter"] for r in read_metrics(tmp_path / "runs/synthetic-independent-s0/metrics.jsonl")] == [1, 1]
+    assert (tmp_path / "runs/synthetic-independent-s0-2/last.pt").is_file()
 
 
 def test_resume_continues_the_checkpoints_recipe_and_refuses_another(tmp_path, small_data, capsys):
     """Flags not given on --resume are the checkpoint's (here --cnn-lr, --seed, --iters); a recipe flag
     given with another value is refused in one line that names each one."""
-    run_main(tmp_path, "--iters", "4", "--stop-at", "2", "--cnn-lr", "0.05", "--seed", "3")
+    run_main(tmp_path, "--iters", "4", "--stop-at", "2", "--cnn-lr", "0.05", "--seed", "3", "--method", "independent")
     ckpt = tmp_path / "out" / "last.pt"
     message = one_line_error(["--resume", ckpt, "--cnn-lr", "0.01", "--seed", "3", "--method", "dml"], capsys)
-    assert "--cnn-lr 0.05 (not 0.01), --method ctcl (not dml): drop the flags that differ" in message
+    assert "--cnn-lr 0.05 (not 0.01), --method independent (not dml): drop the flags that differ" in message
     ctcl.main(["--resume", str(ckpt)])  # into the checkpoint's own folder
     saved = json.loads((tmp_path / "out" / "args.json").read_text())
     assert (saved["cnn_lr"], saved["seed"], saved["iters"]) == (0.05, 3, 4)
@@ -2491,18 +2492,18 @@ def test_resume_continues_the_checkpoints_recipe_and_refuses_another(tmp_path, s
 
 
 def test_a_resume_with_more_iters_goes_on_at_the_learning_rates_of_the_longer_run(tmp_path, small_data):
-    """--iters 4 --stop-at 2, then --resume --iters 8: from iteration 3 on, the learning rates are those
-    of a run of 8 iterations (never 0 before its end)."""
-    run_main(tmp_path, "--iters", "4", "--stop-at", "2", out="short")
-    ctcl.main(["--resume", str(tmp_path / "short" / "last.pt"), "--iters", "8"])
-    run_main(tmp_path, "--iters", "8", out="long")
+    """--iters 2 --stop-at 1, then --resume --iters 5: from iteration 2 on, the learning rates are those
+    of a run of 5 iterations (never 0 before its end)."""
+    run_main(tmp_path, "--iters", "2", "--stop-at", "1", "--method", "independent", out="short")
+    ctcl.main(["--resume", str(tmp_path / "short" / "last.pt"), "--iters", "5"])
+    run_main(tmp_path, "--iters", "5", "--method", "independent", out="long")
     logged = [{r["iter"]: (r["lr_cnn"], r["lr_vit"]) for r in read_metrics(tmp_path / run / "metrics.jsonl")
                if r["type"] == "train"} for run in ("short", "long")]
-    assert sorted(logged[0]) == list(range(1, 9))
-    for it in range(3, 9):
+    assert sorted(logged[0]) == list(range(1, 6))
+    for it in range(2, 6):
         assert logged[0][it] == pytest.approx(logged[1][it], rel=1e-12), it
-        assert it == 8 or min(logged[0][it]) > 0
-    assert json.loads((tmp_path / "short" / "args.json").read_text())["iters"] == 8
+        assert it == 5 or min(logged[0][it]) > 0
+    assert json.loads((tmp_path / "short" / "args.json").read_text())["iters"] == 5
 
 
 def test_a_cut_metrics_line_costs_that_line_alone(tmp_path, small_data, capsys):
@@ -2510,7 +2511,7 @@ def test_a_cut_metrics_line_costs_that_line_alone(tmp_path, small_data, capsys):
     is intact, leaves out (with the reason) one whose final evaluation is the cut line, and a resumed
     run writes its next record on a line of its own."""
     for name in ("a", "b"):
-        run_main(tmp_path, "--iters", "2", out=f"runs/{name}")
+        run_main(tmp_path, "--iters", "2", "--method", "independent", out=f"runs/{name}")
     with open(tmp_path / "runs/a/metrics.jsonl", "ab") as f:
         f.write(b'{"type": "train", "it')  # a cut record after the final evaluation
     lines = (tmp_path / "runs/b/metrics.jsonl").read_bytes().splitlines(keepends=True)
@@ -2519,7 +2520,7 @@ def test_a_cut_metrics_line_costs_that_line_alone(tmp_path, small_data, capsys):
     assert "left out: " + str(tmp_path / "runs/b") + ": unfinished (no intact evaluation at iteration 2; " \
         "metrics.jsonl has 1 damaged line(s))" in table
     assert "| all | 1 |" in table
-    run_main(tmp_path, "--iters", "4", "--stop-at", "2", out="cut")
+    run_main(tmp_path, "--iters", "4", "--stop-at", "2", "--method", "independent", out="cut")
     with open(tmp_path / "cut/metrics.jsonl", "ab") as f:
         f.write(b'{"type": "tr')
     ctcl.main(["--resume", str(tmp_path / "cut/last.pt")])
