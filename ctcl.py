@@ -530,10 +530,9 @@ def ignore_borders(label, width=1, ignore_index=255):
 
 @functools.lru_cache(maxsize=4)  # the tensors are never modified, so runs in one process share them
 def make_synthetic(n, size=64, seed=0, max_objects=3, radius=(0.2, 0.4), period=(6, 12)):
-    """n images (uint8, 3×size×size) and labels of overlapping objects on a grey background, whose colour
-    never tells the class: two classes are textures (stripes, dots) of any outline, two are plain, told
-    apart by outline alone (disc, square). In our trials the CNN learned textures sooner and the ViT kept
-    up on outlines: the students err in different places. Later objects occlude earlier ones."""
+    """n images (uint8, 3×size×size) and labels of overlapping objects on grey, whose colour never tells the
+    class: two are textures (stripes, dots) of any outline, two are told by outline alone (disc, square): in
+    our trials the CNN learned textures sooner, the ViT kept up on outlines, so the students err apart."""
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
     images = torch.empty(n, 3, size, size, dtype=torch.uint8)
@@ -575,8 +574,7 @@ def opened(path, what="image"):
 
 
 def read_image(path):
-    """uint8 RGB (3, H, W) of any image PIL opens (grey, RGBA, palette, CMYK, 16-bit), turned as its EXIF
-    orientation says: a phone photo is read as it is shown."""
+    """uint8 RGB (3, H, W) of any image PIL opens, turned as its EXIF orientation says (as a phone shows it)."""
     with opened(path) as image:
         image = PIL.ImageOps.exif_transpose(image)
         if image.mode.startswith("I"):  # 16- or 32-bit grey: convert("RGB") would clip, so keep the top byte
@@ -619,8 +617,7 @@ def from_files(pairs, num_classes, lut, index):
 
 
 class SegmentationSet(torch.utils.data.Dataset):
-    """load(index) -> (uint8 image 3×H×W, uint8 label H×W), transformed. A training item is (index, seed):
-    each sample's augmentation is drawn from its own seed, alike for any workers, processes or resume."""
+    """load(index) -> (uint8 image, uint8 label), transformed; a training item (index, seed) seeds its augmentation."""
 
     def __init__(self, load, size, transform):
         self.load, self.size, self.transform = load, size, transform
@@ -684,8 +681,7 @@ def files_by_stem(folder, suffixes):
 
 
 def folder_pairs(root, split):
-    """Your own data: DIR/images/<stem>.{jpg,jpeg,png,bmp} with DIR/labels/<stem>.png, each split's stems
-    listed in DIR/train.txt and DIR/val.txt; without the lists, every 10th sorted stem is for validation."""
+    """Your own data: images/<stem>.jpg (.jpeg, .png, .bmp), labels/<stem>.png, stems in train.txt, val.txt."""
     images = files_by_stem(root / "images", (".jpg", ".jpeg", ".png", ".bmp"))
     labels, lists = files_by_stem(root / "labels", (".png",)), [root / "train.txt", root / "val.txt"]
     if not any(p.is_file() for p in lists):
@@ -725,9 +721,7 @@ def read_classes(root):
 
 
 def check_labels(train_pairs, val_pairs, classes):
-    """Read every label once, before training (a plain loop: loader workers were measured no faster): read_label's
-    checks, the trap of masks stored as 0/255 (255 is "ignore": the foreground would never be learnt), and a
-    warning for each class training never shows."""
+    """Every label once, before training: read_label's checks, the 0/255 trap (255 is "ignore"), unseen classes."""
     pairs, seen = train_pairs + val_pairs, torch.zeros(2, 256, dtype=torch.bool)  # training, validation labels
     says = os.environ.get("RANK", "0") == "0"  # under torchrun every process checks, and one speaks
     for k, (image, label) in enumerate(pairs, 1):
@@ -778,9 +772,8 @@ DATASETS = {
 
 
 def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256), classes=None):
-    """(train, val) data sets, train items augmented, val items only normalised. A folder's labels are checked
-    first, and every validation image's size (its header's): 32 pixels a side at least; the longest side
-    among them, val.largest_side, is what --predict scales a larger photo down to."""
+    """(train, val) data sets, train items augmented; a folder's labels checked first, and each validation
+    image's size (32 pixels a side at least). val.largest_side: what --predict scales larger photos down to."""
     spec = DATASETS[name]
     classes = classes or spec["classes"]
     if name == "synthetic":
@@ -815,15 +808,13 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def normalize(images):
-    """uint8 RGB (..., 3, H, W) -> float in [0, 1] -> ImageNet's mean and std: for training, evaluation,
-    --predict and the exported programs alike."""
+    """uint8 RGB (..., 3, H, W) -> [0, 1] -> ImageNet's mean and std, in training, evaluation and use alike."""
     return v2.functional.normalize(v2.functional.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN,
                                    IMAGENET_STD)
 
 
 class JointTransform:
-    """Image and label together: random scale 0.5–2.0, random crop (image padded with 0, label with 255),
-    horizontal flip, ImageNet normalisation. Without a crop size (validation): the normalisation alone."""
+    """Image and label together: scale 0.5–2.0, crop (padding 0, label 255), flip, normalise; validation: normalise."""
 
     def __init__(self, crop_size=None, scale=(0.5, 2.0)):
         self.scale = scale
@@ -843,9 +834,8 @@ class JointTransform:
 
 
 class TrainingSampler(torch.utils.data.Sampler):
-    """Endless (index, augmentation seed) pairs for one process, from iteration `start_iter` on. Each epoch
-    is a permutation (from the seed and the epoch) cut into global batches; process `rank` takes its slice
-    of each, a sample's seed is its place in the epoch: K processes, or a resumed run, see the same batches."""
+    """Endless (index, augmentation seed) pairs for one process from iteration `start_iter` on: each epoch's
+    permutation cut into global batches, process `rank` takes its slice (K processes, a resume: the same)."""
 
     def __init__(self, size, *, batch_size, seed=0, rank=0, world_size=1, start_iter=0):
         assert batch_size % world_size == 0, "the global batch must split evenly across the processes"
@@ -865,8 +855,7 @@ class TrainingSampler(torch.utils.data.Sampler):
 
 
 def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, world_size, pin_memory):
-    """One DataLoader for the whole run (its workers live as long); iteration k gets the same batch with or
-    without a resume, with any number of workers."""
+    """One DataLoader for the whole run; iteration k gets one batch with or without a resume, with any workers."""
     if len(dataset) < batch_size:
         raise UserError(f"the training set has {len(dataset)} images, fewer than one batch of {batch_size}: "
                         "lower --batch-size")
@@ -915,8 +904,7 @@ def read_weights(path):
 
 
 def load_encoder_weights(encoder, state_dict):
-    """Load MiT weights, the official NVlabs file or the hub's (transformers), with strict keys, heads dropped;
-    returns the layout found. A missing, unexpected or misshaped key raises a ValueError naming it."""
+    """Load MiT weights, official or the hub's (its layout returned), with strict keys: a bad one is a ValueError."""
     state_dict = state_dict.get("state_dict", state_dict)  # some dumps wrap the weights
     layout = "official"
     if any(k.startswith(("encoder.block.", "segformer.encoder.block.")) for k in state_dict):
@@ -939,8 +927,7 @@ def load_encoder_weights(encoder, state_dict):
 # Evaluation: the confusion matrix summed over the split (and the processes), panels
 
 def confusion_matrix(pred, target, num_classes, ignore_index=255):
-    """(C, C) int64 counts, rows = truth, columns = prediction, targets outside [0, C) (ignore_index) dropped;
-    scatter_add keeps it on the device, with no host sync."""
+    """(C, C) int64 counts, rows = truth, columns = prediction, targets outside [0, C) dropped; no host sync."""
     keep = (target >= 0) & (target < num_classes)
     index = torch.where(keep, target * num_classes + pred, torch.zeros_like(target))
     conf = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=pred.device)
@@ -961,8 +948,7 @@ def pixel_accuracy(conf):
 
 
 def agreement_matrix(pred_cnn, pred_vit, target, ignore_index=255):
-    """(2, 2) int64 counts of valid pixels; rows: CNN wrong/right, columns: ViT wrong/right. [1, 0]:
-    only the CNN is right (what it could teach the ViT), [0, 1] the mirror: the complementarity."""
+    """(2, 2) counts of valid pixels, rows: CNN wrong/right, columns: ViT wrong/right; [1, 0]: only the CNN right."""
     cnn_right = torch.where(target == ignore_index, ignore_index, (pred_cnn == target).long())
     return confusion_matrix((pred_vit == target).long(), cnn_right, 2)
 
@@ -975,15 +961,13 @@ def student_logits(model, images, size, autocast):
 
 
 def predictions(logits):
-    """Each student's class per pixel, and the ensemble's: the argmax of the mean of the two softmax
-    distributions (not of the logits, whose scales differ between the two families)."""
+    """Each student's class per pixel, and the ensemble's: the argmax of their mean softmax (logit scales differ)."""
     ensemble = (logits["cnn"].softmax(1) + logits["vit"].softmax(1)) / 2
     return {"cnn": logits["cnn"].argmax(1), "vit": logits["vit"].argmax(1), "ensemble": ensemble.argmax(1)}
 
 
 def predictions_in_bands(logits, size, rows=64):
-    """predictions() of the logits upsampled to `size`, `rows` output rows at a time (memory holds a band's
-    scores, not a photo's): grid_sample at F.interpolate's points, equal up to float rounding."""
+    """predictions() of the logits upsampled to `size`, `rows` rows at a time: memory holds a band, not a photo."""
     (h, w), device = size, logits["cnn"].device
     xs = (torch.arange(w, device=device) + 0.5) * 2 / w - 1  # pixel centres in grid_sample's [-1, 1]
     preds = {name: torch.empty(1, h, w, dtype=torch.uint8) for name in STUDENTS}
@@ -991,7 +975,7 @@ def predictions_in_bands(logits, size, rows=64):
         ys = (torch.arange(top, min(h, top + rows), device=device) + 0.5) * 2 / h - 1
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None]  # (1, rows, w, (x, y))
         band = {name: F.grid_sample(z.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-                for name, z in logits.items()}
+                for name, z in logits.items()}  # upsample_logits' points: equal up to float rounding
         for name, pred in predictions(band).items():
             preds[name][:, top:top + rows] = pred.byte().cpu()
     return preds
@@ -1000,8 +984,7 @@ def predictions_in_bands(logits, size, rows=64):
 @torch.no_grad()
 def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_size=1, workers=0,
              vis_dir=None, vis_count=0, tag="", colours=None):
-    """Whole images, batch 1, logits upsampled to each label's own size; image i by process i mod world_size,
-    with its panel if i < vis_count. Returns {"cnn", "vit", "ensemble": C×C, "agreement": 2×2} counts."""
+    """Whole images, batch 1, at each label's size, image i by process i mod world_size: C×C and 2×2 counts, summed."""
     model.eval()
     benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False  # whole images vary in size
     # zeros, not 0: a process whose shard is empty (fewer images than processes) still sends a tensor
@@ -1031,19 +1014,9 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
     return conf
 
 
-def voc_palette(n=256):
-    """The VOC colour map: the bits of a class index spread over R, G and B."""
-    colours = torch.zeros(n, 3, dtype=torch.uint8)
-    for index in range(n):
-        for bit in range(8):
-            for channel in range(3):
-                colours[index, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
-    return colours
-
-
-PALETTE = voc_palette()
+# VOC's colour map: bits 0, 3, 6... of a class index make red's top bits down, bits 1, 4, 7... green's, 2, 5... blue's
+PALETTE = sum(((torch.arange(256)[:, None] >> (3 * bit + torch.arange(3))) & 1) << (7 - bit) for bit in range(8)).byte()
 DIRECTION_COLOURS = {"CNN teaches": (255, 140, 0), "ViT teaches": (30, 144, 255)}  # orange, blue
-PANEL_TILES = ("image", "truth", "CNN", "ViT", "regions", "pixels")
 PANEL_STRIP = 14  # height of each text strip under the tiles
 PANEL_TILE = 192  # small images are scaled up (nearest) to at least this short side: readable unzoomed
 PANEL_MAX = 1024  # large ones are subsampled to at most this long side: a photo's overlay stays a few MB
@@ -1051,15 +1024,11 @@ PANEL_MAX = 1024  # large ones are subsampled to at most this long side: a photo
 
 def colour_table(colours=None):
     """(256, 3) uint8: the data set's class colours first (VOC's by default), VOC's for the rest (255: cream)."""
-    table = PALETTE.clone()
-    if colours is not None:
-        table[:len(colours)] = torch.tensor(colours, dtype=torch.uint8)
-    return table
+    return torch.cat([torch.tensor(colours or (), dtype=torch.uint8).view(-1, 3), PALETTE[len(colours or ()):]])
 
 
 def draw_panel(tiles, names, legend):
-    """A row of tiles (uint8 H×W×3), names below, a legend of colour swatches; small tiles scaled up k times
-    (nearest: each pixel a sharp k×k block), large ones subsampled."""
+    """A row of tiles (uint8 H×W×3), names below, a legend; small tiles scaled up (nearest), large subsampled."""
     step = max(1, math.ceil(max(tiles[0].shape[:2]) / PANEL_MAX))
     tiles = [tile[::step, ::step] for tile in tiles]
     h, w = tiles[0].shape[:2]
@@ -1094,7 +1063,7 @@ def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ign
         for mask, colour in zip((cnn_mask, vit_mask), DIRECTION_COLOURS.values()):
             tile[mask.cpu() > 0] = torch.tensor(colour, dtype=torch.uint8)
         tiles.append(tile)
-    return draw_panel(tiles, PANEL_TILES, DIRECTION_COLOURS)
+    return draw_panel(tiles, ("image", "truth", "CNN", "ViT", "regions", "pixels"), DIRECTION_COLOURS)
 
 
 def complementarity(agreement):
@@ -1134,9 +1103,8 @@ def eval_record(conf):
 # The loop: optimisers and schedules, checkpoints, the step, the log line
 
 def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500, fused=True):
-    """CNN side: SGD + poly(0.9). ViT side: AdamW (no decay on norms and biases, decoder and projectors at 10×
-    lr) + linear warm-up, then poly(1.0); closed forms of the iteration, so that a run resumed with another
-    --iters has from then on that run's learning rates. fused: torch's fused kernels, the same update rule."""
+    """CNN: SGD + poly(0.9). ViT: AdamW (no decay on norms, biases; decoder, projectors at 10× lr), warm-up,
+    poly(1.0). Closed forms of the iteration: a resume with another --iters goes on at that run's rates."""
     cnn_params, vit_encoder, vit_heads = model.parameter_groups()
     sgd = torch.optim.SGD(cnn_params, lr=cnn_lr, momentum=0.9, weight_decay=1e-4, fused=fused)
     groups = []
@@ -1183,23 +1151,12 @@ def load_checkpoint(path):
     return ckpt
 
 
-def gather_rng_states(world_size):
-    """Every rank's random states, so that a resumed run draws the same numbers: on the CPU it goes on bit
-    for bit; on CUDA the floats drift (bilinear interpolation's backward is nondeterministic there)."""
-    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
-    states = [state] * world_size
-    if world_size > 1:
-        torch.distributed.all_gather_object(states, state)
-    return states
-
-
 class Diverged(Exception):
     """A non-finite loss: the run stops, the last good checkpoint stays as it was."""
 
 
 def check_finite(first_bad, out, world_size=1):
-    """Stop at the first non-finite loss (first_bad: its iteration, inf if none). Under DDP every rank stops
-    together, or the others would wait forever, and names the earliest iteration of any rank."""
+    """Stop at the first non-finite loss (first_bad: its iteration, else inf); under DDP all ranks, at the earliest."""
     if world_size > 1:
         torch.distributed.all_reduce(first_bad, torch.distributed.ReduceOp.MIN)
     if (bad := float(first_bad)) < math.inf:  # a host sync, made only at log and checkpoint steps
@@ -1236,8 +1193,7 @@ def train_step(model, images, target, optimizers, schedulers, scaler, autocast, 
 
 
 def build_model(args, num_classes, ctx=None):
-    """The two students with the projectors of --method, pretrained weights as asked. Under DDP the main
-    process builds first (fetching the ImageNet weights into the torch cache), the others then read it."""
+    """CTCL of the flags; under DDP the main process builds first (fetching the ImageNet weights into the cache)."""
     ddp = ctx is not None and ctx.world_size > 1
     if ddp and not ctx.is_main:
         torch.distributed.barrier()
@@ -1300,6 +1256,7 @@ def train(args, ctx, ckpt=None):
         if (metrics := args.out / "metrics.jsonl").is_file() and metrics.read_bytes()[-1:] not in (b"", b"\n"):
             with open(metrics, "a") as f:  # a killed run's half line: the next record starts a line of its own
                 f.write("\n")
+
     def run_eval(it):
         if ctx.world_size > 1:  # CPU DDP keeps per-rank BN statistics: evaluate rank 0's
             for buffer in model.buffers():
@@ -1315,7 +1272,13 @@ def train(args, ctx, ckpt=None):
         return {"model": model, "conf": run_eval(start)}
 
     def checkpoint(it):
-        states = gather_rng_states(ctx.world_size)  # every rank takes part
+        # every rank's random states, so that a resume draws the same numbers (bit for bit on the CPU; on CUDA
+        # the floats drift, bilinear interpolation's backward being nondeterministic there)
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized()
+               else None}
+        states = [rng] * ctx.world_size
+        if ctx.world_size > 1:  # every rank takes part
+            torch.distributed.all_gather_object(states, rng)
         if ctx.is_main:
             state = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                      "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(), "iter": it,
@@ -1376,10 +1339,9 @@ def load_students(path, device):
 
 
 def image_files(paths, out):
-    """(file, output name) of the images named and of those in the folders named and their subfolders (hidden
-    files such as macOS's ._x.jpg, and `out`, skipped). The name is the path below the folder named (or the
-    file's name) less its suffix, day1/IMG_0001.jpg -> day1/IMG_0001; inputs that would share one keep their
-    suffix (x.jpg, x.png); two that still do are refused."""
+    """(file, output name) of the images named, and in the folders named and below (hidden files, `out`
+    skipped). The name: the path below the folder (or the file's name) less its suffix, day1/IMG_0001.jpg ->
+    day1/IMG_0001; inputs that would share one keep their suffix (x.jpg, x.png); a clash left is refused."""
     kinds = {ext for ext, kind in PIL.Image.registered_extensions().items() if kind in PIL.Image.OPEN}
     found = {}
     for arg in map(pathlib.Path, paths):
@@ -1402,11 +1364,9 @@ def image_files(paths, out):
 
 @torch.no_grad()
 def predict(args, ctx):
-    """Per image, for the CNN, the ViT and their ensemble, a palette PNG of class indices at the image's size,
-    and <name>_overlay.png, the image blended with their colours. An image no larger than the data set's
-    largest validation image is segmented exactly as evaluation does; a larger one (a phone photo) is first
-    scaled down to that size (but with --full-size), its scores brought back to its own size band by band.
-    Under torchrun the processes share the images."""
+    """Per image, palette PNGs of the CNN's, the ViT's and the ensemble's classes at its size, and an overlay. An image
+    no larger than the data set's validation images is segmented as evaluation does; a larger one is scaled down
+    first (but with --full-size), its scores brought back up band by band. Under torchrun processes share them."""
     out = args.out
     files = image_files(args.predict, out)[ctx.rank::ctx.world_size]
     model, saved = load_students(args.resume, ctx.device)
@@ -1449,8 +1409,7 @@ class Deployed(nn.Module):
 
 
 def export(args):
-    """cnn.pt2, vit.pt2: torch.export programs of Deployed students, any batch, H and W multiples of 32 from 64
-    (at 32, 1×1 maps fix strides), with classes.json and colours.json as extra files."""
+    """cnn.pt2, vit.pt2: Deployed students for any batch, H and W multiples of 32 from 64, with classes, colours."""
     model, saved = load_students(args.resume, torch.device("cpu"))
     (out := args.out).mkdir(parents=True, exist_ok=True)
     dims = {0: torch.export.Dim("batch", min=1, max=1024), 2: 32 * torch.export.Dim("h", min=2, max=512),
@@ -1535,25 +1494,22 @@ def get_args_parser():
     p = Parser(description="CTCL (ICCV 2023), reference implementation", formatter_class=HelpWithDefaults)
     a = p.add_argument
     count, weight = number(int, 1), number(float, 0)
-    a("--data", default="synthetic", choices=list(DATASETS), help="data set (camvid-val: CamVid's train split, "
-      "evaluated on val, for choosing a recipe; folder: your own, see --data-root)")
+    a("--data", default="synthetic", choices=list(DATASETS), help="data set (camvid-val: train -> val, for recipes)")
     a("--data-root", default=None, help="data folder (default: under ./data; folder: images/, labels/, classes.txt)")
     a("--data-seed", type=number(int, 0, 999_999), default=0, help="seed of the synthetic data")
     a("--gpu", type=number(int, -1), default=None, help="GPU index, -1 for the CPU (default: 0 if there is one)")
-    a("--iters", type=count, default=None, help="training iterations (default, as for --batch-size, --crop-size: "
-      "per data set)")
+    a("--iters", type=count, default=None, help="training iterations (default: per data set)")
     a("--stop-at", type=count, default=None, help="stop after this iteration, with a checkpoint (the "
       "schedule still runs to --iters)")
-    a("--batch-size", type=number(int, 2), default=None, help="images per step, all processes together")
-    a("--crop-size", type=number(int, 32, 4096), nargs="+", default=None, help="training crop: H W, or one side")
-    a("--eval-every", type=count, default=None, help="evaluate and checkpoint every N iterations "
-      "(default: iters/5; synthetic: at the end)")
+    a("--batch-size", type=number(int, 2), default=None, help="images per step, all processes together (per data set)")
+    a("--crop-size", type=number(int, 32, 4096), nargs="+", default=None, help="training crop: H W, or a side")
+    a("--eval-every", type=count, default=None, help="evaluate and checkpoint every N iterations (default: iters/5)")
     a("--save-every", type=count, default=2000, help="also checkpoint every N iterations")
     a("--log-every", type=count, default=None, help="log every N iterations (default: iters/30, at most 50)")
     a("--workers", type=number(int, 0), default=None, help="loader processes (default: 0 synthetic, else 8)")
     a("--seed", type=number(int, 0, 999_999), default=0, help="seed of weights, sampling and augmentation")
     a("--out", type=pathlib.Path, default=None, help="output folder (default: runs/DATA-METHOD-sSEED, or its next free "
-      "-2, -3 ...; with --resume: the checkpoint's)")
+      "-2, -3 ...; the checkpoint's with --resume, its predict/ or export/)")
     a("--resume", default=None, help="checkpoint to continue, e.g. OUT/last.pt: the flags not given are its run's")
     a("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
     a("--amp", action="store_true", help="mixed precision: bf16 where the GPU has it, else fp16 with loss scaling")
@@ -1565,39 +1521,30 @@ def get_args_parser():
     a("--region-size", type=count, default=32, help="[I] side of a region in label pixels (a multiple of 32)")
     a("--rbsd-margin", type=float, default=0.0, help="[I] a student teaches a region if its score there is "
       "lower than its peer's by more than this (-inf: both teach everywhere)")
-    a("--region-score", default="ce", choices=["ce", "error"], help="[I] a student's score in a region: "
-      "mean cross-entropy or error rate")
+    a("--region-score", default="ce", choices=["ce", "error"], help="[I] a region's score: mean CE, or error rate")
     a("--pixel-rule", default="exclusive", choices=["exclusive", "teacher-right", "lower-ce", "all"],
       help="[I] pixel BSD where the teacher is right and the learner wrong, wherever the teacher is right, "
       "from the lower-CE student, or everywhere both ways (DML)")
-    a("--bsd-norm", default="valid", choices=["valid", "selected"], help="[I] BSD averages over all valid "
-      "positions (an untaught one adds 0) or over the taught ones")
+    a("--bsd-norm", default="valid", choices=["valid", "selected"], help="[I] BSD's mean: over valid, or taught")
     a("--temperature", type=number(float, 0, above=True), default=1.0, help="[I] softmax temperature of pixel BSD, DML")
     a("--kd-warmup", type=number(int, 0), default=None, help="[I] iterations of the sigmoid ramp of the "
       "distillation weight (default: 5%% of --iters)")
     a("--cnn-lr", type=weight, default=None, help="[I] SGD learning rate (default: 0.01; synthetic 0.02)")
     a("--vit-lr", type=weight, default=None, help="[I] AdamW learning rate of the ViT encoder, heads ×10 "
       "(default: 6e-5; synthetic 6e-4)")
-    a("--vit-warmup", type=number(int, 0), default=None, help="[I] linear warm-up of the ViT's learning rate "
-      "(default: min(1500, iters/10))")
-    a("--pretrained", action=argparse.BooleanOptionalAction, default=None, help="ImageNet ResNet-18 "
-      "(default: on for real data)")
+    a("--vit-warmup", type=number(int, 0), default=None, help="[I] ViT's lr warm-up (default: min(1500, iters/10))")
+    a("--pretrained", action=argparse.BooleanOptionalAction, default=None, help="ImageNet ResNet-18 (on for real data)")
     a("--vit-weights", default=None, help="MiT-B0 ImageNet checkpoint, or 'none' (default: "
       "weights/mit_b0.pth for real data, none for synthetic)")
     a("--output-stride", type=int, default=16, choices=[8, 16], help="output stride of the CNN")
     a("--vis", type=number(int, 0), default=0, help="PNG panels written per evaluation to OUT/vis")
-    a("--compile", action="store_true", help="torch.compile both students and the losses (needs a C++ compiler; "
-      "under DDP on GPUs, SyncBatchNorm cuts the graph into many small ones, so expect less)")
-    a("--benchmark", action="store_true", help="time the steps of independent, dml and ctcl, print the students' "
-      "sizes, then stop")
+    a("--compile", action="store_true", help="torch.compile the students and losses (needs a C++ compiler)")
+    a("--benchmark", action="store_true", help="time steps of independent, dml, ctcl; print the students' sizes; stop")
     a("--predict", nargs="+", metavar="PATH", help="segment these images (files, folders) with the --resume "
       "checkpoint: class-index PNGs and overlays in --out (default: the checkpoint's folder/predict)")
-    a("--full-size", action="store_true", help="--predict: segment each image at its own size, however large "
-      "(default: one larger than the training data's largest image is scaled down to it first)")
-    a("--export", action="store_true", help="write the --resume checkpoint's students as torch.export programs "
-      "cnn.pt2, vit.pt2 to --out (default: the checkpoint's folder/export)")
-    a("--summarize", nargs="+", metavar="RUN_DIR", help="print a Markdown table (mean ± std over seeds) of "
-      "finished runs, e.g. 'runs/fig/*', then stop")
+    a("--full-size", action="store_true", help="--predict at each image's size (default: larger ones at the data's)")
+    a("--export", action="store_true", help="the --resume students as torch.export programs cnn.pt2, vit.pt2 in --out")
+    a("--summarize", nargs="+", metavar="RUN_DIR", help="a Markdown table (mean ± std over seeds) of finished runs")
     return p
 
 
@@ -1610,8 +1557,7 @@ def dataset_classes(args):
 
 
 def fill_defaults(args):
-    """Per-data-set defaults for the flags left unset (None: a 0 given is a 0), then the checks that involve
-    more than one flag: each bad value is a one-line error before any work starts."""
+    """Per-data-set defaults of the flags left unset (None), then the checks of more than one flag: one line each."""
     spec, real = DATASETS[args.data], args.data != "synthetic"
 
     def given_or(value, default):
@@ -1671,9 +1617,6 @@ def resume_recipe(args, argv, saved):
     flag given another value is refused in one line naming each; --iters may change (see build_optimizers)."""
     parser, unset = get_args_parser(), object()
     given = vars(parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(parser.parse_args([]))})))
-    if (saved.get("hfd", "next-stage"), saved.get("rbsd_feature", "encoder")) != ("next-stage", "encoder"):
-        raise UserError(f"--resume {args.resume} was made with a reading ctcl.py no longer has (--hfd "
-                        f"{saved.get('hfd')}, --rbsd-feature {saved.get('rbsd_feature')}): the history keeps it")
     for name, value in saved.items():
         if given.get(name, 0) is unset and name not in RUNTIME:
             setattr(args, name, "none" if name == "vit_weights" and value is None else value)
@@ -1695,8 +1638,8 @@ def run_in(folder):
 
 
 def choose_out(args):
-    """--out, else runs/DATA-METHOD-sSEED (a resumed run: its checkpoint's folder). A folder that holds a run
-    is written only by resuming that run: a given --out is then refused, a default one moves on to -2, -3..."""
+    """--out, else runs/DATA-METHOD-sSEED (resumed: the checkpoint's folder); a folder with a run is written
+    only by resuming that run: a given --out is then refused, a default one moves on to -2, -3, ..."""
     default, args.out = args.out is None, args.out or (pathlib.Path(args.resume).parent if args.resume else
                                                        pathlib.Path("runs") / f"{args.data}-{args.method}-s{args.seed}")
     held = run_in(args.out)
@@ -1729,8 +1672,7 @@ def milliseconds(work, sync, times=1):
 
 
 def student_sizes(model, crop_size, device, autocast, sync, runs=5):
-    """Per student: parameters (M), GMACs of one crop (FLOPs / 2 of convolutions, linear layers and matrix
-    products; attention in its math form, the counter gives 0 for the fused one), forward ms at batch 1."""
+    """Per student: parameters (M), GMACs of a crop (FLOPs / 2, attention in its math form), forward ms at batch 1."""
     image, sizes = torch.randn(1, 3, *crop_size, device=device), {}
     for name in ("cnn", "vit"):
         student, counter = getattr(model, name).eval(), FlopCounterMode(display=False)
@@ -1744,9 +1686,8 @@ def student_sizes(model, crop_size, device, autocast, sync, runs=5):
 
 
 def benchmark(args, ctx, rounds=5, steps=3):
-    """ms per training step of independent, dml and ctcl, interleaved round by round (the median of `rounds`,
-    after a warm-up where --compile compiles); on a GPU each method's peak memory: its weights, gradients and
-    moments plus the most one step allocated after its warm-up; each student's size."""
+    """ms per training step of independent, dml and ctcl, interleaved (median of `rounds`, after a warm-up);
+    on a GPU each one's peak memory (its weights, gradients, moments and one step's most); the students' sizes."""
     classes, cuda = len(args.classes), ctx.device.type == "cuda"
     images = torch.randn(args.batch_size, 3, *args.crop_size, device=ctx.device)
     target = torch.randint(0, classes, (args.batch_size, *args.crop_size), device=ctx.device)
@@ -1776,9 +1717,9 @@ def benchmark(args, ctx, rounds=5, steps=3):
             run["peak"] = max(run["peak"], run["held"] + (torch.cuda.max_memory_allocated() - base if cuda else 0))
     ms = {m: sorted(run["ms"])[rounds // 2] for m, run in runs.items()}
     sizes = student_sizes(runs["ctcl"]["model"], args.crop_size, ctx.device, ctx.autocast(), sync)
-    result = {f"{m}_ms": v for m, v in ms.items()} | {
-        "ctcl_over_independent": ms["ctcl"] / ms["independent"],
-        "warmup_s": {m: run["warmup_s"] for m, run in runs.items()}, "sizes": sizes}
+    result = {f"{m}_ms": v for m, v in ms.items()} | {"ctcl_over_independent": ms["ctcl"] / ms["independent"],
+                                                      "warmup_s": {m: r["warmup_s"] for m, r in runs.items()},
+                                                      "sizes": sizes}
     result |= {"peak_mem_mb": {m: run["peak"] / 2 ** 20 for m, run in runs.items()}} if cuda else {
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # the process's, all three
     where = torch.cuda.get_device_name(ctx.device) if cuda else f"CPU ({os.cpu_count()} cores)"
@@ -1793,8 +1734,7 @@ def benchmark(args, ctx, rounds=5, steps=3):
 
 
 def read_run(folder):
-    """(args, final eval record) of a finished run; UserError says why a folder is not one. A damaged
-    line of metrics.jsonl (a run killed mid-write, a full disk) costs that line alone."""
+    """(args, final eval record) of a finished run, else a UserError saying why; a damaged line costs itself alone."""
     folder = pathlib.Path(folder)
     if missing := [name for name in ("metrics.jsonl", "args.json") if not (folder / name).is_file()]:
         raise UserError(f"{folder}: " + ("no such folder" if not folder.is_dir() else f"no {missing[0]}"))
@@ -1813,13 +1753,12 @@ def read_run(folder):
 
 
 def summarize(folders):
-    """Markdown tables of finished runs: one row per recipe (runs that differ only in NOT_RECIPE), mean ± std
-    (n − 1) over its seeds of mIoU and complementarity; for runs of one data set, per-class IoU means."""
+    """Markdown tables of finished runs: a row per recipe, mean ± std over its seeds; per-class IoU for one data set."""
     runs, skipped = [], []
     for folder in folders:
         try:
             runs.append(read_run(folder))
-        except UserError as error:
+        except UserError as error:  # said as "left out: ...", above the table
             skipped.append(str(error))
     if not runs:
         raise UserError("--summarize found no finished run (" + "; ".join(skipped) + ")")
@@ -1860,8 +1799,7 @@ def summarize(folders):
 
 
 def first_to_fail():
-    """Under torchrun a bad flag or file fails every process alike: the first to fail says so (the process
-    group's store counts the failures; before the group exists, rank 0 speaks)."""
+    """Under torchrun a bad flag or file fails every process alike: the first to fail (the store counts) says so."""
     if not torch.distributed.is_initialized():  # torchrun's rank, else srun's or mpirun's (refused by main)
         return next((os.environ[v] for v in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
                      if v in os.environ), "0") == "0"
