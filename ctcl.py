@@ -1367,8 +1367,7 @@ def predict(args, ctx):
     """Per image, palette PNGs of the CNN's, the ViT's and the ensemble's classes at its size, and an overlay. An image
     no larger than the data set's validation images is segmented as evaluation does; a larger one is scaled down
     first (but with --full-size), its scores brought back up band by band. Under torchrun processes share them."""
-    out = args.out
-    files = image_files(args.predict, out)[ctx.rank::ctx.world_size]
+    files = image_files(args.predict, args.out)[ctx.rank::ctx.world_size]
     model, saved = load_students(args.resume, ctx.device)
     side = getattr(saved, "largest_side", None) or math.inf  # checkpoints older than largest_side: no scaling
     table, began = colour_table(saved.colours), time.time()
@@ -1383,18 +1382,18 @@ def predict(args, ctx):
         preds = predictions({s: upsample_logits(z, (h, w)) for s, z in logits.items()}) if max(h, w) <= side \
             else predictions_in_bands(logits, (h, w))
         preds = {kind: pred[0].byte().cpu() for kind, pred in preds.items()}
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (args.out / name).parent.mkdir(parents=True, exist_ok=True)
         for kind, pred in preds.items():
             png = PIL.Image.frombytes("P", pred.shape[::-1], pred.numpy().tobytes())
             png.putpalette(table.flatten().tolist())
-            write_whole(out / f"{name}_{kind}.png", lambda f: png.save(f, format="PNG"))
+            write_whole(args.out / f"{name}_{kind}.png", lambda f: png.save(f, format="PNG"))
         pixels = image.permute(1, 2, 0)
         present = torch.cat([pred.unique() for pred in preds.values()]).unique().tolist()
         overlay = draw_panel([pixels] + [pixels // 2 + table[pred.long()] // 2 for pred in preds.values()],
                              ["image", *STUDENTS.values()], {saved.classes[c]: table[c].tolist() for c in present})
-        write_whole(out / f"{name}_overlay.png", lambda f: overlay.save(f, format="PNG"))
+        write_whole(args.out / f"{name}_overlay.png", lambda f: overlay.save(f, format="PNG"))
         if n % 10 == 0 or n == len(files):
-            ctx.print(f"predict: {n}/{len(files)} images, {n / (time.time() - began):.2f} images/s, in {out}")
+            ctx.print(f"predict: {n}/{len(files)} images, {n / (time.time() - began):.2f} images/s, in {args.out}")
 
 
 class Deployed(nn.Module):
@@ -1616,9 +1615,9 @@ def resume_recipe(args, argv, saved):
     """--resume continues the checkpoint's run: a flag not given takes its value (but those of RUNTIME), a recipe
     flag given another value is refused in one line naming each; --iters may change (see build_optimizers)."""
     parser, unset = get_args_parser(), object()
-    given = vars(parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(parser.parse_args([]))})))
+    parsed = vars(parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(parser.parse_args([]))})))
     for name, value in saved.items():
-        if given.get(name, 0) is unset and name not in RUNTIME:
+        if parsed.get(name) is unset and name not in RUNTIME:  # a flag not given
             setattr(args, name, "none" if name == "vit_weights" and value is None else value)
     fill_defaults(args)
     names = (set(saved) - NOT_RECIPE - {"iters", "amp", "data_root"}) | {"seed"}
@@ -1632,8 +1631,9 @@ def resume_recipe(args, argv, saved):
 def run_in(folder):
     """What run a folder holds, in words (its last.pt, metrics.jsonl or args.json make one), or None."""
     if (folder / "last.pt").is_file():
-        with contextlib.suppress(Exception):
-            return f"a run at iteration {torch.load(folder / 'last.pt', map_location='cpu', mmap=True)['iter']}"
+        with contextlib.suppress(Exception):  # mmap: only what is read is loaded
+            ckpt = torch.load(folder / "last.pt", map_location="cpu", mmap=True, weights_only=True)
+            return f"a run at iteration {ckpt['iter']}"
     return "a run" if any((folder / name).is_file() for name in ("last.pt", "metrics.jsonl", "args.json")) else None
 
 
