@@ -570,7 +570,7 @@ def opened(path, what="image"):
             yield image
     except (OSError, SyntaxError, ValueError) as error:
         raise UserError(f"cannot decode {what} {path} ({type(error).__name__}): the file is damaged or not an "
-                        "image; replace it (bash data_prep.sh fetches a data set again) or leave it out") from None
+                        "image; replace it or leave it out (data_prep.sh fetches a data set's again)") from None
 
 
 def read_image(path):
@@ -692,7 +692,7 @@ def folder_pairs(root, split):
     else:
         listed = [read_lines(p) for p in lists]
         if twice := [stem for stem, n in collections.Counter(listed[0] + listed[1]).items() if n > 1]:
-            raise UserError(f"{root}: train.txt and val.txt list the stem {twice[0]} twice: list each image once")
+            raise UserError(f"{root}: the stem {twice[0]} is listed twice (train.txt, val.txt): list each image once")
         stems = listed[split == "val"]
     for stem in stems:
         if stem not in labels or stem not in images:
@@ -899,8 +899,7 @@ def read_weights(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # whatever the damage, say which file and stop
-        first_line = str(error).splitlines()[0][:80]
-        raise ValueError(f"not a readable checkpoint ({type(error).__name__}: {first_line})") from None
+        raise ValueError(f"not a readable checkpoint ({type(error).__name__}: {' '.join(str(error).split())[:80]})")
 
 
 def load_encoder_weights(encoder, state_dict):
@@ -1104,7 +1103,7 @@ def eval_record(conf):
 
 def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500, fused=True):
     """CNN: SGD + poly(0.9). ViT: AdamW (no decay on norms, biases; decoder, projectors at 10× lr), warm-up,
-    poly(1.0). Closed forms of the iteration: a resume with another --iters goes on at that run's rates."""
+    poly(1.0). Closed forms of the iteration: a resume with another --iters has that length's poly decays."""
     cnn_params, vit_encoder, vit_heads = model.parameter_groups()
     sgd = torch.optim.SGD(cnn_params, lr=cnn_lr, momentum=0.9, weight_decay=1e-4, fused=fused)
     groups = []
@@ -1251,7 +1250,7 @@ def train(args, ctx, ckpt=None):
         start = ckpt["iter"]
         ctx.print(f"resumed from {args.resume} at iteration {start}")
     if ctx.is_main:  # bad flags, data or checkpoints have been refused by now, with nothing written
-        args.out.mkdir(parents=True, exist_ok=True)
+        make_folder(args.out)
         write_whole(args.out / "args.json", lambda f: f.write(json.dumps(vars(args), default=str, indent=1).encode()))
         if (metrics := args.out / "metrics.jsonl").is_file() and metrics.read_bytes()[-1:] not in (b"", b"\n"):
             with open(metrics, "a") as f:  # a killed run's half line: the next record starts a line of its own
@@ -1301,6 +1300,7 @@ def train(args, ctx, ckpt=None):
         images, target = (t.to(ctx.device, non_blocking=True) for t in next(batches))
         # w(t) as a tensor, so that a compiled forward does not recompile as the ramp rises
         kd_weight = torch.full((), sigmoid_rampup(it - 1, args.kd_warmup), device=ctx.device)
+        lrs = [optimizers[0].param_groups[0]["lr"], optimizers[1].param_groups[0]["lr"]]  # this step's
         loss, terms = train_step(net, images, target, optimizers, schedulers, scaler, ctx.autocast(), kd_weight)
         first_bad = torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=it))
         sums, count = {k: sums.get(k, 0) + v for k, v in terms.items()}, count + 1
@@ -1308,7 +1308,6 @@ def train(args, ctx, ckpt=None):
             check_finite(first_bad, args.out, ctx.world_size)
             means = dict(zip(sums, (torch.stack(list(sums.values())) / count).tolist()))
             elapsed, tick = time.time() - tick, time.time()
-            lrs = [optimizers[0].param_groups[0]["lr"], optimizers[1].param_groups[0]["lr"]]
             rate = count * args.batch_size / elapsed  # --batch-size is the global batch
             ctx.print(log_line(it, args.iters, lrs, means, rate, (stop_at - it) * elapsed / count))
             ctx.log({"type": "train", "iter": it, "lr_cnn": lrs[0], "lr_vit": lrs[1], "images_per_s": rate, **means})
@@ -1365,24 +1364,22 @@ def image_files(paths, out):
 @torch.no_grad()
 def predict(args, ctx):
     """Per image, palette PNGs of the CNN's, the ViT's and the ensemble's classes at its size, and an overlay. An image
-    no larger than the data set's validation images is segmented as evaluation does; a larger one is scaled down
-    first (but with --full-size), its scores brought back up band by band. Under torchrun processes share them."""
-    files = image_files(args.predict, args.out)[ctx.rank::ctx.world_size]
+    no larger than the data set's validation images is segmented as evaluation does (a side under 32 scaled up to
+    32); a larger one is first scaled down (but with --full-size), its scores brought back up band by band."""
+    files = image_files(args.predict, args.out)[ctx.rank::ctx.world_size]  # under torchrun, each process its share
     model, saved = load_students(args.resume, ctx.device)
     side = getattr(saved, "largest_side", None) or math.inf  # checkpoints older than largest_side: no scaling
     table, began = colour_table(saved.colours), time.time()
     for n, (path, name) in enumerate(files, 1):
         image = read_image(path)
         (h, w), scale = image.shape[-2:], 1 if args.full_size else min(1, side / max(image.shape[-2:]))
-        if min(h, w) < 32:  # MiT's spatial reduction needs an 8×8 map at stride 4
-            raise UserError(f"{path} is {h}×{w}: the students need 32 pixels a side")
         small = v2.functional.resize(image, [max(32, round(h * scale)), max(32, round(w * scale))], antialias=True)
         with ctx.autocast():
             logits = {s: getattr(model, s)(normalize(small)[None].to(ctx.device))["logits"] for s in ("cnn", "vit")}
         preds = predictions({s: upsample_logits(z, (h, w)) for s, z in logits.items()}) if max(h, w) <= side \
             else predictions_in_bands(logits, (h, w))
         preds = {kind: pred[0].byte().cpu() for kind, pred in preds.items()}
-        (args.out / name).parent.mkdir(parents=True, exist_ok=True)
+        make_folder((args.out / name).parent)
         for kind, pred in preds.items():
             png = PIL.Image.frombytes("P", pred.shape[::-1], pred.numpy().tobytes())
             png.putpalette(table.flatten().tolist())
@@ -1410,7 +1407,7 @@ class Deployed(nn.Module):
 def export(args):
     """cnn.pt2, vit.pt2: Deployed students for any batch, H and W multiples of 32 from 64, with classes, colours."""
     model, saved = load_students(args.resume, torch.device("cpu"))
-    (out := args.out).mkdir(parents=True, exist_ok=True)
+    make_folder(out := args.out)
     dims = {0: torch.export.Dim("batch", min=1, max=1024), 2: 32 * torch.export.Dim("h", min=2, max=512),
             3: 32 * torch.export.Dim("w", min=2, max=512)}
     extra = {"classes.json": json.dumps(saved.classes), "colours.json": json.dumps(saved.colours)}
@@ -1509,7 +1506,7 @@ def get_args_parser():
     a("--seed", type=number(int, 0, 999_999), default=0, help="seed of weights, sampling and augmentation")
     a("--out", type=pathlib.Path, default=None, help="output folder (default: runs/DATA-METHOD-sSEED, or its next free "
       "-2, -3 ...; the checkpoint's with --resume, its predict/ or export/)")
-    a("--resume", default=None, help="checkpoint to continue, e.g. OUT/last.pt: the flags not given are its run's")
+    a("--resume", default=None, help="checkpoint to continue, e.g. OUT/last.pt: its recipe is the default")
     a("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
     a("--amp", action="store_true", help="mixed precision: bf16 where the GPU has it, else fp16 with loss scaling")
     a("--method", default="ctcl", choices=["independent", "dml", "ctcl"], help="independent: CE only; "
@@ -1622,19 +1619,19 @@ def resume_recipe(args, argv, saved):
     fill_defaults(args)
     names = (set(saved) - NOT_RECIPE - {"iters", "amp", "data_root"}) | {"seed"}
     differ = [k for k in sorted(names) if json.dumps(getattr(args, k, saved[k]), default=str) != json.dumps(saved[k])]
-    if differ:
-        raise UserError(f"--resume {args.resume} continues a run made with " + ", ".join(
-            f"--{k.replace('_', '-')} {saved[k]} (not {getattr(args, k)})" for k in differ) +
-            ": drop the flags that differ, or start a new run without --resume")
+    if differ:  # the classes and colours follow --data and classes.txt: named only when no flag differs
+        raise UserError(f"--resume {args.resume} continues a run made with " + (", ".join(
+            f"--{k.replace('_', '-')} {saved[k]} (not {getattr(args, k)})" for k in differ if k in parsed) or
+            f"the classes {saved['classes']} (classes.txt changed)") + ": drop what differs, or start a new run")
 
 
 def run_in(folder):
-    """What run a folder holds, in words (its last.pt, metrics.jsonl or args.json make one), or None."""
+    """What run a folder holds and the way on, in words, or None (args.json alone: a run stopped before step 1)."""
     if (folder / "last.pt").is_file():
         with contextlib.suppress(Exception):  # mmap: only what is read is loaded
             ckpt = torch.load(folder / "last.pt", map_location="cpu", mmap=True, weights_only=True)
-            return f"a run at iteration {ckpt['iter']}"
-    return "a run" if any((folder / name).is_file() for name in ("last.pt", "metrics.jsonl", "args.json")) else None
+            return f"a run at iteration {ckpt['iter']}: continue it with --resume {folder / 'last.pt'}"
+    return "a run's metrics, without its checkpoint: move them away" if (folder / "metrics.jsonl").is_file() else None
 
 
 def choose_out(args):
@@ -1645,21 +1642,21 @@ def choose_out(args):
     held = run_in(args.out)
     if held and not (args.resume and pathlib.Path(args.resume).resolve().parent == args.out.resolve()):
         if not default:
-            raise UserError(f"--out {args.out} holds {held}: continue it with --resume {args.out / 'last.pt'}, "
-                            "or give another --out")
+            raise UserError(f"--out {args.out} holds {held}, or give another --out")
         taken, args.out = args.out, next(folder for k in itertools.count(2)
                                          if not run_in(folder := args.out.with_name(f"{args.out.name}-{k}")))
         if os.environ.get("RANK", "0") == "0":
-            print(f"{taken} holds {held}: this run writes to {args.out}", flush=True)
-    writable(args.out)
+            print(f"{taken} holds {held.split(':')[0]}: this run writes to {args.out}", flush=True)
 
 
-def writable(folder, flag="--out"):
-    """Refuse, before any work, a folder that is a file or lies in one, or that this process cannot write in."""
-    existing = next(p for p in (folder, *folder.resolve().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {folder}: {existing} is " + ("not writable" if existing.is_dir() else
-                                                             "a file, not a folder") + ": give another folder")
+def make_folder(folder):
+    """mkdir -p, where the first file is written: a file in the way, a read-only disk are one line."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as error:
+        raise UserError(f"--out {folder}: cannot write there ({error.strerror}): give another folder") from None
 
 
 def milliseconds(work, sync, times=1):
@@ -1767,7 +1764,11 @@ def summarize(folders):
     differ = sorted(k for k in flags if len({json.dumps(args[k]) for args, _ in runs if k in args}) > 1)
     groups = {}
     for args, record in runs:
-        groups.setdefault(tuple(json.dumps(args.get(k, "–")) for k in differ), []).append(record)
+        row = groups.setdefault(tuple(json.dumps(args.get(k, "–")) for k in differ), {})
+        if args.get("seed") in row:  # a copy or a rerun of one seed is no second seed
+            skipped.append(f"{args.get('out')}: its seed {args.get('seed')} is counted already in its row")
+        row.setdefault(args.get("seed"), record)
+    groups = {key: list(row.values()) for key, row in groups.items()}
 
     def mean_std(values):
         values = torch.tensor(values, dtype=torch.float64) * 100
@@ -1816,17 +1817,16 @@ def main(argv=None):
             table = summarize(sorted({p for pattern in args.summarize for p in glob.glob(pattern) or [pattern]}))
             print(table)
             return table
-        for variable, launcher in (("SLURM_STEP_NUM_TASKS", "srun"), ("OMPI_COMM_WORLD_SIZE", "mpirun"),
-                                   ("PMI_SIZE", "mpirun")):  # without torchrun each would train alone, on GPU 0
+        for variable, launcher in (("SLURM_STEP_NUM_TASKS", "srun --ntasks-per-node=1"), ("PMI_SIZE", "mpirun -ppn 1"),
+                                   ("OMPI_COMM_WORLD_SIZE", "mpirun --npernode 1")):  # else each trains on GPU 0
             if "WORLD_SIZE" not in os.environ and int(os.environ.get(variable, 1)) > 1:
-                raise UserError(f"{launcher} started {os.environ[variable]} processes, but ctcl.py takes its "
-                                f"processes from torchrun: run one task per machine, e.g. `{launcher} "
-                                "--ntasks-per-node=1 torchrun --nproc_per_node=GPUS ... ctcl.py ...` (see the README)")
+                raise UserError(f"{launcher.split()[0]} started {os.environ[variable]} processes, but ctcl.py takes "
+                                f"its processes from torchrun: run one task per machine, e.g. `{launcher} torchrun "
+                                "--nproc_per_node=GPUS ... ctcl.py ...` (see the README)")
         if args.predict or args.export:  # uses of a trained checkpoint: what they need is in it
             if not args.resume:
                 raise UserError("--predict and --export need --resume CHECKPOINT (a last.pt of ctcl.py)")
             args.out = args.out or pathlib.Path(args.resume).parent / ("predict" if args.predict else "export")
-            writable(args.out)
             return predict(args, Runtime(args.gpu, args.amp, None)) if args.predict else export(args)
         ckpt = load_checkpoint(args.resume) if args.resume else None  # a bad checkpoint fails before any work
         if ckpt is None:

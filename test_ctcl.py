@@ -1,4 +1,5 @@
-"""Tests for ctcl.py, in the file's order: students, HFD, region BSD, pixel BSD, evaluation.
+"""Tests for ctcl.py, in the file's order: students, HFD, region BSD, pixel BSD, evaluation, ...;
+last, the edges a new user meets on the first day (reruns, resume, odd files, large photos).
 
 Every mask and loss is checked against a brute-force reference written here with
 plain Python loops. Run: python -m pytest -q test_ctcl.py
@@ -2476,6 +2477,12 @@ def test_a_rerun_never_overwrites_a_run(tmp_path, small_data, capsys, monkeypatc
         "runs/synthetic-independent-s0-2" in capsys.readouterr().out
     assert [r["iter"] for r in read_metrics(tmp_path / "runs/synthetic-independent-s0/metrics.jsonl")] == [1, 1]
     assert (tmp_path / "runs/synthetic-independent-s0-2/last.pt").is_file()
+    (tmp_path / "stopped").mkdir()  # killed before step 1: its args.json alone
+    (tmp_path / "stopped" / "args.json").write_text("{}")
+    run_main(tmp_path, "--iters", "1", "--method", "independent", out="stopped")
+    (tmp_path / "stopped" / "last.pt").unlink()  # killed before its first checkpoint: metrics, no last.pt
+    assert "holds a run's metrics, without its checkpoint: move them away, or give another --out" in \
+        one_line_error(["--out", tmp_path / "stopped", *SMALL, "--iters", "1"], capsys)
 
 
 def test_resume_continues_the_checkpoints_recipe_and_refuses_another(tmp_path, small_data, capsys):
@@ -2484,7 +2491,7 @@ def test_resume_continues_the_checkpoints_recipe_and_refuses_another(tmp_path, s
     run_main(tmp_path, "--iters", "4", "--stop-at", "2", "--cnn-lr", "0.05", "--seed", "3", "--method", "independent")
     ckpt = tmp_path / "out" / "last.pt"
     message = one_line_error(["--resume", ckpt, "--cnn-lr", "0.01", "--seed", "3", "--method", "dml"], capsys)
-    assert "--cnn-lr 0.05 (not 0.01), --method independent (not dml): drop the flags that differ" in message
+    assert "--cnn-lr 0.05 (not 0.01), --method independent (not dml): drop what differs" in message
     ctcl.main(["--resume", str(ckpt)])  # into the checkpoint's own folder
     saved = json.loads((tmp_path / "out" / "args.json").read_text())
     assert (saved["cnn_lr"], saved["seed"], saved["iters"]) == (0.05, 3, 4)
@@ -2500,6 +2507,7 @@ def test_a_resume_with_more_iters_goes_on_at_the_learning_rates_of_the_longer_ru
     logged = [{r["iter"]: (r["lr_cnn"], r["lr_vit"]) for r in read_metrics(tmp_path / run / "metrics.jsonl")
                if r["type"] == "train"} for run in ("short", "long")]
     assert sorted(logged[0]) == list(range(1, 6))
+    assert logged[1][1][0] == 0.02 and logged[1][5][0] == pytest.approx(0.02 * (1 - 4 / 5) ** 0.9)  # the step's own
     for it in range(2, 6):
         assert logged[0][it] == pytest.approx(logged[1][it], rel=1e-12), it
         assert it == 5 or min(logged[0][it]) > 0
@@ -2540,9 +2548,13 @@ def test_summarize_never_joins_runs_on_different_data(tmp_path):
                                                    "iters": 2, "seed": 0}))
         scores = {s: {"miou": 0.2 + 0.6 * k, "pixel_acc": 0.5, "per_class_iou": [0.1, 0.2]} for s in ctcl.STUDENTS}
         (run / "metrics.jsonl").write_text(json.dumps({**record, **scores}) + "\n")
-    lines = ctcl.main(["--summarize", str(tmp_path / "runs/*")]).splitlines()
-    assert [line.split("|")[1].strip() for line in lines[2:]] == ["['soil', 'crop']", "['sky', 'roof']"]
-    assert "" not in lines  # no per-class table
+    (tmp_path / "copy").mkdir()  # a copy of run 0 (say, resumed elsewhere): the same seed, not a second one
+    for name in ("args.json", "metrics.jsonl"):
+        (tmp_path / "copy" / name).write_text((tmp_path / "runs" / "0" / name).read_text())
+    lines = ctcl.main(["--summarize", str(tmp_path / "runs/*"), str(tmp_path / "copy")]).splitlines()
+    assert lines[0] == "left out: None: its seed 0 is counted already in its row"
+    assert [line.split("|")[1].strip() for line in lines[3:]] == ["['soil', 'crop']", "['sky', 'roof']"]
+    assert [line.split("|")[3].strip() for line in lines[3:]] == ["1", "1"] and "" not in lines  # no per-class table
 
 
 def test_validation_images_under_32_pixels_are_refused_before_step_1(tmp_path, capsys):
@@ -2565,7 +2577,7 @@ def test_text_files_with_a_byte_order_mark_or_not_utf8_or_a_class_twice(tmp_path
     assert "names the class cat twice" in one_line_error(folder_run(root, tmp_path / "o3"), capsys)
     (root / "classes.txt").write_text("background\ncat\ndog\n")
     (root / "val.txt").write_text("img00\nimg10\n")  # img00 is also in train.txt
-    assert "list the stem img00 twice" in one_line_error(folder_run(root, tmp_path / "o4"), capsys)
+    assert "the stem img00 is listed twice" in one_line_error(folder_run(root, tmp_path / "o4"), capsys)
     assert not any((tmp_path / o).exists() for o in ("o2", "o3", "o4"))
 
 
@@ -2593,18 +2605,23 @@ def test_an_out_that_is_a_file_or_not_writable_is_one_line(tmp_path, small_data,
     write_image(tmp_path / "photo.png", random_rgb(40, 50, 0))
     for argv in ([*SMALL, "--iters", "1"], ["--predict", tmp_path / "photo.png", "--resume", ckpt],
                  ["--export", "--resume", ckpt]):
-        for out in (taken, taken / "below"):
-            assert f"--out {out}: {taken} is a file, not a folder: give another folder" in \
+        for out, why in ((taken, "File exists"), (taken / "below", "Not a directory")):
+            assert f"--out {out}: cannot write there ({why}): give another folder" in \
                 one_line_error([*argv, "--out", out], capsys)
     monkeypatch.setattr(os, "access", lambda path, mode: False)
-    assert "is not writable: give another folder" in one_line_error([*SMALL, "--out", tmp_path / "new"], capsys)
+    assert "cannot write there (Permission denied)" in one_line_error([*SMALL, "--out", tmp_path / "new"], capsys)
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    assert "cannot write there (Read-only file system)" in one_line_error(["--export", "--resume", ckpt], capsys)
 
 
 def test_predict_names_outputs_by_their_path_and_never_writes_one_file_twice(tmp_path, small_data, capsys):
     run_main(tmp_path, "--iters", "1")
     ckpt, photos = tmp_path / "out" / "last.pt", tmp_path / "photos"
     for k, name in enumerate(("day1/IMG_0001.jpg", "day2/IMG_0001.jpg", "x.jpg", "x.png", "day2/.hidden/y.png")):
-        write_image(photos / name, random_rgb(40, 50, k))
+        write_image(photos / name, random_rgb(20, 50, k) if name == "x.png" else random_rgb(40, 50, k))
     (photos / "._x.jpg").write_bytes(b"macOS resource fork")
     ctcl.main(["--predict", str(photos), str(photos / "x.png"), "--resume", str(ckpt), "--out", str(tmp_path / "p")])
     assert "predict: 4/4 images" in capsys.readouterr().out
@@ -2612,6 +2629,7 @@ def test_predict_names_outputs_by_their_path_and_never_writes_one_file_twice(tmp
     assert written == ["day1/IMG_0001_cnn.png", "day2/IMG_0001_cnn.png", "x.jpg_cnn.png", "x.png_cnn.png"]
     masks = [numpy.array(PIL.Image.open(tmp_path / "p" / d / "IMG_0001_overlay.png")) for d in ("day1", "day2")]
     assert not numpy.array_equal(*masks)  # two photos, two sets of files
+    assert numpy.array(PIL.Image.open(tmp_path / "p" / "x.png_vit.png")).shape == (20, 50)  # segmented at 32×80
     message = one_line_error(["--predict", photos / "day1/IMG_0001.jpg", photos / "day2/IMG_0001.jpg",
                               "--resume", ckpt, "--out", tmp_path / "p2"], capsys)
     assert "IMG_0001.jpg would write the same files" in message and not (tmp_path / "p2").exists()
