@@ -2568,8 +2568,8 @@ def test_text_files_with_a_byte_order_mark_or_not_utf8_or_a_class_twice(tmp_path
     root = fake_folder(tmp_path / "data")
     for name in ("classes.txt", "train.txt", "val.txt"):  # as Windows' Notepad saves them
         (root / name).write_bytes(b"\xef\xbb\xbf" + (root / name).read_text().replace("\n", "\r\n").encode())
-    ctcl.main([str(a) for a in folder_run(root, tmp_path / "out")])
-    assert json.loads((tmp_path / "out" / "args.json").read_text())["classes"][0] == "background"
+    assert ctcl.read_classes(root)[0] == ["background", "cat", "dog", "bird"]
+    assert [image.name for image, _ in ctcl.folder_pairs(root, "train")][:2] == ["img00.jpg", "img01.jpg"]
     (root / "classes.txt").write_bytes("background\nchâteau\n".encode("latin-1"))
     assert "classes.txt is not UTF-8 text (at byte 13): save it as UTF-8" in \
         one_line_error(folder_run(root, tmp_path / "o2"), capsys)
