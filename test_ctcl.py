@@ -2518,23 +2518,23 @@ def test_a_cut_metrics_line_costs_that_line_alone(tmp_path, small_data, capsys):
     """A run killed mid-write leaves half a line: --summarize still counts a run whose final evaluation
     is intact, leaves out (with the reason) one whose final evaluation is the cut line, and a resumed
     run writes its next record on a line of its own."""
-    for name in ("a", "b"):
-        run_main(tmp_path, "--iters", "2", "--method", "independent", out=f"runs/{name}")
+    run_main(tmp_path, "--iters", "3", "--stop-at", "2", "--method", "independent", out="runs/a")
+    with open(tmp_path / "runs/a/metrics.jsonl", "ab") as f:
+        f.write(b'{"type": "tr')  # killed mid-write
+    ctcl.main(["--resume", str(tmp_path / "runs/a/last.pt")])
+    records = (tmp_path / "runs/a/metrics.jsonl").read_bytes().splitlines()
+    cut = records.index(b'{"type": "tr')
+    assert [(json.loads(r)["type"], json.loads(r)["iter"]) for r in records[cut + 1:]] == [("train", 3), ("eval", 3)]
     with open(tmp_path / "runs/a/metrics.jsonl", "ab") as f:
         f.write(b'{"type": "train", "it')  # a cut record after the final evaluation
-    lines = (tmp_path / "runs/b/metrics.jsonl").read_bytes().splitlines(keepends=True)
-    (tmp_path / "runs/b/metrics.jsonl").write_bytes(b"".join(lines[:-1]) + lines[-1][:40])  # the final eval, cut
+    (tmp_path / "runs/b").mkdir()  # a run whose final evaluation is the cut line
+    (tmp_path / "runs/b/args.json").write_bytes((tmp_path / "runs/a/args.json").read_bytes())
+    lines = (tmp_path / "runs/a/metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (tmp_path / "runs/b/metrics.jsonl").write_bytes(b"".join(lines[:-2]) + lines[-2][:40])
     table = ctcl.main(["--summarize", str(tmp_path / "runs/*")])
-    assert "left out: " + str(tmp_path / "runs/b") + ": unfinished (no intact evaluation at iteration 2; " \
-        "metrics.jsonl has 1 damaged line(s))" in table
-    assert "| all | 1 |" in table
-    run_main(tmp_path, "--iters", "4", "--stop-at", "2", "--method", "independent", out="cut")
-    with open(tmp_path / "cut/metrics.jsonl", "ab") as f:
-        f.write(b'{"type": "tr')
-    ctcl.main(["--resume", str(tmp_path / "cut/last.pt")])
-    records = (tmp_path / "cut/metrics.jsonl").read_bytes().splitlines()
-    cut = records.index(b'{"type": "tr')
-    assert [json.loads(r)["iter"] for r in records[cut + 1:]][:2] == [3, 4]
+    assert "left out: " + str(tmp_path / "runs/b") + ": unfinished (no intact evaluation at iteration 3; " \
+        "metrics.jsonl has 2 damaged line(s))" in table
+    assert "| all | 1 |" in table  # run a, its two damaged lines aside
 
 
 def test_summarize_never_joins_runs_on_different_data(tmp_path):
