@@ -1334,6 +1334,17 @@ def small_data(monkeypatch):
                         lambda *a, **k: build(*a, **dict(k, synthetic_size=(12, 3))))
 
 
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory):
+    """The checkpoint of one training step on the small synthetic set, shared by the tests that only use one."""
+    folder = tmp_path_factory.mktemp("one_step")
+    with pytest.MonkeyPatch.context() as patch:
+        build = ctcl.build_datasets
+        patch.setattr(ctcl, "build_datasets", lambda *a, **k: build(*a, **dict(k, synthetic_size=(12, 3))))
+        ctcl.main(["--out", str(folder), *SMALL, "--iters", "1", "--gpu", "-1"])
+    return folder / "last.pt"
+
+
 def run_main(tmp_path, *argv, out="out"):
     return ctcl.main(["--out", str(tmp_path / out), *SMALL, *argv])
 
@@ -2203,15 +2214,14 @@ def test_predict_writes_exactly_what_evaluation_scores(tmp_path, capsys):
     assert not list(out.glob("*.tmp"))
 
 
-def test_predict_stops_at_a_damaged_image_and_keeps_what_it_wrote(tmp_path, small_data, capsys):
-    run_main(tmp_path, "--iters", "1")
+def test_predict_stops_at_a_damaged_image_and_keeps_what_it_wrote(tmp_path, one_step, capsys):
     images = tmp_path / "photos"
     write_image(images / "a.png", random_rgb(40, 50, 0))
     (images / "b.jpg").write_bytes(b"not a jpeg")
     write_image(images / "c.png", random_rgb(40, 50, 1))
     (images / "notes.txt").write_text("not an image: skipped")
     out = tmp_path / "predictions"
-    message = one_line_error(["--predict", images, "--resume", tmp_path / "out" / "last.pt", "--out", out], capsys)
+    message = one_line_error(["--predict", images, "--resume", one_step, "--out", out], capsys)
     assert message.startswith("ctcl.py: error: cannot decode image") and "b.jpg" in message
     assert sorted(p.name for p in out.iterdir()) == [f"a_{n}.png" for n in ("cnn", "ensemble", "overlay", "vit")]
     assert numpy.array(PIL.Image.open(out / "a_cnn.png")).shape == (40, 50)
@@ -2235,9 +2245,8 @@ torch.save({{"outputs": outputs, "classes": json.loads(extra["classes.json"]),
 """
 
 
-def test_exported_students_run_without_ctcl_and_match_the_eager_ones(tmp_path, small_data, capsys):
-    run_main(tmp_path, "--iters", "1")
-    ctcl.main(["--export", "--resume", str(tmp_path / "out" / "last.pt"), "--out", str(tmp_path / "export")])
+def test_exported_students_run_without_ctcl_and_match_the_eager_ones(tmp_path, one_step, capsys):
+    ctcl.main(["--export", "--resume", str(one_step), "--out", str(tmp_path / "export")])
     script = tmp_path / "export" / "check.py"
     script.write_text(EXPORTED.format(folder=str(tmp_path / "export")))
     proc = subprocess.run([sys.executable, "-I", str(script)], cwd=tmp_path / "export", capture_output=True,
@@ -2245,7 +2254,7 @@ def test_exported_students_run_without_ctcl_and_match_the_eager_ones(tmp_path, s
     assert proc.returncode == 0, proc.stderr[-3000:]
     check = torch.load(tmp_path / "export" / "check.pt", weights_only=True)
     assert check["classes"] == list(ctcl.SYNTHETIC_CLASSES) and check["colours"][1] == ctcl.PALETTE[1].tolist()
-    model, _ = ctcl.load_students(tmp_path / "out" / "last.pt", torch.device("cpu"))
+    model, _ = ctcl.load_students(one_step, torch.device("cpu"))
     for (name, batch), (images, scores) in check["outputs"].items():
         want = ctcl.Deployed(getattr(model, name)).eval()(images)
         assert scores.shape == (batch, 5, *images.shape[-2:]) and torch.allclose(scores, want, atol=1e-5), name
@@ -2465,10 +2474,10 @@ def test_readme_lists_every_inferred_flag():
 def test_a_rerun_never_overwrites_a_run(tmp_path, small_data, capsys, monkeypatch):
     """A folder that holds a run is refused as --out (one line: its iteration, the two ways on), with
     its checkpoint and metrics as they were; `python ctcl.py` twice moves the second run to OUT-2."""
-    run_main(tmp_path, "--iters", "3", "--method", "independent")
+    run_main(tmp_path, "--iters", "2", "--method", "independent")
     before = {name: (tmp_path / "out" / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "args.json")}
     message = one_line_error(["--out", tmp_path / "out", *SMALL, "--iters", "1"], capsys)
-    assert f"holds a run at iteration 3: continue it with --resume {tmp_path / 'out' / 'last.pt'}" in message
+    assert f"holds a run at iteration 2: continue it with --resume {tmp_path / 'out' / 'last.pt'}" in message
     assert all((tmp_path / "out" / name).read_bytes() == data for name, data in before.items())
     monkeypatch.chdir(tmp_path)
     for _ in range(2):
@@ -2598,9 +2607,8 @@ def test_an_image_over_pils_pixel_limit_is_read(tmp_path):
     assert ctcl.image_size(path) == (9_500, 20_000)
 
 
-def test_an_out_that_is_a_file_or_not_writable_is_one_line(tmp_path, small_data, capsys, monkeypatch):
-    run_main(tmp_path, "--iters", "1")
-    ckpt, taken = tmp_path / "out" / "last.pt", tmp_path / "a_file"
+def test_an_out_that_is_a_file_or_not_writable_is_one_line(tmp_path, small_data, one_step, capsys, monkeypatch):
+    ckpt, taken = one_step, tmp_path / "a_file"
     taken.write_text("")
     write_image(tmp_path / "photo.png", random_rgb(40, 50, 0))
     for argv in ([*SMALL, "--iters", "1"], ["--predict", tmp_path / "photo.png", "--resume", ckpt],
@@ -2617,9 +2625,8 @@ def test_an_out_that_is_a_file_or_not_writable_is_one_line(tmp_path, small_data,
     assert "cannot write there (Read-only file system)" in one_line_error(["--export", "--resume", ckpt], capsys)
 
 
-def test_predict_names_outputs_by_their_path_and_never_writes_one_file_twice(tmp_path, small_data, capsys):
-    run_main(tmp_path, "--iters", "1")
-    ckpt, photos = tmp_path / "out" / "last.pt", tmp_path / "photos"
+def test_predict_names_outputs_by_their_path_and_never_writes_one_file_twice(tmp_path, one_step, capsys):
+    ckpt, photos = one_step, tmp_path / "photos"
     for k, name in enumerate(("day1/IMG_0001.jpg", "day2/IMG_0001.jpg", "x.jpg", "x.png", "day2/.hidden/y.png")):
         write_image(photos / name, random_rgb(20, 50, k) if name == "x.png" else random_rgb(40, 50, k))
     (photos / "._x.jpg").write_bytes(b"macOS resource fork")
@@ -2638,14 +2645,14 @@ def test_predict_names_outputs_by_their_path_and_never_writes_one_file_twice(tmp
     assert "no image files there" in one_line_error(["--predict", tmp_path / "only_hidden", "--resume", ckpt], capsys)
 
 
-def test_predict_scales_a_photo_larger_than_the_data_down_and_its_masks_back_up(tmp_path, small_data, capsys):
+def test_predict_scales_a_photo_larger_than_the_data_down_and_its_masks_back_up(tmp_path, one_step, capsys):
     """The synthetic validation images are 64 pixels: a 200×160 photo is segmented at 64×51, its scores
     brought back to 200×160 (band by band); --full-size segments it at its own size."""
-    model = run_main(tmp_path, "--iters", "1")["model"].eval()
+    model = ctcl.load_students(one_step, torch.device("cpu"))[0]
     write_image(tmp_path / "photo.png", random_rgb(160, 200, 0))
     image = ctcl.read_image(tmp_path / "photo.png")
     for flags, size in (([], [51, 64]), (["--full-size"], [160, 200])):
-        ctcl.main(["--predict", str(tmp_path / "photo.png"), "--resume", str(tmp_path / "out" / "last.pt"),
+        ctcl.main(["--predict", str(tmp_path / "photo.png"), "--resume", str(one_step),
                    "--out", str(tmp_path / "p"), *flags])
         small = torchvision.transforms.v2.functional.resize(image, size, antialias=True)
         with torch.no_grad():
