@@ -2480,18 +2480,17 @@ def test_a_rerun_never_overwrites_a_run(tmp_path, small_data, capsys, monkeypatc
     assert f"holds a run at iteration 2: continue it with --resume {tmp_path / 'out' / 'last.pt'}" in message
     assert all((tmp_path / "out" / name).read_bytes() == data for name, data in before.items())
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/synthetic-independent-s0-2").mkdir(parents=True)  # a run killed before step 1: args.json
+    (tmp_path / "runs/synthetic-independent-s0-2/args.json").write_text("{}")  # alone, which is no run
     for _ in range(2):
         ctcl.main([*SMALL, "--iters", "1", "--method", "independent"])
     assert "runs/synthetic-independent-s0 holds a run at iteration 1: this run writes to " \
         "runs/synthetic-independent-s0-2" in capsys.readouterr().out
     assert [r["iter"] for r in read_metrics(tmp_path / "runs/synthetic-independent-s0/metrics.jsonl")] == [1, 1]
     assert (tmp_path / "runs/synthetic-independent-s0-2/last.pt").is_file()
-    (tmp_path / "stopped").mkdir()  # killed before step 1: its args.json alone
-    (tmp_path / "stopped" / "args.json").write_text("{}")
-    run_main(tmp_path, "--iters", "1", "--method", "independent", out="stopped")
-    (tmp_path / "stopped" / "last.pt").unlink()  # killed before its first checkpoint: metrics, no last.pt
+    (tmp_path / "runs/synthetic-independent-s0-2/last.pt").unlink()  # killed before its first checkpoint
     assert "holds a run's metrics, without its checkpoint: move them away, or give another --out" in \
-        one_line_error(["--out", tmp_path / "stopped", *SMALL, "--iters", "1"], capsys)
+        one_line_error(["--out", tmp_path / "runs/synthetic-independent-s0-2", *SMALL, "--iters", "1"], capsys)
 
 
 def test_resume_continues_the_checkpoints_recipe_and_refuses_another(tmp_path, small_data, capsys):
@@ -2508,19 +2507,18 @@ def test_resume_continues_the_checkpoints_recipe_and_refuses_another(tmp_path, s
 
 
 def test_a_resume_with_more_iters_goes_on_at_the_learning_rates_of_the_longer_run(tmp_path, small_data):
-    """--iters 2 --stop-at 1, then --resume --iters 5: from iteration 2 on, the learning rates are those
-    of a run of 5 iterations (never 0 before its end)."""
+    """--iters 2 --stop-at 1, then --resume --iters 4: from iteration 2 on, the learning rates are those
+    of a run of 4 iterations (never 0 before its end)."""
     run_main(tmp_path, "--iters", "2", "--stop-at", "1", "--method", "independent", out="short")
-    ctcl.main(["--resume", str(tmp_path / "short" / "last.pt"), "--iters", "5"])
-    run_main(tmp_path, "--iters", "5", "--method", "independent", out="long")
+    ctcl.main(["--resume", str(tmp_path / "short" / "last.pt"), "--iters", "4"])
+    run_main(tmp_path, "--iters", "4", "--method", "independent", out="long")
     logged = [{r["iter"]: (r["lr_cnn"], r["lr_vit"]) for r in read_metrics(tmp_path / run / "metrics.jsonl")
                if r["type"] == "train"} for run in ("short", "long")]
-    assert sorted(logged[0]) == list(range(1, 6))
-    assert logged[1][1][0] == 0.02 and logged[1][5][0] == pytest.approx(0.02 * (1 - 4 / 5) ** 0.9)  # the step's own
-    for it in range(2, 6):
-        assert logged[0][it] == pytest.approx(logged[1][it], rel=1e-12), it
-        assert it == 5 or min(logged[0][it]) > 0
-    assert json.loads((tmp_path / "short" / "args.json").read_text())["iters"] == 5
+    assert sorted(logged[0]) == list(range(1, 5))
+    assert logged[1][1][0] == 0.02 and logged[1][4][0] == pytest.approx(0.02 * (1 - 3 / 4) ** 0.9)  # the step's own
+    for it in range(2, 5):
+        assert logged[0][it] == pytest.approx(logged[1][it], rel=1e-12) and min(logged[0][it]) > 0, it
+    assert json.loads((tmp_path / "short" / "args.json").read_text())["iters"] == 4
 
 
 def test_a_cut_metrics_line_costs_that_line_alone(tmp_path, small_data, capsys):
