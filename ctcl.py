@@ -26,6 +26,7 @@ import contextlib
 import functools
 import glob
 import inspect
+import io
 import itertools
 import json
 import math
@@ -34,6 +35,7 @@ import pathlib
 import re
 import resource
 import shutil
+import signal
 import sys
 import time
 import urllib.error
@@ -59,6 +61,14 @@ PIL.Image.MAX_IMAGE_PIXELS = None  # panoramas and orthophotos are the user's ow
 
 class UserError(Exception):
     """Bad input from the command line or the disk: printed as one line, exit code 2."""
+    code = 2
+
+
+class RunError(UserError):
+    """The run cannot go on (a non-finite loss, a full disk) or was stopped (a signal): one line, last.pt whole."""
+    def __init__(self, message, code=1):
+        super().__init__(message)
+        self.code = code
 
 
 # ----------------------------------------------------------------------------------
@@ -982,8 +992,9 @@ def predictions_in_bands(logits, size, rows=64):
 
 @torch.no_grad()
 def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_size=1, workers=0,
-             vis_dir=None, vis_count=0, tag="", colours=None):
-    """Whole images, batch 1, at each label's size, image i by process i mod world_size: C×C and 2×2 counts, summed."""
+             vis_dir=None, vis_count=0, tag="", colours=None, stop=lambda: 0):
+    """Whole images, batch 1, at each label's size, image i by process i mod world_size: C×C and 2×2 counts, summed.
+    None if stop() says so before an image (under DDP every process asks as often: a signal's agreement)."""
     model.eval()
     benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False  # whole images vary in size
     # zeros, not 0: a process whose shard is empty (fewer images than processes) still sends a tensor
@@ -994,6 +1005,8 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, generator=torch.Generator(),
                                          sampler=indices, pin_memory=device.type == "cuda")
     for index, (image, target) in zip(indices, loader):
+        if stop():
+            return None
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
         logits = student_logits(model, image, target.shape[-2:], autocast)
         preds = predictions(logits)
@@ -1005,6 +1018,8 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
             panel = render_panel(image[0], target[0], logits["cnn"], logits["vit"], model.region_size, model.margin,
                                  model.ignore_index, colours)
             write_whole(vis_dir / f"{tag}{index:03d}.png", lambda f: panel.save(f, format="PNG"))
+    if len(indices) < math.ceil(len(dataset) / world_size) and stop():  # a shard one image short
+        return None
     if world_size > 1:
         for c in conf.values():
             torch.distributed.all_reduce(c)
@@ -1122,18 +1137,26 @@ def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500,
     return (sgd, adamw), tuple(schedules)
 
 
-def write_whole(path, write):
-    """write(file) into a temporary file, flush it to disk, then rename: `path` is always whole."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_whole(path, write, exclusive=False):
+    """write(file) into a temporary file of this process, flush it to disk, then rename it to `path` (exclusive:
+    link it, so that only one of the runs launched together makes it): `path` is always whole, or as it was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")  # no two writers share one
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # also Ctrl-C during the write: drop the half-written file
-        tmp.unlink(missing_ok=True)
-        raise
+        os.link(tmp, path) if exclusive else os.replace(tmp, path)
+    except OSError as error:  # a full disk, a lost mount: one line; FileExistsError is the caller's
+        if isinstance(error, FileExistsError):
+            raise
+        kept = f"; the previous {path.name} ({path.stat().st_size / 2 ** 20:.1f} MB) is whole, and writing it " \
+            "again needs as much room beside it" if path.is_file() else ""
+        raise RunError(f"cannot write {path} ({error.strerror or error}){kept}: free some room, or give another "
+                       "--out") from None
+    finally:  # also after Ctrl-C during the write: no half-written file is left
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def load_checkpoint(path):
@@ -1147,20 +1170,57 @@ def load_checkpoint(path):
         raise UserError(f"--resume {path} is not a readable checkpoint ({type(error).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "iter", "optimizers", "schedulers"} <= set(ckpt):
         raise UserError(f"--resume {path} is not a ctcl.py checkpoint (no model/iter/optimizers entries)")
+    saved = ckpt["args"]  # the readings of HFD and region BSD this file no longer computes, by the commit that left them
+    if since := "9770f74" if "save_every" not in saved else "584f3be" if (saved.get("hfd", "next-stage"),
+                                                                          saved.get("rbsd_feature", "encoder")) != \
+            ("next-stage", "encoder") else None:
+        raise UserError(f"--resume {path} was written by a ctcl.py older than commit {since}, whose HFD or region "
+                        f"BSD this one no longer computes: use that one, `git show {since}~1:ctcl.py > ctcl_old.py`")
     return ckpt
 
 
-class Diverged(Exception):
-    """A non-finite loss: the run stops, the last good checkpoint stays as it was."""
-
-
-def check_finite(first_bad, out, world_size=1):
+def check_finite(first_bad, saved_at, out, world_size=1):
     """Stop at the first non-finite loss (first_bad: its iteration, else inf); under DDP all ranks, at the earliest."""
     if world_size > 1:
         torch.distributed.all_reduce(first_bad, torch.distributed.ReduceOp.MIN)
     if (bad := float(first_bad)) < math.inf:  # a host sync, made only at log and checkpoint steps
-        raise Diverged(f"non-finite loss at iteration {int(bad)}; stopped, and {out / 'last.pt'} was left as "
-                       "it was: lower the learning rates, or try without --amp")
+        kept = f"{out / 'last.pt'} (iteration {saved_at}) was left as it was" if saved_at else "no checkpoint was written"
+        raise RunError(f"non-finite loss at iteration {int(bad)}; stopped, and {kept}: lower the learning rates, or "
+                       "try without --amp")
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM (a scheduler's preemption, `timeout`) and SIGINT (Ctrl-C) are noted in the list yielded, for the
+    loop to stop at the end of its step with a checkpoint; a second Ctrl-C stops at once (last.pt stays whole)."""
+    caught, previous = [], {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def note(signum, frame):
+        if caught and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        caught.append(signum)
+    for s in previous:
+        signal.signal(s, note)
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def read_records(path):
+    """The records of a metrics.jsonl and how many lines were damaged (a killed run's cut line costs itself alone)."""
+    lines = path.read_bytes().splitlines() if path.is_file() else []
+    records = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records, len(lines) - len(records)
+
+
+def save_args(args, exclusive=False):
+    write_whole(args.out / "args.json", lambda f: f.write(json.dumps(vars(args), default=str, indent=1).encode()),
+                exclusive)
 
 
 def log_line(it, iters, lrs, means, images_per_s, eta_s):
@@ -1230,45 +1290,66 @@ def train(args, ctx, ckpt=None):
                                               vit_warmup=args.vit_warmup)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16)
     torch.manual_seed(args.seed + ctx.rank)  # dropout and drop path differ across ranks
-    start = 0
+    start, window = 0, {}
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as error:  # resume_recipe builds the checkpoint's: an older ctcl.py's layout
             raise UserError(f"--resume {args.resume} holds another model: {str(error).splitlines()[0]}") from None
-        for obj, state in zip(optimizers + schedulers, ckpt["optimizers"] + ckpt["schedulers"]):
-            obj.load_state_dict(state)
-        for sched in schedulers:  # this --iters' learning rates from here on (the same ones if it is unchanged)
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        start = ckpt["iter"]
+        for sched in schedulers:  # closed forms of the iteration: no state of theirs is needed (nor read)
+            sched.last_epoch = start
             for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-                group["lr"] = base * factor(sched.last_epoch)
+                group["lr"] = base * factor(start)  # this --iters' rates (the same ones if it is unchanged)
         if ckpt["scaler"]:  # {} from a run without an fp16 scaler: the loss scale then starts afresh
             scaler.load_state_dict(ckpt["scaler"])
         if ctx.rank < len(states := ckpt["rng"]):  # with another number of processes: fresh seeds
             torch.set_rng_state(states[ctx.rank]["cpu"])
             if states[ctx.rank]["cuda"] is not None and torch.cuda.is_initialized():
                 torch.cuda.set_rng_state(states[ctx.rank]["cuda"])
-        start = ckpt["iter"]
+        window = ckpt.get("window", window)  # the log window a stop cut short: its sums go on
         ctx.print(f"resumed from {args.resume} at iteration {start}")
-    if ctx.is_main:  # bad flags, data or checkpoints have been refused by now, with nothing written
-        make_folder(args.out)
-        write_whole(args.out / "args.json", lambda f: f.write(json.dumps(vars(args), default=str, indent=1).encode()))
-        if (metrics := args.out / "metrics.jsonl").is_file() and metrics.read_bytes()[-1:] not in (b"", b"\n"):
-            with open(metrics, "a") as f:  # a killed run's half line: the next record starts a line of its own
-                f.write("\n")
+    stop_at = min(args.stop_at or args.iters, args.iters)
+    evaluated = None
+    if ctx.is_main:  # bad flags, data or checkpoints have been refused by now
+        records = read_records(args.out / "metrics.jsonl")[0]
+        if start < stop_at and not args.eval_only:  # args.json says what trained; a stopped run's records after
+            save_args(args)  # its checkpoint are superseded: metrics.jsonl reads as one unbroken run
+            records = [r for r in records if r.get("iter", 0) <= start]
+            write_whole(args.out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in records)
+                                                                       .encode()))
+        evaluated = {r.get("iter") for r in records if r.get("type") == "eval"}
+    # an evaluation that did not finish (a stop, a crash, a damaged image) is made before training goes on
+    due = ctx.share(ctx.is_main and start > 0 and (start % args.eval_every == 0 or start == args.iters) and start not in evaluated)
 
     def run_eval(it):
         if ctx.world_size > 1:  # CPU DDP keeps per-rank BN statistics: evaluate rank 0's
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, 0)
-        conf = evaluate(model, val_set, num_classes=num_classes, device=ctx.device, autocast=ctx.autocast(),
-                        rank=ctx.rank, world_size=ctx.world_size, workers=args.workers,
-                        vis_dir=args.out / "vis", vis_count=args.vis, tag=f"it{it:06d}_", colours=args.colours)
+        try:
+            conf = evaluate(model, val_set, num_classes=num_classes, device=ctx.device, autocast=ctx.autocast(),
+                            rank=ctx.rank, world_size=ctx.world_size, workers=args.workers, stop=ctx.stop,
+                            vis_dir=args.out / "vis", vis_count=args.vis, tag=f"it{it:06d}_", colours=args.colours)
+        except UserError as error:  # a damaged validation image: last.pt holds the run, and a resume evaluates first
+            raise UserError(f"{error}; then continue with {resume_command(args, ctx)}") from None
+        if conf is None:
+            raise stopped(ctx.stop(), f"during the evaluation at iteration {it}" + ("" if args.eval_only else
+                          ", which is made first when you continue"), args, ctx)
         ctx.print(f"evaluation at iteration {it}:\n{report(conf, args.classes)}")
-        ctx.log({"type": "eval", "iter": it, **eval_record(conf)})
+        if not args.eval_only:  # metrics.jsonl is the run's record: --eval-only only prints
+            ctx.log({"type": "eval", "iter": it, **eval_record(conf)})
         return conf
 
     if args.eval_only:
         return {"model": model, "conf": run_eval(start)}
+    conf = run_eval(start) if due else None
+    if start >= stop_at:
+        ctx.print(f"the checkpoint is at iteration {start}: nothing to train" + ("" if due else " (--eval-only "
+                  "evaluates it)"))
+        return {"model": model, "conf": conf}
+    saved_at = start
 
     def checkpoint(it):
         # every rank's random states, so that a resume draws the same numbers (bit for bit on the CPU; on CUDA
@@ -1281,21 +1362,22 @@ def train(args, ctx, ckpt=None):
         if ctx.is_main:
             state = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                      "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(), "iter": it,
-                     "rng": states, "args": json.loads(json.dumps(vars(args), default=str))}
-            write_whole(args.out / "last.pt", lambda f: torch.save(state, f))
+                     "rng": states, "args": json.loads(json.dumps(vars(args), default=str)),
+                     "window": {"sums": {k: v.cpu() for k, v in sums.items()}, "count": count}}
+            torch.save(state, buffer := io.BytesIO())  # torch.save's own writer reports a full disk as RuntimeError
+            write_whole(args.out / "last.pt", lambda f: f.write(buffer.getbuffer()))
+        return it
 
-    if args.compile:  # in place, so the state dict keeps its keys
-        model.compile()
     net = model if ctx.world_size == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if args.compile:  # the DDP-wrapped model, so that the gradient all-reduce overlaps the backward
+        net = torch.compile(net)
     batches = training_batches(train_set, batch_size=args.batch_size, start_iter=start, workers=args.workers,
                                seed=args.seed, rank=ctx.rank, world_size=ctx.world_size,
                                pin_memory=ctx.device.type == "cuda")
-    stop_at = min(args.stop_at or args.iters, args.iters)
-    if start >= stop_at:
-        ctx.print(f"the checkpoint is at iteration {start} already: nothing to train (--eval-only evaluates it)")
     first_bad = torch.full((), math.inf, device=ctx.device)
-    sums, count, tick, conf = {}, 0, time.time(), None
+    sums, count, tick = {k: v.to(ctx.device) for k, v in window.get("sums", {}).items()}, window.get("count", 0), \
+        time.time()
     for it in range(start + 1, stop_at + 1):
         images, target = (t.to(ctx.device, non_blocking=True) for t in next(batches))
         # w(t) as a tensor, so that a compiled forward does not recompile as the ramp rises
@@ -1304,22 +1386,39 @@ def train(args, ctx, ckpt=None):
         loss, terms = train_step(net, images, target, optimizers, schedulers, scaler, ctx.autocast(), kd_weight)
         first_bad = torch.where(torch.isfinite(loss), first_bad, first_bad.clamp(max=it))
         sums, count = {k: sums.get(k, 0) + v for k, v in terms.items()}, count + 1
-        if it % args.log_every == 0 or it == stop_at:
-            check_finite(first_bad, args.out, ctx.world_size)
+        if it % args.log_every == 0 or it == args.iters:  # the same records, however often the run was stopped
+            check_finite(first_bad, saved_at, args.out, ctx.world_size)
             means = dict(zip(sums, (torch.stack(list(sums.values())) / count).tolist()))
             elapsed, tick = time.time() - tick, time.time()
             rate = count * args.batch_size / elapsed  # --batch-size is the global batch
             ctx.print(log_line(it, args.iters, lrs, means, rate, (stop_at - it) * elapsed / count))
             ctx.log({"type": "train", "iter": it, "lr_cnn": lrs[0], "lr_vit": lrs[1], "images_per_s": rate, **means})
             sums, count = {}, 0
-        if it % args.save_every == 0 or it % args.eval_every == 0 or it == stop_at:
-            check_finite(first_bad, args.out, ctx.world_size)
-            checkpoint(it)
+        signum = ctx.stop()  # under DDP the processes agree: all stop after the same step
+        if signum or it % args.save_every == 0 or it % args.eval_every == 0 or it == stop_at:
+            check_finite(first_bad, saved_at, args.out, ctx.world_size)
+            saved_at = checkpoint(it)
+            if signum:
+                raise stopped(signum, f"at iteration {it}", args, ctx)
             if it % args.eval_every == 0 or it == args.iters:
                 began = time.time()
                 conf = run_eval(it)
                 tick += time.time() - began  # keep evaluation out of images/s
+    if stop_at < args.iters:
+        ctx.print(f"stopped at iteration {stop_at} (--stop-at): continue with {resume_command(args, ctx)}")
     return {"model": model, "conf": conf}
+
+
+def resume_command(args, ctx):
+    launcher = "python" if ctx.world_size == 1 else \
+        f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', ctx.world_size)}"
+    return f"`{launcher} ctcl.py --resume {args.out / 'last.pt'}`"
+
+
+def stopped(signum, when, args, ctx):
+    """The line a stop by a signal ends with, and the shell's exit code for it (143 for SIGTERM, 130 for SIGINT)."""
+    return RunError(f"stopped by {signal.Signals(signum).name} {when}; {args.out / 'last.pt'} holds the run: "
+                    f"continue it with {resume_command(args, ctx)}", 128 + signum)
 
 
 # ----------------------------------------------------------------------------------
@@ -1424,12 +1523,14 @@ def export(args):
 class Runtime:
     """Device, process group, mixed precision, and rank-0-only printing and logging."""
 
-    def __init__(self, gpu, amp, out):
+    def __init__(self, gpu, amp, out=None):
         self.world_size, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        self.is_main, self.out, self.device = self.rank == 0, out, torch.device("cpu")
+        self.is_main, self.out, self.device, self.caught = self.rank == 0, out, torch.device("cpu"), []
         gpu = (0 if torch.cuda.is_available() else -1) if gpu is None else gpu
-        if self.world_size > 1 and not torch.distributed.is_initialized():  # first, so that errors below are said once
-            torch.distributed.init_process_group("nccl" if gpu >= 0 else "gloo")
+        if self.world_size > 1:
+            if not torch.distributed.is_initialized():  # first, so that errors below are said once
+                torch.distributed.init_process_group("nccl" if gpu >= 0 else "gloo")
+            self.cpu_group = torch.distributed.new_group(backend="gloo")  # for the stop signal: no wait for the GPU
         if gpu >= 0:  # under DDP, one GPU per process: the process's rank on its machine, from torchrun
             if self.world_size > 1 and "LOCAL_RANK" not in os.environ:
                 raise UserError(f"WORLD_SIZE is {self.world_size}, but no LOCAL_RANK tells this process its GPU: "
@@ -1449,14 +1550,33 @@ class Runtime:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
+    def stop(self):
+        """The signal caught (stop_signals) that ends the run after this step, else 0; the processes agree on it."""
+        if self.world_size == 1:
+            return self.caught[0] if self.caught else 0
+        signum = torch.tensor(self.caught[0] if self.caught else 0)
+        torch.distributed.all_reduce(signum, torch.distributed.ReduceOp.MAX, group=self.cpu_group)
+        return int(signum)
+
+    def share(self, value):
+        """Rank 0's value, on every process."""
+        if self.world_size > 1:
+            torch.distributed.broadcast_object_list(box := [value], 0)
+            value = box[0]
+        return value
+
     def print(self, *text):
         if self.is_main:
             print(*text, flush=True)
 
     def log(self, record):
         if self.is_main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as error:  # a full disk: last.pt is whole, and a resume rewrites the records after it
+                raise RunError(f"cannot write {self.out / 'metrics.jsonl'} ({error.strerror}): free some room, then "
+                               "continue the run from its last.pt") from None
 
 
 class Parser(argparse.ArgumentParser):
@@ -1626,27 +1746,44 @@ def resume_recipe(args, argv, saved):
 
 
 def run_in(folder):
-    """What run a folder holds and the way on, in words, or None (args.json alone: a run stopped before step 1)."""
+    """What run a folder holds and the way on, in words, or None. A run holds its folder from its args.json on."""
     if (folder / "last.pt").is_file():
         with contextlib.suppress(Exception):  # mmap: only what is read is loaded
             ckpt = torch.load(folder / "last.pt", map_location="cpu", mmap=True, weights_only=True)
             return f"a run at iteration {ckpt['iter']}: continue it with --resume {folder / 'last.pt'}"
-    return "a run's metrics, without its checkpoint: move them away" if (folder / "metrics.jsonl").is_file() else None
+    if (folder / "metrics.jsonl").is_file():
+        return "a run's metrics, without its checkpoint: move them away"
+    return "a run with no checkpoint yet (starting, or stopped before its first: the same command with --resume " \
+        "auto starts it there again)" if (folder / "args.json").is_file() else None
 
 
-def choose_out(args):
-    """--out, else runs/DATA-METHOD-sSEED (resumed: the checkpoint's folder); a folder with a run is written
-    only by resuming that run: a given --out is then refused, a default one moves on to -2, -3, ..."""
-    default, args.out = args.out is None, args.out or (pathlib.Path(args.resume).parent if args.resume else
-                                                       pathlib.Path("runs") / f"{args.data}-{args.method}-s{args.seed}")
-    held = run_in(args.out)
-    if held and not (args.resume and pathlib.Path(args.resume).resolve().parent == args.out.resolve()):
-        if not default:
-            raise UserError(f"--out {args.out} holds {held}, or give another --out")
-        taken, args.out = args.out, next(folder for k in itertools.count(2)
-                                         if not run_in(folder := args.out.with_name(f"{args.out.name}-{k}")))
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{taken} holds {held.split(':')[0]}: this run writes to {args.out}", flush=True)
+def choose_out(args, own=False):
+    """OUT: --out, else runs/DATA-METHOD-sSEED or its next free -2, -3, ...; resumed (or own: --resume auto), the
+    run's folder. A new run claims its folder by making args.json, exclusively: runs launched together never share
+    one, and a folder with a run is written only by that run. Returns whether it claimed one (rank 0 only)."""
+    default = args.out is None
+    args.out = args.out or (pathlib.Path(args.resume).parent if args.resume else default_out(args))
+    if own or (args.resume and pathlib.Path(args.resume).resolve().parent == args.out.resolve()):
+        make_folder(args.out)
+        return False
+    taken, held = args.out, None
+    for k in itertools.count(2):
+        make_folder(args.out)
+        try:
+            save_args(args, exclusive=True)
+            break
+        except FileExistsError:
+            held = held or run_in(args.out) or "a run"
+            if not default:
+                raise UserError(f"--out {args.out} holds {held}, or give another --out") from None
+            args.out = taken.with_name(f"{taken.name}-{k}")
+    if held:
+        print(f"{taken} holds {held.split(':')[0].split(' (')[0]}: this run writes to {args.out}", flush=True)
+    return True
+
+
+def default_out(args):
+    return pathlib.Path("runs") / f"{args.data}-{args.method}-s{args.seed}"
 
 
 def make_folder(folder):
@@ -1739,13 +1876,13 @@ def read_run(folder):
         args = json.loads((folder / "args.json").read_bytes())
     except ValueError:
         raise UserError(f"{folder}: args.json is damaged (not JSON)") from None
-    lines, records = (folder / "metrics.jsonl").read_bytes().splitlines(), []
-    for line in lines:
-        with contextlib.suppress(ValueError):  # a cut or garbled line (a killed run, a full disk): only it is lost
-            records.append(json.loads(line))
+    if not isinstance(args, dict) or not {"iters", "method", "data"} <= set(args):
+        raise UserError(f"{folder}: not a run of ctcl.py (its args.json has no iters, method, data)")
+    records, damaged = read_records(folder / "metrics.jsonl")
     if not (final := [r for r in records if r.get("type") == "eval" and r.get("iter") == args["iters"]]):
-        raise UserError(f"{folder}: unfinished (no intact evaluation at iteration {args['iters']}" + (
-            f"; metrics.jsonl has {len(lines) - len(records)} damaged line(s))" if len(lines) > len(records) else ")"))
+        reached = max((r.get("iter", 0) for r in records if r.get("type") == "train"), default=0)
+        raise UserError(f"{folder}: no final evaluation (iteration {args['iters']}; trained to {reached} at least"
+                        + (f"; metrics.jsonl has {damaged} damaged line(s)" if damaged else "") + ")")
     return args, final[-1]
 
 
@@ -1815,7 +1952,10 @@ def main(argv=None):
         args = get_args_parser().parse_args(argv)
         if args.summarize:
             table = summarize(sorted({p for pattern in args.summarize for p in glob.glob(pattern) or [pattern]}))
-            print(table)
+            try:
+                print(table, flush=True)
+            except BrokenPipeError:  # `--summarize ... | head`: the reader has all it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and Python's exit flush stays quiet
             return table
         for variable, launcher in (("SLURM_STEP_NUM_TASKS", "srun --ntasks-per-node=1"), ("PMI_SIZE", "mpirun -ppn 1"),
                                    ("OMPI_COMM_WORLD_SIZE", "mpirun --npernode 1")):  # else each trains on GPU 0
@@ -1828,25 +1968,51 @@ def main(argv=None):
                 raise UserError("--predict and --export need --resume CHECKPOINT (a last.pt of ctcl.py)")
             args.out = args.out or pathlib.Path(args.resume).parent / ("predict" if args.predict else "export")
             return predict(args, Runtime(args.gpu, args.amp, None)) if args.predict else export(args)
+        own = args.resume == "auto"  # what a requeued job runs: OUT's run goes on from its last.pt, else starts
+        if own:
+            args.out = args.out or default_out(args)
+            args.resume = str(args.out / "last.pt") if (args.out / "last.pt").is_file() else None
         ckpt = load_checkpoint(args.resume) if args.resume else None  # a bad checkpoint fails before any work
         if ckpt is None:
             fill_defaults(args)
         else:
             resume_recipe(args, argv, ckpt["args"])
         if args.benchmark:
-            return benchmark(args, Runtime(args.gpu, args.amp, None))
-        choose_out(args)
-        ctx = Runtime(args.gpu, args.amp, args.out)
+            return benchmark(args, Runtime(args.gpu, args.amp))
+        ctx = Runtime(args.gpu, args.amp)
+        claimed = None
+        if ctx.is_main:
+            try:
+                claimed = choose_out(args, own)
+            except UserError as error:  # said by every process: none waits for rank 0
+                claimed = error
+        claimed, args.out = ctx.share((claimed, args.out))
+        if isinstance(claimed, UserError):
+            raise claimed
+        ctx.out = args.out
         ctx.print(f"ctcl: data {args.data}, method {args.method}, {args.iters} iterations, batch {args.batch_size} "
                   f"({args.batch_size // ctx.world_size} per process), crop {args.crop_size}, device {ctx.device}, "
                   f"world size {ctx.world_size}, out {args.out}")
-        return train(args, ctx, ckpt)
-    except (UserError, Diverged) as error:
+        try:
+            with stop_signals() as ctx.caught:
+                return train(args, ctx, ckpt)
+        except KeyboardInterrupt:  # a second Ctrl-C
+            raise RunError(f"stopped at once by a second Ctrl-C; {args.out / 'last.pt'}, if there is one, is whole",
+                           130) from None
+        finally:  # a run that ends before it recorded anything gives its folder back
+            if claimed and ctx.is_main and not any((args.out / name).exists() for name in ("last.pt", "metrics.jsonl")):
+                with contextlib.suppress(OSError):
+                    (args.out / "args.json").unlink()
+                    args.out.rmdir()
+    except UserError as error:
         # raised in a data-loading worker, the message carries the worker's traceback: keep its last line
-        message = str(error).strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        message = re.sub(r"^\S*(User|Run)Error: ", "", str(error).strip().splitlines()[-1])
         if first_to_fail():
-            print(f"ctcl.py: {'error: ' if isinstance(error, UserError) else ''}{message}", file=sys.stderr)
-        raise SystemExit(2 if isinstance(error, UserError) else 1)
+            print(f"ctcl.py: {'error: ' if error.code == 2 else ''}{message}", file=sys.stderr)
+        raise SystemExit(error.code)
+    except KeyboardInterrupt:  # Ctrl-C outside training (--predict, --summarize ...): nothing there to keep
+        print("ctcl.py: stopped by Ctrl-C", file=sys.stderr)
+        raise SystemExit(130)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
