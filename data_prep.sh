@@ -45,6 +45,16 @@ trap '[ -z "$PARTIAL" ] || rm -rf "$PARTIAL"' EXIT
 new_partial() { mkdir -p "$DATA_DIR"; PARTIAL=$(mktemp -d "$DATA_DIR/.partial.XXXXXX"); }
 end_partial() { rm -rf "$PARTIAL"; PARTIAL=""; }
 
+# need_python TARGET: the Python that unzips and reads the weights is the one ctcl.py needs;
+# finding its packages takes a moment where importing torch takes seconds
+need_python() {
+    local problem
+    problem=$("$PYTHON" -c 'import importlib.util as u
+missing = [m for m in ("torch", "torchvision", "PIL") if u.find_spec(m) is None]
+print("cannot import " + ", ".join(missing) if missing else "")' 2>/dev/null) || problem="cannot be run"
+    [ -z "$problem" ] || die "the Python $PYTHON $problem: set PYTHON= to one that has torch, torchvision and Pillow, e.g. PYTHON=.venv/bin/python bash data_prep.sh $1"
+}
+
 # fetch FILE "URL ..." [WHAT_TO_DO] -> $DOWNLOAD_DIR/FILE; kept if already there, resumed if cut off
 fetch() {
     local file=$1 urls=$2 dest="$DOWNLOAD_DIR/$1" url
@@ -217,10 +227,11 @@ print(ctcl.load_encoder_weights(ctcl.MixTransformer(), ctcl.read_weights(sys.arg
 }
 
 case "${1:-}" in
-    voc) prep_voc ;;
-    cityscapes) prep_cityscapes ;;
-    camvid) prep_camvid ;;
-    weights) prep_weights ;;
-    all) prep_weights; prep_voc; prep_camvid; prep_cityscapes ;;
+    voc | cityscapes | camvid | weights | all) ;;
     *) printf 'usage: bash data_prep.sh voc|cityscapes|camvid|weights|all\n' >&2; exit 2 ;;
+esac
+need_python "$1"
+case "$1" in
+    all) prep_weights; prep_voc; prep_camvid; prep_cityscapes ;;
+    *) "prep_$1" ;;
 esac

