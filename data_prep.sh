@@ -10,8 +10,9 @@
 # Every step skips what is already in place. Archives are kept in $DOWNLOAD_DIR, and one
 # that is already there is used rather than fetched again. Broken downloads resume, and
 # mirrors are tried in order. Each archive is checked (md5 where one is known). Archives
-# are extracted into a temporary folder that moves into place only when complete, so an
-# interrupted run leaves nothing half-extracted.
+# are extracted into a temporary folder that moves into place only when complete; a run
+# stopped by Ctrl-C or kill ends its download or extraction and removes what it left, and
+# the next run removes the folders of a run that was killed outright.
 #
 # Environment, all optional:
 #   DATA_DIR=data  WEIGHTS_DIR=weights  DOWNLOAD_DIR=$DATA_DIR/downloads  PYTHON=python3
@@ -40,10 +41,30 @@ MIT_B0_MD5=${MIT_B0_MD5:-}
 say() { printf '%s\n' "$*"; }
 die() { printf 'data_prep.sh: %s\n' "$*" >&2; exit 1; }
 
-PARTIAL=""  # the temporary folder being filled, removed on any exit
-trap '[ -z "$PARTIAL" ] || rm -rf "$PARTIAL"' EXIT
-new_partial() { mkdir -p "$DATA_DIR"; PARTIAL=$(mktemp -d "$DATA_DIR/.partial.XXXXXX"); }
+# What a stopped run leaves is removed on any exit: the folder being filled, the file being
+# downloaded, and the downloader or extractor at work, which runs through `child` because
+# bash runs a trap only once its foreground command has ended.
+PARTIAL="" PART="" CHILD=""
+cleanup() {
+    set +e  # remove all it can
+    [ -z "$CHILD" ] || { kill "$CHILD"; wait "$CHILD"; } 2>/dev/null
+    rm -rf "$PARTIAL" "$PART"
+}
+trap cleanup EXIT
+trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
+child() { "$@" & CHILD=$!; wait "$CHILD"; local status=$?; CHILD=""; return "$status"; }
+new_partial() { mkdir -p "$DATA_DIR"; PARTIAL=$(mktemp -d "$DATA_DIR/.partial.$$.XXXXXX"); }
 end_partial() { rm -rf "$PARTIAL"; PARTIAL=""; }
+remove_stale_partials() {  # those of runs killed outright: the process id in their name is gone
+    local old pid
+    for old in "$DATA_DIR"/.partial.*; do
+        pid=${old##*/.partial.}
+        if [ -e "$old" ] && ! kill -0 "${pid%%.*}" 2>/dev/null; then
+            say "removing $old, left by a run that was killed"
+            rm -rf "$old"
+        fi
+    done
+}
 
 # need_python TARGET: the Python that unzips and reads the weights is the one ctcl.py needs;
 # finding its packages takes a moment where importing torch takes seconds
@@ -64,10 +85,12 @@ fetch() {
         return 0
     fi
     mkdir -p "$DOWNLOAD_DIR"
+    PART="$dest.part"
     for url in $urls; do
         say "fetching $url"
-        if curl -fL --retry 3 --connect-timeout 20 -C - -o "$dest.part" "$url"; then
-            mv "$dest.part" "$dest"
+        if child curl -fL --retry 3 --connect-timeout 20 -C - -o "$PART" "$url"; then
+            mv "$PART" "$dest"
+            PART=""
             return 0
         fi
         say "  that failed; trying the next mirror"
@@ -92,8 +115,8 @@ check_md5() {
 unpack() {
     say "extracting $(basename "$1")"
     case "$1" in
-        *.tar) tar -xf "$1" -C "$2" ;;
-        *.zip) "$PYTHON" -m zipfile -e "$1" "$2" ;;
+        *.tar) child tar -xf "$1" -C "$2" ;;
+        *.zip) child "$PYTHON" -m zipfile -e "$1" "$2" ;;
         *) die "do not know how to extract $1" ;;
     esac
 }
@@ -205,7 +228,7 @@ prep_weights() {
         say "torchvision's ImageNet ResNet-18 is already in $resnet"
     else
         say "caching torchvision's ImageNet ResNet-18 (under \$TORCH_HOME, default ~/.cache/torch)"
-        "$PYTHON" -c 'import torchvision; torchvision.models.resnet18(weights="IMAGENET1K_V1")' \
+        child "$PYTHON" -c 'import torchvision; torchvision.models.resnet18(weights="IMAGENET1K_V1")' \
             || die "could not fetch the ResNet-18 weights; without a network, train with --no-pretrained"
     fi
     if [ -s "$mit" ]; then
@@ -231,6 +254,7 @@ case "${1:-}" in
     *) printf 'usage: bash data_prep.sh voc|cityscapes|camvid|weights|all\n' >&2; exit 2 ;;
 esac
 need_python "$1"
+remove_stale_partials
 case "$1" in
     all) prep_weights; prep_voc; prep_camvid; prep_cityscapes ;;
     *) "prep_$1" ;;

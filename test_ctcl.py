@@ -2487,6 +2487,62 @@ def test_data_prep_without_torch_in_its_python_says_so_before_any_download(tmp_p
     assert not (tmp_path / "downloads").exists() and not (tmp_path / "data").exists()
 
 
+def blocking_tool(folder, name, flag, leave):
+    """A fake NAME on PATH: runs LEAVE on the path after FLAG, writes its pid to folder/NAME.pid, then blocks."""
+    tool = folder / name
+    tool.write_text(f'#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = {flag} ] && to=$2; shift; done\n{leave}\n'
+                    f'echo $$ > "{tool}.tmp" && mv "{tool}.tmp" "{tool}.pid"\nexec sleep 60\n')
+    tool.chmod(0o755)
+    return pathlib.Path(f"{tool}.pid")
+
+
+@pytest.mark.parametrize("stage,sig,code", [("extraction", signal.SIGTERM, 143), ("download", signal.SIGINT, 130)])
+def test_data_prep_stopped_ends_its_child_and_removes_what_it_left(tmp_path, voc_archives, stage, sig, code):
+    import time
+    (tmp_path / "bin").mkdir()
+    if stage == "extraction":  # a tar that extracts one file and hangs
+        pid_file = blocking_tool(tmp_path / "bin", "tar", "-C", 'mkdir -p "$to/VOCdevkit" && : > "$to/VOCdevkit/half"')
+    else:  # a curl that downloads half a file and hangs
+        pid_file = blocking_tool(tmp_path / "bin", "curl", "-o", 'printf "half a tar" > "$to"')
+    env = prep_env(tmp_path, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", **voc_archives)
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen(["bash", str(HERE / "data_prep.sh"), "voc"], stdout=out, stderr=err, env=env)
+    pid = None
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        proc.send_signal(sig)
+        assert proc.wait(timeout=20) == code, (tmp_path / "err").read_text()
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # the child ended (and was waited for) before the script exited
+        pid = None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not list((tmp_path / "data").glob(".partial*")) and not (tmp_path / "data" / "VOCdevkit").exists()
+    downloads = sorted(p.name for p in (tmp_path / "downloads").iterdir())
+    assert downloads == (["VOCtrainval_11-May-2012.tar"] if stage == "extraction" else [])
+
+
+def test_data_prep_removes_the_partial_folders_of_killed_runs_only(tmp_path, camvid_zip):
+    data = tmp_path / "data"
+    killed = [data / ".partial.Xy12Ab", data / ".partial.999999999.Xy12Ab"]  # before run ids were in the name; a dead run
+    alive = data / f".partial.{os.getpid()}.Xy12Ab"  # a run still at work (this process stands in for it)
+    for folder in killed + [alive]:
+        (folder / "CamVid" / "train").mkdir(parents=True)
+    proc = run_prep("camvid", tmp_path, CAMVID_URLS=camvid_zip.as_uri())
+    assert proc.returncode == 0, proc.stderr
+    assert not any(folder.exists() for folder in killed) and alive.is_dir()
+    assert all(f"removing {folder}" in proc.stdout for folder in killed)
+    assert (data / "CamVid" / "train").is_dir()
+
+
 def test_readme_lists_every_inferred_flag():
     section = (HERE / "README.md").read_text().split("## What we inferred", 1)[1].split("\n## ", 1)[0]
     inferred = [a.option_strings[0] for a in ctcl.get_args_parser()._actions if "[I]" in (a.help or "")]
