@@ -8,10 +8,11 @@
 #   bash data_prep.sh all          all of the above
 #
 # Every step skips what is already in place. Archives are kept in $DOWNLOAD_DIR, and one
-# that is already there is used rather than fetched again. Broken downloads resume, and
-# mirrors are tried in order. Each archive is checked (md5 where one is known). Archives
-# are extracted into a temporary folder that moves into place only when complete, so an
-# interrupted run leaves nothing half-extracted.
+# that is already there is used rather than fetched again. Mirrors are tried in order, each
+# from the start of the file. Each archive is checked (md5 where one is known). Archives
+# are extracted into a temporary folder that moves into place only when complete; a run
+# stopped by Ctrl-C or kill ends its download or extraction and removes what it left, and
+# the next run removes the folders of a run that was killed outright.
 #
 # Environment, all optional:
 #   DATA_DIR=data  WEIGHTS_DIR=weights  DOWNLOAD_DIR=$DATA_DIR/downloads  PYTHON=python3
@@ -40,12 +41,42 @@ MIT_B0_MD5=${MIT_B0_MD5:-}
 say() { printf '%s\n' "$*"; }
 die() { printf 'data_prep.sh: %s\n' "$*" >&2; exit 1; }
 
-PARTIAL=""  # the temporary folder being filled, removed on any exit
-trap '[ -z "$PARTIAL" ] || rm -rf "$PARTIAL"' EXIT
-new_partial() { mkdir -p "$DATA_DIR"; PARTIAL=$(mktemp -d "$DATA_DIR/.partial.XXXXXX"); }
+# What a stopped run leaves is removed on any exit: the folder being filled, the file being
+# downloaded, and the downloader or extractor at work, which runs through `child` because
+# bash runs a trap only once its foreground command has ended.
+PARTIAL="" PART="" CHILD=""
+cleanup() {
+    set +e  # remove all it can
+    [ -z "$CHILD" ] || { kill "$CHILD"; wait "$CHILD"; } 2>/dev/null
+    rm -rf "$PARTIAL" "$PART"
+}
+trap cleanup EXIT
+trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
+child() { "$@" & CHILD=$!; wait "$CHILD"; local status=$?; CHILD=""; return "$status"; }
+new_partial() { mkdir -p "$DATA_DIR"; PARTIAL=$(mktemp -d "$DATA_DIR/.partial.$$.XXXXXX"); }
 end_partial() { rm -rf "$PARTIAL"; PARTIAL=""; }
+remove_stale_partials() {  # those of runs killed outright: the process id in their name is gone
+    local old pid
+    for old in "$DATA_DIR"/.partial.*; do
+        pid=${old##*/.partial.}
+        if [ -e "$old" ] && ! kill -0 "${pid%%.*}" 2>/dev/null; then
+            say "removing $old, left by a run that was killed"
+            rm -rf "$old"
+        fi
+    done
+}
 
-# fetch FILE "URL ..." [WHAT_TO_DO] -> $DOWNLOAD_DIR/FILE; kept if already there, resumed if cut off
+# need_python TARGET: the Python that unzips and reads the weights is the one ctcl.py needs;
+# finding its packages takes a moment where importing torch takes seconds
+need_python() {
+    local problem
+    problem=$("$PYTHON" -c 'import importlib.util as u
+missing = [m for m in ("torch", "torchvision", "PIL") if u.find_spec(m) is None]
+print("cannot import " + ", ".join(missing) if missing else "")' 2>/dev/null) || problem="cannot be run"
+    [ -z "$problem" ] || die "the Python $PYTHON $problem: set PYTHON= to one that has torch, torchvision and Pillow, e.g. PYTHON=.venv/bin/python bash data_prep.sh $1"
+}
+
+# fetch FILE "URL ..." [WHAT_TO_DO] -> $DOWNLOAD_DIR/FILE; kept if already there
 fetch() {
     local file=$1 urls=$2 dest="$DOWNLOAD_DIR/$1" url
     local todo=${3:-"put it in $DOWNLOAD_DIR/ by hand, or name a mirror (see the top of data_prep.sh)"}
@@ -54,10 +85,13 @@ fetch() {
         return 0
     fi
     mkdir -p "$DOWNLOAD_DIR"
+    PART="$dest.part"
     for url in $urls; do
         say "fetching $url"
-        if curl -fL --retry 3 --connect-timeout 20 -C - -o "$dest.part" "$url"; then
-            mv "$dest.part" "$dest"
+        rm -f "$PART"  # never one mirror's bytes after another's
+        if child curl -fL --retry 3 --connect-timeout 20 -C - -o "$PART" "$url"; then
+            mv "$PART" "$dest"
+            PART=""
             return 0
         fi
         say "  that failed; trying the next mirror"
@@ -78,14 +112,17 @@ check_md5() {
     fi
 }
 
-# unpack ARCHIVE FOLDER: a .tar or .zip into FOLDER (python's zipfile: no unzip needed)
+# unpack ARCHIVE FOLDER: a .tar or .zip (python's zipfile: no unzip needed) into FOLDER, in $PARTIAL;
+# one that does not open or ends early is one line, and is left for the user to delete
 unpack() {
     say "extracting $(basename "$1")"
     case "$1" in
-        *.tar) tar -xf "$1" -C "$2" ;;
-        *.zip) "$PYTHON" -m zipfile -e "$1" "$2" ;;
-        *) die "do not know how to extract $1" ;;
-    esac
+        *.tar) child tar -xf "$1" -C "$2" ;;
+        *.zip) child "$PYTHON" -c 'import sys, zipfile
+try: zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])
+except Exception as e: sys.exit(f"{type(e).__name__}: {e}")' "$1" "$2" ;;
+    esac 2>"$PARTIAL/.errors" \
+        || die "could not extract $1 ($(head -n 1 "$PARTIAL/.errors")): if it is damaged (a cut download, a web page saved under its name), delete it and run again (a Cityscapes zip: download it again by hand first)"
 }
 
 # expect_count FOLDER PATTERN N: warn when a folder holds another number of files
@@ -195,7 +232,7 @@ prep_weights() {
         say "torchvision's ImageNet ResNet-18 is already in $resnet"
     else
         say "caching torchvision's ImageNet ResNet-18 (under \$TORCH_HOME, default ~/.cache/torch)"
-        "$PYTHON" -c 'import torchvision; torchvision.models.resnet18(weights="IMAGENET1K_V1")' \
+        child "$PYTHON" -c 'import torchvision; torchvision.models.resnet18(weights="IMAGENET1K_V1")' \
             || die "could not fetch the ResNet-18 weights; without a network, train with --no-pretrained"
     fi
     if [ -s "$mit" ]; then
@@ -217,10 +254,12 @@ print(ctcl.load_encoder_weights(ctcl.MixTransformer(), ctcl.read_weights(sys.arg
 }
 
 case "${1:-}" in
-    voc) prep_voc ;;
-    cityscapes) prep_cityscapes ;;
-    camvid) prep_camvid ;;
-    weights) prep_weights ;;
-    all) prep_weights; prep_voc; prep_camvid; prep_cityscapes ;;
+    voc | cityscapes | camvid | weights | all) ;;
     *) printf 'usage: bash data_prep.sh voc|cityscapes|camvid|weights|all\n' >&2; exit 2 ;;
+esac
+need_python "$1"
+remove_stale_partials
+case "$1" in
+    all) prep_weights; prep_voc; prep_camvid; prep_cityscapes ;;
+    *) "prep_$1" ;;
 esac

