@@ -1369,9 +1369,14 @@ def predict(args, ctx):
     files = image_files(args.predict, args.out)[ctx.rank::ctx.world_size]  # under torchrun, each process its share
     model, saved = load_students(args.resume, ctx.device)
     side = getattr(saved, "largest_side", None) or math.inf  # checkpoints older than largest_side: no scaling
-    table, began = colour_table(saved.colours), time.time()
+    table, began, skipped = colour_table(saved.colours), time.time(), 0
     for n, (path, name) in enumerate(files, 1):
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except UserError as error:  # an unreadable image is named and left out: the others are still segmented
+            print(f"ctcl.py: skipped: {error}", file=sys.stderr)
+            skipped += 1
+            continue
         (h, w), scale = image.shape[-2:], 1 if args.full_size else min(1, side / max(image.shape[-2:]))
         small = v2.functional.resize(image, [max(32, round(h * scale)), max(32, round(w * scale))], antialias=True)
         with ctx.autocast():
@@ -1391,6 +1396,9 @@ def predict(args, ctx):
         write_whole(args.out / f"{name}_overlay.png", lambda f: overlay.save(f, format="PNG"))
         if n % 10 == 0 or n == len(files):
             ctx.print(f"predict: {n}/{len(files)} images, {n / (time.time() - began):.2f} images/s, in {args.out}")
+    if skipped:  # exit code 1, not main's 2: the readable images were segmented; each process counts its own
+        print(f"ctcl.py: error: --predict: {skipped} of {len(files)} images skipped, unreadable", file=sys.stderr)
+        raise SystemExit(1)
 
 
 class Deployed(nn.Module):

@@ -2214,17 +2214,25 @@ def test_predict_writes_exactly_what_evaluation_scores(tmp_path, capsys):
     assert not list(out.glob("*.tmp"))
 
 
-def test_predict_stops_at_a_damaged_image_and_keeps_what_it_wrote(tmp_path, one_step, capsys):
+def test_predict_names_each_damaged_image_segments_the_others_and_fails_at_the_end(tmp_path, one_step, capsys):
+    """Each image it cannot decode: a line (which file, why) and the next image; last, a summary and exit code 1."""
     images = tmp_path / "photos"
     write_image(images / "a.png", random_rgb(40, 50, 0))
     (images / "b.jpg").write_bytes(b"not a jpeg")
     write_image(images / "c.png", random_rgb(40, 50, 1))
+    (images / "d.png").write_bytes(b"not a png either")
     (images / "notes.txt").write_text("not an image: skipped")
     out = tmp_path / "predictions"
-    message = one_line_error(["--predict", images, "--resume", one_step, "--out", out], capsys)
-    assert message.startswith("ctcl.py: error: cannot decode image") and "b.jpg" in message
-    assert sorted(p.name for p in out.iterdir()) == [f"a_{n}.png" for n in ("cnn", "ensemble", "overlay", "vit")]
-    assert numpy.array(PIL.Image.open(out / "a_cnn.png")).shape == (40, 50)
+    with pytest.raises(SystemExit) as exit_info:
+        ctcl.main(["--predict", str(images), "--resume", str(one_step), "--out", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:")]
+    assert exit_info.value.code == 1 and len(err) == 3, err
+    for line, name in zip(err, ("b.jpg", "d.png")):
+        assert line.startswith(f"ctcl.py: skipped: cannot decode image {images / name} (UnidentifiedImageError)"), line
+    assert err[2] == "ctcl.py: error: --predict: 2 of 4 images skipped, unreadable"
+    assert sorted(p.name for p in out.iterdir()) == [f"{s}_{n}.png" for s in "ac" for n in ("cnn", "ensemble",
+                                                                                          "overlay", "vit")]
+    assert numpy.array(PIL.Image.open(out / "c_cnn.png")).shape == (40, 50)
 
 
 EXPORTED = """
