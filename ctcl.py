@@ -1338,18 +1338,21 @@ def load_students(path, device):
 
 
 def image_files(paths, out):
-    """(file, output name) of the images named, and in the folders named and below (hidden files, `out`
-    skipped). The name: the path below the folder (or the file's name) less its suffix, day1/IMG_0001.jpg ->
+    """(file, output name) of the images named, and in the folders named and below, linked ones too (hidden files,
+    `out` skipped). The name: the path below the folder (or the file's name) less its suffix, day1/IMG_0001.jpg ->
     day1/IMG_0001; inputs that would share one keep their suffix (x.jpg, x.png); a clash left is refused."""
     kinds = {ext for ext, kind in PIL.Image.registered_extensions().items() if kind in PIL.Image.OPEN}
-    found = {}
+    found, out = {}, out.resolve()
     for arg in map(pathlib.Path, paths):
         if not arg.exists():
             raise UserError(f"--predict {arg}: no such file or folder")
-        files = [(p, p.relative_to(arg)) for p in sorted(arg.rglob("*")) if p.suffix.lower() in kinds and p.is_file()
-                 and not any(part.startswith(".") for part in p.relative_to(arg).parts)
-                 and out.resolve() not in p.resolve().parents] if arg.is_dir() else [(arg, pathlib.Path(arg.name))]
-        found.update({file.resolve(): (file, name) for file, name in files})  # a file given twice is read once
+        files, searched = [] if arg.is_dir() else [(arg, pathlib.Path(arg.name))], set()
+        for folder, subfolders, names in os.walk(arg, followlinks=True):  # none for a file
+            searched.add(pathlib.Path(folder).resolve())  # a link to a folder above, followed again, would loop
+            subfolders[:] = [s for s in subfolders if s[0] != "." and pathlib.Path(folder, s).resolve() not in searched]
+            files += [(p, p.relative_to(arg)) for p in map(pathlib.Path(folder).joinpath, names)
+                      if p.suffix.lower() in kinds and not p.name.startswith(".") and out not in p.resolve().parents]
+        found.update({file.resolve(): (file, name) for file, name in sorted(files)})  # a file given twice is read once
     if not found:
         raise UserError(f"--predict {' '.join(paths)}: no image files there")
     stems = collections.Counter(name.with_suffix("") for _, name in found.values())

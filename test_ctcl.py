@@ -2651,6 +2651,24 @@ def test_predict_names_outputs_by_their_path_and_never_writes_one_file_twice(tmp
     assert "no image files there" in one_line_error(["--predict", tmp_path / "only_hidden", "--resume", ckpt], capsys)
 
 
+def test_predict_follows_linked_folders_once_and_reads_linked_files(tmp_path, one_step, capsys):
+    """A symlinked subfolder is searched; links back up to it are followed no further; a
+    symlinked photo is read; hidden files and --out, inside the folder, stay skipped."""
+    photos, elsewhere, out = tmp_path / "photos", tmp_path / "elsewhere", tmp_path / "photos" / "masks"
+    for k, path in enumerate((photos / "a.png", elsewhere / "b.png", tmp_path / "files" / "c.png",
+                              photos / ".hidden.png", out / "old.png")):
+        write_image(path, random_rgb(20, 30, k))
+    (photos / "day2").symlink_to(elsewhere, target_is_directory=True)
+    (photos / "alias.png").symlink_to(tmp_path / "files" / "c.png")
+    (photos / "loop").symlink_to(photos, target_is_directory=True)
+    (elsewhere / "back").symlink_to(photos, target_is_directory=True)
+    ctcl.main(["--predict", str(photos), "--resume", str(one_step), "--out", str(out)])
+    assert "predict: 3/3 images" in capsys.readouterr().out
+    kinds = ("cnn", "ensemble", "overlay", "vit")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted(
+        ["day2", "old.png"] + [f"{name}_{kind}.png" for name in ("a", "alias", "day2/b") for kind in kinds])
+
+
 def test_predict_scales_a_photo_larger_than_the_data_down_and_its_masks_back_up(tmp_path, one_step, capsys):
     """The synthetic validation images are 64 pixels: a 200×160 photo is segmented at 64×51, its scores
     brought back to 200×160 (band by band); --full-size segments it at its own size."""
