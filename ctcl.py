@@ -1340,7 +1340,7 @@ def load_students(path, device):
 def image_files(paths, out):
     """(file, output name) of the images named, and in the folders named and below, linked ones too (hidden files,
     `out` skipped). The name: the path below the folder (or the file's name) less its suffix, day1/IMG_0001.jpg ->
-    day1/IMG_0001; inputs that would share one keep their suffix (x.jpg, x.png); a clash left is refused."""
+    day1/IMG_0001; inputs that would share one, case aside, keep their suffix (x.jpg, X.png); a clash left: refused."""
     kinds = {ext for ext, kind in PIL.Image.registered_extensions().items() if kind in PIL.Image.OPEN}
     found, out = {}, out.resolve()
     for arg in map(pathlib.Path, paths):
@@ -1355,10 +1355,10 @@ def image_files(paths, out):
         found.update({file.resolve(): (file, name) for file, name in sorted(files)})  # a file given twice is read once
     if not found:
         raise UserError(f"--predict {' '.join(paths)}: no image files there")
-    stems = collections.Counter(name.with_suffix("") for _, name in found.values())
-    named = [(file, name if stems[name.with_suffix("")] > 1 else name.with_suffix("")) for file, name in found.values()]
-    names = collections.Counter(name for _, name in named)
-    if clash := [str(file) for file, name in named if names[name] > 1]:
+    stems = collections.Counter(str(name.with_suffix("")).casefold() for _, name in found.values())
+    named = [(f, n if stems[str(n.with_suffix("")).casefold()] > 1 else n.with_suffix("")) for f, n in found.values()]
+    names = collections.Counter(str(name).casefold() for _, name in named)  # macOS and Windows ignore case
+    if clash := [str(file) for file, name in named if names[str(name).casefold()] > 1]:
         raise UserError(f"--predict: {clash[0]} and {clash[1]} would write the same files: rename one, or segment "
                         "them in two runs, each with its own --out")
     return named

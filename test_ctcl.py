@@ -2669,6 +2669,20 @@ def test_predict_follows_linked_folders_once_and_reads_linked_files(tmp_path, on
         ["day2", "old.png"] + [f"{name}_{kind}.png" for name in ("a", "alias", "day2/b") for kind in kinds])
 
 
+def test_predict_takes_names_that_differ_only_in_case_for_one(tmp_path, one_step, capsys):
+    """macOS's and Windows's file systems ignore case: IMG_1.jpg and img_1.png keep their suffixes as x.jpg and x.png
+    do, and IMG_1.jpg and img_1.JPG, whose outputs would be one file there, are refused before anything is written."""
+    write_image(tmp_path / "photos" / "IMG_1.jpg", random_rgb(20, 30, 0))
+    write_image(tmp_path / "photos" / "img_1.png", random_rgb(20, 30, 1))
+    ctcl.main(["--predict", str(tmp_path / "photos"), "--resume", str(one_step), "--out", str(tmp_path / "p")])
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == sorted(
+        f"{name}_{kind}.png" for name in ("IMG_1.jpg", "img_1.png") for kind in ("cnn", "ensemble", "overlay", "vit"))
+    write_image(tmp_path / "more" / "img_1.JPG", random_rgb(20, 30, 2))
+    message = one_line_error(["--predict", tmp_path / "photos" / "IMG_1.jpg", tmp_path / "more" / "img_1.JPG",
+                              "--resume", one_step, "--out", tmp_path / "p2"], capsys)
+    assert "img_1.JPG would write the same files" in message and not (tmp_path / "p2").exists()
+
+
 def test_predict_scales_a_photo_larger_than_the_data_down_and_its_masks_back_up(tmp_path, one_step, capsys):
     """The synthetic validation images are 64 pixels: a 200×160 photo is segmented at 64×51, its scores
     brought back to 200×160 (band by band); --full-size segments it at its own size."""
