@@ -1835,6 +1835,8 @@ def main(argv=None):
                                 f"its processes from torchrun: run one task per machine, e.g. `{launcher} torchrun "
                                 "--nproc_per_node=GPUS ... ctcl.py ...` (see the README)")
         if args.predict or args.export:  # uses of a trained checkpoint: what they need is in it
+            if args.predict and args.export:  # else the export was silently left out
+                raise UserError("--predict and --export: one at a time, in two runs")
             if not args.resume:
                 raise UserError("--predict and --export need --resume CHECKPOINT (a last.pt of ctcl.py)")
             args.out = args.out or pathlib.Path(args.resume).parent / ("predict" if args.predict else "export")

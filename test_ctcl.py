@@ -2683,6 +2683,14 @@ def test_predict_takes_names_that_differ_only_in_case_for_one(tmp_path, one_step
     assert "img_1.JPG would write the same files" in message and not (tmp_path / "p2").exists()
 
 
+def test_predict_with_export_is_refused(tmp_path, one_step, capsys):
+    write_image(tmp_path / "photo.png", random_rgb(20, 30, 0))
+    message = one_line_error(["--predict", tmp_path / "photo.png", "--export", "--resume", one_step,
+                              "--out", tmp_path / "p"], capsys)
+    assert message == "ctcl.py: error: --predict and --export: one at a time, in two runs"
+    assert not (tmp_path / "p").exists()
+
+
 def test_predict_scales_a_photo_larger_than_the_data_down_and_its_masks_back_up(tmp_path, one_step, capsys):
     """The synthetic validation images are 64 pixels: a 200×160 photo is segmented at 64×51, its scores
     brought back to 200×160 (band by band); --full-size segments it at its own size."""
