@@ -1437,24 +1437,27 @@ def load_students(path, device):
 
 
 def image_files(paths, out):
-    """(file, output name) of the images named, and in the folders named and below (hidden files, `out`
-    skipped). The name: the path below the folder (or the file's name) less its suffix, day1/IMG_0001.jpg ->
-    day1/IMG_0001; inputs that would share one keep their suffix (x.jpg, x.png); a clash left is refused."""
+    """(file, output name) of the images named, and in the folders named and below, linked ones too (hidden files,
+    `out` skipped). The name: the path below the folder (or the file's name) less its suffix, day1/IMG_0001.jpg ->
+    day1/IMG_0001; inputs that would share one, case aside, keep their suffix (x.jpg, X.png); a clash left: refused."""
     kinds = {ext for ext, kind in PIL.Image.registered_extensions().items() if kind in PIL.Image.OPEN}
-    found = {}
+    found, out = {}, out.resolve()
     for arg in map(pathlib.Path, paths):
         if not arg.exists():
             raise UserError(f"--predict {arg}: no such file or folder")
-        files = [(p, p.relative_to(arg)) for p in sorted(arg.rglob("*")) if p.suffix.lower() in kinds and p.is_file()
-                 and not any(part.startswith(".") for part in p.relative_to(arg).parts)
-                 and out.resolve() not in p.resolve().parents] if arg.is_dir() else [(arg, pathlib.Path(arg.name))]
-        found.update({file.resolve(): (file, name) for file, name in files})  # a file given twice is read once
+        files, searched = [] if arg.is_dir() else [(arg, pathlib.Path(arg.name))], set()
+        for folder, subfolders, names in os.walk(arg, followlinks=True):  # none for a file
+            searched.add(pathlib.Path(folder).resolve())  # a link to a folder above, followed again, would loop
+            subfolders[:] = [s for s in subfolders if s[0] != "." and pathlib.Path(folder, s).resolve() not in searched]
+            files += [(p, p.relative_to(arg)) for p in map(pathlib.Path(folder).joinpath, names)
+                      if p.suffix.lower() in kinds and not p.name.startswith(".") and out not in p.resolve().parents]
+        found.update({file.resolve(): (file, name) for file, name in sorted(files)})  # a file given twice is read once
     if not found:
         raise UserError(f"--predict {' '.join(paths)}: no image files there")
-    stems = collections.Counter(name.with_suffix("") for _, name in found.values())
-    named = [(file, name if stems[name.with_suffix("")] > 1 else name.with_suffix("")) for file, name in found.values()]
-    names = collections.Counter(name for _, name in named)
-    if clash := [str(file) for file, name in named if names[name] > 1]:
+    stems = collections.Counter(str(name.with_suffix("")).casefold() for _, name in found.values())
+    named = [(f, n if stems[str(n.with_suffix("")).casefold()] > 1 else n.with_suffix("")) for f, n in found.values()]
+    names = collections.Counter(str(name).casefold() for _, name in named)  # macOS and Windows ignore case
+    if clash := [str(file) for file, name in named if names[str(name).casefold()] > 1]:
         raise UserError(f"--predict: {clash[0]} and {clash[1]} would write the same files: rename one, or segment "
                         "them in two runs, each with its own --out")
     return named
@@ -1468,9 +1471,14 @@ def predict(args, ctx):
     files = image_files(args.predict, args.out)[ctx.rank::ctx.world_size]  # under torchrun, each process its share
     model, saved = load_students(args.resume, ctx.device)
     side = getattr(saved, "largest_side", None) or math.inf  # checkpoints older than largest_side: no scaling
-    table, began = colour_table(saved.colours), time.time()
+    table, began, skipped = colour_table(saved.colours), time.time(), 0
     for n, (path, name) in enumerate(files, 1):
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except UserError as error:  # an unreadable image is named and left out: the others are still segmented
+            print(f"ctcl.py: skipped: {error}", file=sys.stderr)
+            skipped += 1
+            continue
         (h, w), scale = image.shape[-2:], 1 if args.full_size else min(1, side / max(image.shape[-2:]))
         small = v2.functional.resize(image, [max(32, round(h * scale)), max(32, round(w * scale))], antialias=True)
         with ctx.autocast():
@@ -1490,6 +1498,9 @@ def predict(args, ctx):
         write_whole(args.out / f"{name}_overlay.png", lambda f: overlay.save(f, format="PNG"))
         if n % 10 == 0 or n == len(files):
             ctx.print(f"predict: {n}/{len(files)} images, {n / (time.time() - began):.2f} images/s, in {args.out}")
+    if skipped:  # exit code 1, not main's 2: the readable images were segmented; each process counts its own
+        print(f"ctcl.py: error: --predict: {skipped} of {len(files)} images skipped, unreadable", file=sys.stderr)
+        raise SystemExit(1)
 
 
 class Deployed(nn.Module):
@@ -1964,6 +1975,8 @@ def main(argv=None):
                                 f"its processes from torchrun: run one task per machine, e.g. `{launcher} torchrun "
                                 "--nproc_per_node=GPUS ... ctcl.py ...` (see the README)")
         if args.predict or args.export:  # uses of a trained checkpoint: what they need is in it
+            if args.predict and args.export:  # else the export was silently left out
+                raise UserError("--predict and --export: one at a time, in two runs")
             if not args.resume:
                 raise UserError("--predict and --export need --resume CHECKPOINT (a last.pt of ctcl.py)")
             args.out = args.out or pathlib.Path(args.resume).parent / ("predict" if args.predict else "export")

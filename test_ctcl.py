@@ -2214,17 +2214,25 @@ def test_predict_writes_exactly_what_evaluation_scores(tmp_path, capsys):
     assert not list(out.glob("*.tmp"))
 
 
-def test_predict_stops_at_a_damaged_image_and_keeps_what_it_wrote(tmp_path, one_step, capsys):
+def test_predict_names_each_damaged_image_segments_the_others_and_fails_at_the_end(tmp_path, one_step, capsys):
+    """Each image it cannot decode: a line (which file, why) and the next image; last, a summary and exit code 1."""
     images = tmp_path / "photos"
     write_image(images / "a.png", random_rgb(40, 50, 0))
     (images / "b.jpg").write_bytes(b"not a jpeg")
     write_image(images / "c.png", random_rgb(40, 50, 1))
+    (images / "d.png").write_bytes(b"not a png either")
     (images / "notes.txt").write_text("not an image: skipped")
     out = tmp_path / "predictions"
-    message = one_line_error(["--predict", images, "--resume", one_step, "--out", out], capsys)
-    assert message.startswith("ctcl.py: error: cannot decode image") and "b.jpg" in message
-    assert sorted(p.name for p in out.iterdir()) == [f"a_{n}.png" for n in ("cnn", "ensemble", "overlay", "vit")]
-    assert numpy.array(PIL.Image.open(out / "a_cnn.png")).shape == (40, 50)
+    with pytest.raises(SystemExit) as exit_info:
+        ctcl.main(["--predict", str(images), "--resume", str(one_step), "--out", str(out)])
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning:")]
+    assert exit_info.value.code == 1 and len(err) == 3, err
+    for line, name in zip(err, ("b.jpg", "d.png")):
+        assert line.startswith(f"ctcl.py: skipped: cannot decode image {images / name} (UnidentifiedImageError)"), line
+    assert err[2] == "ctcl.py: error: --predict: 2 of 4 images skipped, unreadable"
+    assert sorted(p.name for p in out.iterdir()) == [f"{s}_{n}.png" for s in "ac" for n in ("cnn", "ensemble",
+                                                                                          "overlay", "vit")]
+    assert numpy.array(PIL.Image.open(out / "c_cnn.png")).shape == (40, 50)
 
 
 EXPORTED = """
@@ -2776,6 +2784,46 @@ def test_predict_names_outputs_by_their_path_and_never_writes_one_file_twice(tmp
     (tmp_path / "only_hidden").mkdir()
     (tmp_path / "only_hidden" / "._a.jpg").write_bytes(b"")
     assert "no image files there" in one_line_error(["--predict", tmp_path / "only_hidden", "--resume", ckpt], capsys)
+
+
+def test_predict_follows_linked_folders_once_and_reads_linked_files(tmp_path, one_step, capsys):
+    """A symlinked subfolder is searched; links back up to it are followed no further; a
+    symlinked photo is read; hidden files and --out, inside the folder, stay skipped."""
+    photos, elsewhere, out = tmp_path / "photos", tmp_path / "elsewhere", tmp_path / "photos" / "masks"
+    for k, path in enumerate((photos / "a.png", elsewhere / "b.png", tmp_path / "files" / "c.png",
+                              photos / ".hidden.png", out / "old.png")):
+        write_image(path, random_rgb(20, 30, k))
+    (photos / "day2").symlink_to(elsewhere, target_is_directory=True)
+    (photos / "alias.png").symlink_to(tmp_path / "files" / "c.png")
+    (photos / "loop").symlink_to(photos, target_is_directory=True)
+    (elsewhere / "back").symlink_to(photos, target_is_directory=True)
+    ctcl.main(["--predict", str(photos), "--resume", str(one_step), "--out", str(out)])
+    assert "predict: 3/3 images" in capsys.readouterr().out
+    kinds = ("cnn", "ensemble", "overlay", "vit")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted(
+        ["day2", "old.png"] + [f"{name}_{kind}.png" for name in ("a", "alias", "day2/b") for kind in kinds])
+
+
+def test_predict_takes_names_that_differ_only_in_case_for_one(tmp_path, one_step, capsys):
+    """macOS's and Windows's file systems ignore case: IMG_1.jpg and img_1.png keep their suffixes as x.jpg and x.png
+    do, and IMG_1.jpg and img_1.JPG, whose outputs would be one file there, are refused before anything is written."""
+    write_image(tmp_path / "photos" / "IMG_1.jpg", random_rgb(20, 30, 0))
+    write_image(tmp_path / "photos" / "img_1.png", random_rgb(20, 30, 1))
+    ctcl.main(["--predict", str(tmp_path / "photos"), "--resume", str(one_step), "--out", str(tmp_path / "p")])
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == sorted(
+        f"{name}_{kind}.png" for name in ("IMG_1.jpg", "img_1.png") for kind in ("cnn", "ensemble", "overlay", "vit"))
+    write_image(tmp_path / "more" / "img_1.JPG", random_rgb(20, 30, 2))
+    message = one_line_error(["--predict", tmp_path / "photos" / "IMG_1.jpg", tmp_path / "more" / "img_1.JPG",
+                              "--resume", one_step, "--out", tmp_path / "p2"], capsys)
+    assert "img_1.JPG would write the same files" in message and not (tmp_path / "p2").exists()
+
+
+def test_predict_with_export_is_refused(tmp_path, one_step, capsys):
+    write_image(tmp_path / "photo.png", random_rgb(20, 30, 0))
+    message = one_line_error(["--predict", tmp_path / "photo.png", "--export", "--resume", one_step,
+                              "--out", tmp_path / "p"], capsys)
+    assert message == "ctcl.py: error: --predict and --export: one at a time, in two runs"
+    assert not (tmp_path / "p").exists()
 
 
 def test_predict_scales_a_photo_larger_than_the_data_down_and_its_masks_back_up(tmp_path, one_step, capsys):
