@@ -1498,9 +1498,8 @@ def predict(args, ctx):
         write_whole(args.out / f"{name}_overlay.png", lambda f: overlay.save(f, format="PNG"))
         if n % 10 == 0 or n == len(files):
             ctx.print(f"predict: {n}/{len(files)} images, {n / (time.time() - began):.2f} images/s, in {args.out}")
-    if skipped:  # exit code 1, not main's 2: the readable images were segmented; each process counts its own
-        print(f"ctcl.py: error: --predict: {skipped} of {len(files)} images skipped, unreadable", file=sys.stderr)
-        raise SystemExit(1)
+    if skipped:  # each process counts its own
+        raise RunError(f"--predict: {skipped} of {len(files)} images skipped, unreadable")
 
 
 class Deployed(nn.Module):
@@ -2013,9 +2012,11 @@ def main(argv=None):
             raise RunError(f"stopped at once by a second Ctrl-C; {args.out / 'last.pt'}, if there is one, is whole",
                            130) from None
         finally:  # a run that ends before it recorded anything gives its folder back
-            if claimed and ctx.is_main and not any((args.out / name).exists() for name in ("last.pt", "metrics.jsonl")):
+            if claimed and ctx.is_main and not (args.out / "last.pt").exists() and not read_records(
+                    args.out / "metrics.jsonl")[0]:
                 with contextlib.suppress(OSError):
-                    (args.out / "args.json").unlink()
+                    for name in ("args.json", "metrics.jsonl"):
+                        (args.out / name).unlink(missing_ok=True)
                     args.out.rmdir()
     except UserError as error:
         # raised in a data-loading worker, the message carries the worker's traceback: keep its last line

@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import types
 import urllib.error
 
@@ -1485,11 +1486,11 @@ def test_under_ddp_a_non_finite_loss_names_the_earliest_iteration(tmp_path, monk
     for mine, other, first in ((7, 3, 3), (3, 7, 3), (math.inf, 5, 5), (4, math.inf, 4), (math.inf, math.inf, None)):
         sent = []
         monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op: sent.append(t.clone()))
-        with contextlib.suppress(ctcl.Diverged):
-            ctcl.check_finite(torch.tensor(float(other)), tmp_path, world_size=2)  # the other rank: what it sends
+        with contextlib.suppress(ctcl.RunError):
+            ctcl.check_finite(torch.tensor(float(other)), 2, tmp_path, world_size=2)  # the other rank: what it sends
         monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op: t.copy_(ops[op](t, sent[0])))
-        with pytest.raises(ctcl.Diverged, match=f"iteration {first};") if first else contextlib.nullcontext():
-            ctcl.check_finite(torch.tensor(float(mine)), tmp_path, world_size=2)
+        with pytest.raises(ctcl.RunError, match=f"iteration {first};") if first else contextlib.nullcontext():
+            ctcl.check_finite(torch.tensor(float(mine)), 2, tmp_path, world_size=2)
 
 
 def test_augmentation_reseeds_only_the_cpu_generator(monkeypatch):
@@ -2229,7 +2230,7 @@ def test_predict_names_each_damaged_image_segments_the_others_and_fails_at_the_e
     assert exit_info.value.code == 1 and len(err) == 3, err
     for line, name in zip(err, ("b.jpg", "d.png")):
         assert line.startswith(f"ctcl.py: skipped: cannot decode image {images / name} (UnidentifiedImageError)"), line
-    assert err[2] == "ctcl.py: error: --predict: 2 of 4 images skipped, unreadable"
+    assert err[2] == "ctcl.py: --predict: 2 of 4 images skipped, unreadable"
     assert sorted(p.name for p in out.iterdir()) == [f"{s}_{n}.png" for s in "ac" for n in ("cnn", "ensemble",
                                                                                           "overlay", "vit")]
     assert numpy.array(PIL.Image.open(out / "c_cnn.png")).shape == (40, 50)
@@ -2854,3 +2855,207 @@ def test_predictions_in_bands_equal_those_of_the_whole_upsampled_scores():
     x = torch.randn(1, 3, 7, 9, generator=g)
     grid = ctcl.predictions_in_bands({"cnn": x, "vit": x}, (30, 40), rows=7)["cnn"]
     assert torch.equal(grid.long(), ctcl.upsample_logits(x, (30, 40)).argmax(1))
+
+
+# ----------------------------------------------------------------------------------
+# A run's life, as a cluster lives it: launched with others, stopped, requeued, resumed, summarised
+
+def in_a_process(tmp_path, *argv, cwd=None):
+    """ctcl.py on the small synthetic set in a process of its own, its output piped."""
+    script = tmp_path / "run.py"
+    script.write_text(SMALL_RUN.format(repo=str(HERE)))
+    return subprocess.Popen([sys.executable, str(script), *map(str, argv)], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_runs_launched_together_never_share_a_folder(tmp_path):
+    """Three runs started at once, all with the default OUT: three folders, each whose args.json, checkpoint and
+    records are its own flags' (today they wrote into one), and no temporary file left behind."""
+    runs = [in_a_process(tmp_path, *SMALL, "--iters", "1", "--method", "independent", "--cnn-lr", lr, cwd=tmp_path)
+            for lr in ("0.01", "0.02", "0.05")]
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read()[-2000:]
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert [f.name for f in folders] == [f"synthetic-independent-s0{k}" for k in ("", "-2", "-3")]
+    lrs = []
+    for folder in folders:
+        args = json.loads((folder / "args.json").read_text())
+        ckpt, records = torch.load(folder / "last.pt", weights_only=True), read_metrics(folder / "metrics.jsonl")
+        assert args["out"] == ckpt["args"]["out"] == str(folder.relative_to(tmp_path))
+        assert ckpt["args"]["cnn_lr"] == args["cnn_lr"] == records[0]["lr_cnn"] and [r["iter"] for r in records] == [1, 1]
+        lrs.append(args["cnn_lr"])
+    assert sorted(lrs) == [0.01, 0.02, 0.05] and not list(tmp_path.glob("runs/*/.*"))
+
+
+def stop_when(run, line_start, *signals):
+    """Send the signals to the run once its output has a line that starts so; its (exit code, stderr lines)."""
+    for line in run.stdout:
+        if line.startswith(line_start):
+            for signum in signals:  # apart: two signals pending at once are one
+                run.send_signal(signum)
+                time.sleep(0.1)
+            break
+    run.stdout.read()
+    return run.wait(timeout=300), run.stderr.read().splitlines()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_run_after_its_step_and_the_same_command_continues_it_exactly(tmp_path, small_data, signum):
+    """SIGTERM (a scheduler) or Ctrl-C mid-run: one line, the shell's exit code, last.pt at the stop's iteration;
+    the very command run again (--resume auto, as a requeued job runs it) ends as a run never stopped: the same
+    weights, and metrics.jsonl (evaluations included) record for record."""
+    recipe = [*SMALL, "--iters", "6", "--log-every", "2", "--eval-every", "3"]
+    whole = state_of(ctcl.main(["--out", str(tmp_path / "whole"), *recipe]))
+    out = tmp_path / "cut"
+    code, err = stop_when(in_a_process(tmp_path, "--out", out, *recipe, "--resume", "auto"), "it 2/6", signum)
+    stopped_at = torch.load(out / "last.pt", weights_only=True)["iter"]
+    assert code == 128 + signum and len(err) == 1 and 2 <= stopped_at < 6
+    assert err[0] == f"ctcl.py: stopped by {signal.Signals(signum).name} at iteration {stopped_at}; {out}/last.pt " \
+        f"holds the run: continue it with `python ctcl.py --resume {out}/last.pt`"
+    resumed = state_of(ctcl.main(["--out", str(out), *recipe, "--resume", "auto"]))
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    records = [[{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(tmp_path / run / "metrics.jsonl")]
+               for run in ("whole", "cut")]
+    assert records[0] == records[1] and [(r["type"], r["iter"]) for r in records[1]] == \
+        [("train", 2), ("eval", 3), ("train", 4), ("train", 6), ("eval", 6)]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_leaves_no_half_file(tmp_path):
+    out = tmp_path / "out"
+    code, err = stop_when(in_a_process(tmp_path, "--out", out, *SMALL, "--iters", "50"), "it 2/50",
+                          signal.SIGINT, signal.SIGINT)
+    assert code == 130 and len(err) == 1 and err[0].startswith("ctcl.py: stopped at once by a second Ctrl-C")
+    assert not list(out.glob(".*")) and (not (out / "last.pt").exists() or
+                                         torch.load(out / "last.pt", weights_only=True)["iter"] >= 2)
+
+
+def test_under_ddp_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
+    """Two processes (gloo): SIGTERM reaches rank 1 alone; both stop after one step, none waits for the other."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    script, out = tmp_path / "run.py", tmp_path / "out"
+    script.write_text(SMALL_RUN.format(repo=str(HERE)))
+    runs = [subprocess.Popen([sys.executable, str(script), "--out", str(out), *SMALL, "--batch-size", "4", "--iters",
+                              "50", "--gpu", "-1"], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
+    for line in runs[0].stdout:
+        if line.startswith("it 2/50"):
+            runs[1].send_signal(signal.SIGTERM)
+            break
+    ends = [(run.communicate(timeout=120), run.returncode) for run in runs]
+    assert [code for _, code in ends] == [143, 143], ends
+    err = [line for (_, e), _ in ends for line in e.splitlines() if line.startswith("ctcl.py")]  # warnings aside
+    stopped_at = torch.load(out / "last.pt", weights_only=True)["iter"]
+    assert len(err) == 1 and f"at iteration {stopped_at};" in err[0] and "torchrun --nproc_per_node=2" in err[0]
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unfinished_evaluation_is_made_on_resume_and_args_json_says_what_trained(tmp_path, small_data, capsys,
+                                                                                     monkeypatch):
+    """A damaged validation image stops the final evaluation: one line; the resume makes it before anything else,
+    and --summarize counts the run. A resume that trains nothing (a shorter --iters) and --eval-only leave args.json
+    and metrics.jsonl as they were."""
+    evaluate = ctcl.evaluate
+    monkeypatch.setattr(ctcl, "evaluate", lambda *a, **k: ctcl.opened(tmp_path / "img.jpg").__enter__())
+    (tmp_path / "img.jpg").write_bytes(b"\xff\xd8 cut short")
+    message = one_line_error(["--out", tmp_path / "out", *SMALL, "--iters", "2", "--method", "independent"], capsys)
+    assert "cannot decode image" in message and f"then continue with `python ctcl.py --resume {tmp_path}/out/last.pt`" \
+        in message
+    assert "no final evaluation (iteration 2; trained to 2 at least)" in one_line_error(["--summarize", tmp_path / "out"], capsys)
+    monkeypatch.setattr(ctcl, "evaluate", evaluate)
+    last = tmp_path / "out" / "last.pt"
+    ctcl.main(["--resume", str(last)])
+    assert "nothing to train" in capsys.readouterr().out
+    records = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert [(r["type"], r["iter"]) for r in records] == [("train", 1), ("train", 2), ("eval", 2)]
+    files = {name: (tmp_path / "out" / name).read_bytes() for name in ("args.json", "metrics.jsonl")}
+    ctcl.main(["--resume", str(last), "--iters", "1"])
+    ctcl.main(["--resume", str(last), "--eval-only"])
+    assert files == {name: (tmp_path / "out" / name).read_bytes() for name in files}
+    assert "| all | 1 |" in ctcl.main(["--summarize", str(tmp_path / "out")])
+
+
+def as_written_by_1d6e148(ckpt):
+    """A checkpoint as the ctcl.py of commit 1d6e148 wrote it: its PolynomialLR and SequentialLR states (no
+    lr_lambdas), no log window, its flags --hfd and --rbsd-feature, no largest_side or --full-size."""
+    ckpt = dict(ckpt, args=dict(ckpt["args"], hfd="next-stage", rbsd_feature="encoder"))
+    for key in ("largest_side", "full_size"):
+        ckpt["args"].pop(key)
+    ckpt.pop("window")
+    ckpt["schedulers"] = [{"total_iters": 4, "power": 0.9, "base_lrs": [0.02], "last_epoch": ckpt["iter"]},
+                          {"_schedulers": [{"start_factor": 1e-6}, {"power": 1.0}], "_milestones": [1],
+                           "last_epoch": ckpt["iter"]}]
+    return ckpt
+
+
+def test_checkpoints_of_an_earlier_ctcl_py_resume_evaluate_predict_export_or_are_refused_in_one_line(
+        tmp_path, small_data, capsys):
+    run_main(tmp_path, "--iters", "4", "--stop-at", "2", "--method", "independent")
+    last = tmp_path / "out" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    torch.save(as_written_by_1d6e148(ckpt), last)
+    ctcl.main(["--resume", str(last), "--eval-only"])
+    ctcl.main(["--predict", str(HERE / "assets" / "camvid-overlay.jpg"), "--resume", str(last)])
+    assert (tmp_path / "out" / "predict" / "camvid-overlay_ensemble.png").is_file()
+    ctcl.main(["--resume", str(last)])
+    records = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert [r["iter"] for r in records if r["type"] == "train"] == [1, 2, 3, 4] and records[-1]["type"] == "eval"
+    assert records[2]["lr_cnn"] == pytest.approx(0.02 * (1 - 2 / 4) ** 0.9)  # the schedule from the iteration alone
+    for retired, since in (({"hfd": "stage1"}, "584f3be"), ({"rbsd_feature": "decoder"}, "584f3be"),
+                           ({"save_every": None}, "9770f74")):  # None: the flag did not exist
+        older = as_written_by_1d6e148(ckpt)
+        older["args"] = {k: v for k, v in {**older["args"], **retired}.items() if v is not None}
+        torch.save(older, last)
+        assert f"written by a ctcl.py older than commit {since}" in one_line_error(["--resume", last], capsys)
+
+
+def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays_whole(tmp_path, small_data, one_step, capsys,
+                                                                         monkeypatch):
+    run_main(tmp_path, "--iters", "4", "--stop-at", "2")
+    last = tmp_path / "out" / "last.pt"
+    before = last.read_bytes()
+
+    def fsync(fd, sync=os.fsync):  # the disk fills up while the checkpoint (or a prediction) is written
+        if re.search(r"last\.pt|png", os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(28, "No space left on device")
+        sync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    message = one_line_error(["--resume", last], capsys, code=1)
+    assert message.startswith(f"ctcl.py: cannot write {last} (No space left on device); the previous last.pt (")
+    assert "MB) is whole, and writing it again needs as much room beside it" in message
+    assert last.read_bytes() == before and sorted(p.name for p in last.parent.iterdir()) == \
+        ["args.json", "last.pt", "metrics.jsonl"]
+    assert "cannot write" in one_line_error(["--predict", str(HERE / "assets" / "camvid-overlay.jpg"), "--resume",
+                                             one_step, "--out", tmp_path / "p"], capsys, code=1)
+    monkeypatch.undo()
+    real_open = open
+    monkeypatch.setattr(ctcl, "open", lambda path, *a: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+                        if str(path).endswith("metrics.jsonl") else real_open(path, *a), raising=False)
+    assert f"cannot write {tmp_path / 'out' / 'metrics.jsonl'} (No space left on device)" in \
+        one_line_error(["--resume", last], capsys, code=1)
+
+
+def test_a_loss_non_finite_before_any_checkpoint_names_none(tmp_path, small_data, capsys, monkeypatch):
+    monkeypatch.setattr(ctcl, "sigmoid_rampup", lambda step, length: float("nan"))
+    message = one_line_error(["--out", tmp_path / "out", *SMALL, "--iters", "3"], capsys, code=1)
+    assert "non-finite loss at iteration 1; stopped, and no checkpoint was written" in message
+    assert not (tmp_path / "out").exists()  # nothing recorded: the folder is given back
+
+
+def test_summarize_leaves_out_folders_that_are_not_runs_and_a_closed_pipe_ends_it_quietly(tmp_path, one_step):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "args.json").write_text('{"lr": 0.1}')
+    (tmp_path / "other" / "metrics.jsonl").write_text("")
+    table = ctcl.main(["--summarize", str(tmp_path / "other"), str(one_step.parent)])
+    assert f"left out: {tmp_path / 'other'}: not a run of ctcl.py (its args.json has no iters, method, data)" in table
+    script = tmp_path / "run.py"
+    script.write_text(SMALL_RUN.format(repo=str(HERE)))
+    piped = subprocess.run(f"{sys.executable} {script} --summarize {one_step.parent} | head -c 1", shell=True,
+                           capture_output=True, text=True)
+    assert piped.returncode == 0 and piped.stdout == "|" and piped.stderr == ""
