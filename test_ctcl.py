@@ -2624,17 +2624,20 @@ def test_a_rerun_never_overwrites_a_run(tmp_path, small_data, capsys, monkeypatc
     assert f"holds a run at iteration 2: continue it with --resume {tmp_path / 'out' / 'last.pt'}" in message
     assert all((tmp_path / "out" / name).read_bytes() == data for name, data in before.items())
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs/synthetic-independent-s0-2").mkdir(parents=True)  # a run killed before step 1: args.json
-    (tmp_path / "runs/synthetic-independent-s0-2/args.json").write_text("{}")  # alone, which is no run
+    (tmp_path / "runs/synthetic-independent-s0-2").mkdir(parents=True)  # a run starting, or killed before its
+    (tmp_path / "runs/synthetic-independent-s0-2/args.json").write_text("{}")  # first checkpoint: it holds it
     for _ in range(2):
         ctcl.main([*SMALL, "--iters", "1", "--method", "independent"])
     assert "runs/synthetic-independent-s0 holds a run at iteration 1: this run writes to " \
-        "runs/synthetic-independent-s0-2" in capsys.readouterr().out
+        "runs/synthetic-independent-s0-3" in capsys.readouterr().out
     assert [r["iter"] for r in read_metrics(tmp_path / "runs/synthetic-independent-s0/metrics.jsonl")] == [1, 1]
-    assert (tmp_path / "runs/synthetic-independent-s0-2/last.pt").is_file()
-    (tmp_path / "runs/synthetic-independent-s0-2/last.pt").unlink()  # killed before its first checkpoint
-    assert "holds a run's metrics, without its checkpoint: move them away, or give another --out" in \
+    assert (tmp_path / "runs/synthetic-independent-s0-3/last.pt").is_file()
+    assert "holds a run with no checkpoint yet (starting, or stopped before its first: the same command with " \
+        "--resume auto starts it there again), or give another --out" in \
         one_line_error(["--out", tmp_path / "runs/synthetic-independent-s0-2", *SMALL, "--iters", "1"], capsys)
+    (tmp_path / "runs/synthetic-independent-s0-3/last.pt").unlink()  # killed before its first checkpoint
+    assert "holds a run's metrics, without its checkpoint: move them away, or give another --out" in \
+        one_line_error(["--out", tmp_path / "runs/synthetic-independent-s0-3", *SMALL, "--iters", "1"], capsys)
 
 
 def test_resume_continues_the_checkpoints_recipe_and_refuses_another(tmp_path, small_data, capsys):
@@ -2668,14 +2671,13 @@ def test_a_resume_with_more_iters_goes_on_at_the_learning_rates_of_the_longer_ru
 def test_a_cut_metrics_line_costs_that_line_alone(tmp_path, small_data, capsys):
     """A run killed mid-write leaves half a line: --summarize still counts a run whose final evaluation
     is intact, leaves out (with the reason) one whose final evaluation is the cut line, and a resumed
-    run writes its next record on a line of its own."""
+    run keeps the records up to its checkpoint, whole, and goes on from there."""
     run_main(tmp_path, "--iters", "3", "--stop-at", "2", "--method", "independent", out="runs/a")
     with open(tmp_path / "runs/a/metrics.jsonl", "ab") as f:
         f.write(b'{"type": "tr')  # killed mid-write
     ctcl.main(["--resume", str(tmp_path / "runs/a/last.pt")])
-    records = (tmp_path / "runs/a/metrics.jsonl").read_bytes().splitlines()
-    cut = records.index(b'{"type": "tr')
-    assert [(json.loads(r)["type"], json.loads(r)["iter"]) for r in records[cut + 1:]] == [("train", 3), ("eval", 3)]
+    records = [json.loads(r) for r in (tmp_path / "runs/a/metrics.jsonl").read_bytes().splitlines()]
+    assert [(r["type"], r["iter"]) for r in records] == [("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
     with open(tmp_path / "runs/a/metrics.jsonl", "ab") as f:
         f.write(b'{"type": "train", "it')  # a cut record after the final evaluation
     (tmp_path / "runs/b").mkdir()  # a run whose final evaluation is the cut line
@@ -2683,9 +2685,9 @@ def test_a_cut_metrics_line_costs_that_line_alone(tmp_path, small_data, capsys):
     lines = (tmp_path / "runs/a/metrics.jsonl").read_bytes().splitlines(keepends=True)
     (tmp_path / "runs/b/metrics.jsonl").write_bytes(b"".join(lines[:-2]) + lines[-2][:40])
     table = ctcl.main(["--summarize", str(tmp_path / "runs/*")])
-    assert "left out: " + str(tmp_path / "runs/b") + ": unfinished (no intact evaluation at iteration 3; " \
-        "metrics.jsonl has 2 damaged line(s))" in table
-    assert "| all | 1 |" in table  # run a, its two damaged lines aside
+    assert "left out: " + str(tmp_path / "runs/b") + ": no final evaluation (iteration 3; trained to 3 at least; " \
+        "metrics.jsonl has 1 damaged line(s))" in table
+    assert "| all | 1 |" in table  # run a, its damaged line aside
 
 
 def test_summarize_never_joins_runs_on_different_data(tmp_path):
@@ -3053,7 +3055,7 @@ def test_summarize_leaves_out_folders_that_are_not_runs_and_a_closed_pipe_ends_i
     (tmp_path / "other" / "args.json").write_text('{"lr": 0.1}')
     (tmp_path / "other" / "metrics.jsonl").write_text("")
     table = ctcl.main(["--summarize", str(tmp_path / "other"), str(one_step.parent)])
-    assert f"left out: {tmp_path / 'other'}: not a run of ctcl.py (its args.json has no iters, method, data)" in table
+    assert f"left out: {tmp_path / 'other'}: not a run of ctcl.py (its args.json has no iters)" in table
     script = tmp_path / "run.py"
     script.write_text(SMALL_RUN.format(repo=str(HERE)))
     piped = subprocess.run(f"{sys.executable} {script} --summarize {one_step.parent} | head -c 1", shell=True,
