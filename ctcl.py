@@ -375,22 +375,29 @@ def pixel_bsd_masks(logits_cnn, logits_vit, target, ignore_index=255, learner_mu
     return cnn_teaches.to(logits_cnn.dtype), vit_teaches.to(logits_cnn.dtype)
 
 
-def kl_map(logits_student, logits_teacher, temperature=1.0):
-    """T²·KL(sg softmax(z_t/T) ‖ softmax(z_s/T)) at each pixel: (B, C, H, W) -> (B, H, W). In fp32 with
-    autocast off, like feature_distance."""
-    with torch.autocast(logits_student.device.type, enabled=False):
-        log_p_student = F.log_softmax(logits_student.float() / temperature, dim=1)
-        log_p_teacher = F.log_softmax(logits_teacher.detach().float() / temperature, dim=1)
-        return temperature ** 2 * F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(1)
+def log_probs(logits, temperature=1.0):
+    """log softmax(z/T) over the classes (dim 1), in fp32 with autocast off; no division when T = 1. Each
+    student's, computed once, serves its CE (at T = 1) and both KL directions."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.log_softmax(logits.float() if temperature == 1 else logits.float() / temperature, dim=1)
 
 
-def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, valid, temperature=1.0, per_taught=False):
-    """loss_vit = T²·Σ_pixels cnn_teaches·KL(sg Pᶜ ‖ Pᵛ) / N_valid, loss_cnn the mirror image; N_valid
-    counts the valid label pixels (an untransferred one adds 0) [I]; per_taught=True divides by Σ m.
-    With both masks = valid, this is deep mutual learning (DML)."""
+def kl_map(log_p_student, log_p_teacher):
+    """KL(sg P_t ‖ P_s) = Σ_c p_t·(log p_t − log p_s) at each pixel, from log-probabilities at temperature T
+    (log_probs): (B, C, H, W) -> (B, H, W). Summed as −Σ_c p_t·(log p_s − log p_t), so that the student's
+    gradient is no negated full-size map; in fp32 with autocast off, like feature_distance."""
+    with torch.autocast(log_p_student.device.type, enabled=False):
+        log_p_teacher = log_p_teacher.detach().float()
+        return -(log_p_teacher.exp() * (log_p_student.float() - log_p_teacher)).sum(1)
+
+
+def pixel_bsd_loss(log_p_cnn, log_p_vit, cnn_teaches, vit_teaches, valid, temperature=1.0, per_taught=False):
+    """loss_vit = T²·Σ_pixels cnn_teaches·KL(sg Pᶜ ‖ Pᵛ) / N_valid, loss_cnn the mirror image, from the students'
+    log-probabilities at temperature T (log_probs); N_valid counts the valid label pixels (an untransferred one
+    adds 0) [I]; per_taught=True divides by Σ m. With both masks = valid, this is deep mutual learning (DML)."""
     n_cnn, n_vit = (vit_teaches.sum(), cnn_teaches.sum()) if per_taught else (valid.sum(), valid.sum())
-    return ((vit_teaches * kl_map(logits_cnn, logits_vit, temperature)).sum() / n_cnn.clamp_min(1),
-            (cnn_teaches * kl_map(logits_vit, logits_cnn, temperature)).sum() / n_vit.clamp_min(1))
+    return (temperature ** 2 * (vit_teaches * kl_map(log_p_cnn, log_p_vit)).sum() / n_cnn.clamp_min(1),
+            temperature ** 2 * (cnn_teaches * kl_map(log_p_vit, log_p_cnn)).sum() / n_vit.clamp_min(1))
 
 
 # ----------------------------------------------------------------------------------
@@ -450,12 +457,13 @@ class CTCL(nn.Module):
         z_cnn, z_vit = (upsample_logits(out["logits"], target.shape[-2:]) for out in (out_cnn, out_vit))  # Pᶜ, Pᵛ
         valid = (target != self.ignore_index).float()
         n_valid = valid.sum().clamp_min(1)
-        ce_cnn, ce_vit = (F.cross_entropy(z, target, ignore_index=self.ignore_index, reduction="none")
-                          for z in (z_cnn, z_vit))
+        log_p = log_probs(z_cnn), log_probs(z_vit)  # once per student: its CE and, at T = 1, both KL directions
+        ce_cnn, ce_vit = (F.nll_loss(lp, target, ignore_index=self.ignore_index, reduction="none") for lp in log_p)
+        log_p_t = log_p if self.temperature == 1 else [log_probs(z, self.temperature) for z in (z_cnn, z_vit)]
         logged = {"ce_cnn": ce_cnn.sum() / n_valid, "ce_vit": ce_vit.sum() / n_valid}
         kd = {}  # name -> (term of the CNN, term of the ViT), before λ and w(t)
         if self.method == "dml":
-            kd["dml"] = pixel_bsd_loss(z_cnn, z_vit, valid, valid, valid, self.temperature)
+            kd["dml"] = pixel_bsd_loss(*log_p_t, valid, valid, valid, self.temperature)
         if self.hfd is not None:  # the peers' next blocks as fixed functions
             kd["hfd"] = self.hfd(out_cnn["low"], out_vit["low"], out_cnn["mid"], out_vit["mid"],
                                  cnn_next=frozen(self.cnn.backbone.layer2), vit_next=frozen(self.vit.encoder, stage=2))
@@ -464,7 +472,7 @@ class CTCL(nn.Module):
                                                   target, valid)
             logged["regions_cnn_teaches"], logged["regions_vit_teaches"] = (m.mean() for m in regions)
         if self.use_pbsd:
-            kd["pbsd"], pixels = self.pixel_bsd(z_cnn, z_vit, ce_cnn, ce_vit, target, valid)
+            kd["pbsd"], pixels = self.pixel_bsd(z_cnn, z_vit, log_p_t, ce_cnn, ce_vit, target, valid)
             logged["pixels_cnn_to_vit"], logged["pixels_vit_to_cnn"] = (m.sum() / n_valid for m in pixels)
         loss_cnn = logged["ce_cnn"] + kd_weight * sum(self.lambdas[name] * c for name, (c, v) in kd.items())
         loss_vit = logged["ce_vit"] + kd_weight * sum(self.lambdas[name] * v for name, (c, v) in kd.items())
@@ -482,16 +490,15 @@ class CTCL(nn.Module):
         masks = region_bsd_masks(score_cnn, score_vit, target, self.region_size, self.ignore_index, self.margin)
         return self.rbsd(last_cnn, last_vit, *masks, valid, self.bsd_norm == "selected"), masks
 
-    def pixel_bsd(self, z_cnn, z_vit, ce_cnn, ce_vit, target, valid):
-        """Which pixels each student teaches (--pixel-rule [I]), then the masked KL."""
+    def pixel_bsd(self, z_cnn, z_vit, log_p_t, ce_cnn, ce_vit, target, valid):
+        """Which pixels each student teaches (--pixel-rule [I]), then the masked KL of log_p_t (log_probs at T)."""
         if self.pixel_rule == "all":  # no selection: every valid pixel both ways, the DML term
             masks = valid, valid
         elif self.pixel_rule == "lower-ce":  # the student with the lower CE teaches: region BSD's rule, 1×1 regions
             masks = region_bsd_masks(ce_cnn, ce_vit, target, 1, self.ignore_index)
         else:
-            masks = pixel_bsd_masks(z_cnn.detach(), z_vit.detach(), target, self.ignore_index,
-                                    learner_must_be_wrong=self.pixel_rule == "exclusive")
-        return pixel_bsd_loss(z_cnn, z_vit, *masks, valid, self.temperature, self.bsd_norm == "selected"), masks
+            masks = pixel_bsd_masks(z_cnn, z_vit, target, self.ignore_index, self.pixel_rule == "exclusive")
+        return pixel_bsd_loss(*log_p_t, *masks, valid, self.temperature, self.bsd_norm == "selected"), masks
 
 
 # ----------------------------------------------------------------------------------
