@@ -1006,6 +1006,48 @@ def test_cuda_ctcl_step_makes_no_host_sync(cuda):
         torch.cuda.set_sync_debug_mode(0)
 
 
+class BytesMoved(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes read and written by every op but convolutions and matrix products (attention included): each op's
+    tensor inputs and outputs, numel × element size (an in-place op: its read and its write). Not counted: views
+    (outputs that alias an input), allocations (empty*, new_empty*) and prim ops (metadata). §9's proxy for a GPU
+    step's cost beyond its FLOPs."""
+    MATRIX_OPS = {"convolution", "convolution_backward", "mm", "addmm", "bmm", "baddbmm"}
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name, returns = func.overloadpacket.__name__, func._schema.returns
+        if not (func.namespace == "prim" or name in self.MATRIX_OPS or name.startswith(("_scaled_dot_product", "empty",
+                "new_empty")) or returns and all(r.alias_info and not r.alias_info.is_write for r in returns)):
+            self.total += sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
+                              if isinstance(t, torch.Tensor))
+        return out
+
+
+def bytes_per_image(method, crop=256, batch=2, classes=21):
+    """BytesMoved over one forward and backward of CTCL(method), fp32, per image. On fake tensors (shapes and
+    dtypes, no data): a byte count needs no arithmetic, and the step never reads a value on the host."""
+    torch.manual_seed(0)
+    model = ctcl.CTCL(classes, method=method)
+    with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) as fake, BytesMoved() as moved:
+        state = {name: fake.from_tensor(t) for name, t in model.state_dict(keep_vars=True).items()}
+        images, target = torch.empty(batch, 3, crop, crop), torch.zeros(batch, crop, crop, dtype=torch.long)
+        moved.total = 0  # the copies into fake tensors above are no part of the step
+        loss_cnn, loss_vit, _ = torch.func.functional_call(model, state, (images, target))
+        (loss_cnn + loss_vit).backward()
+    return moved.total / batch
+
+
+def test_distillation_moves_few_bytes_beyond_the_independent_students():
+    """§9: at crop 256, batch 2, 21 classes, dml and ctcl move at most 1.32 and 1.50 times the bytes of
+    independent (1.46 and 1.67 while each KL direction computed its own log_softmax of z / T)."""
+    moved = {method: bytes_per_image(method) for method in ("independent", "dml", "ctcl")}
+    assert moved["dml"] <= 1.32 * moved["independent"] and moved["ctcl"] <= 1.50 * moved["independent"], moved
+
+
 # ----------------------------------------------------------------------------------
 # The objective
 
