@@ -270,14 +270,14 @@ def projector(in_channels, out_channels):
     return nn.Sequential(conv_bn_relu(in_channels, out_channels), nn.Conv2d(out_channels, out_channels, 1))
 
 
-def frozen(module, **kwargs):
-    """module as a fixed function inside a loss: weights detached (no gradient from it), buffers copied
-    (BatchNorm's running statistics stay), in its own mode (training: batch statistics, drop path) [I]."""
-    def call(x):
-        state = {name: p.detach() for name, p in module.named_parameters()}
-        state.update({name: b.clone() for name, b in module.named_buffers()})
-        return torch.func.functional_call(module, state, (x,), kwargs)
-    return call
+def frozen(module, parts=("",), **kwargs):
+    """module(x, **kwargs) as a fixed function inside a loss, handed only the tensors of the children `parts` it runs
+    ("": all): weights detached (no gradient from it), buffers copied (BatchNorm's running statistics stay), in
+    its own mode (training: batch statistics, drop path) [I]."""
+    children = [(part, module.get_submodule(part)) for part in parts]
+    state = {name: p.detach() for part, child in children for name, p in child.named_parameters(part)}
+    state |= {name: b.clone() for part, child in children for name, b in child.named_buffers(part)}
+    return lambda x: torch.func.functional_call(module, state, (x,), kwargs)
 
 
 class HFD(nn.Module):
@@ -465,8 +465,9 @@ class CTCL(nn.Module):
         if self.method == "dml":
             kd["dml"] = pixel_bsd_loss(*log_p_t, valid, valid, valid, self.temperature)
         if self.hfd is not None:  # the peers' next blocks as fixed functions
+            vit_next = frozen(self.vit.encoder, ("patch_embed2", "block2", "norm2"), stage=2)
             kd["hfd"] = self.hfd(out_cnn["low"], out_vit["low"], out_cnn["mid"], out_vit["mid"],
-                                 cnn_next=frozen(self.cnn.backbone.layer2), vit_next=frozen(self.vit.encoder, stage=2))
+                                 cnn_next=frozen(self.cnn.backbone.layer2), vit_next=vit_next)
         if self.rbsd is not None:
             kd["rbsd"], regions = self.region_bsd(out_cnn["last"], out_vit["last"], z_cnn, z_vit, ce_cnn, ce_vit,
                                                   target, valid)

@@ -437,6 +437,22 @@ def test_hfd_through_the_peer_trains_only_the_learner_and_leaves_the_peer_bn_alo
     assert torch.autograd.grad(hfd_vit, out_cnn["mid"], allow_unused=True) == (None,)
 
 
+def test_hfd_hands_each_peer_block_only_its_own_tensors(monkeypatch):
+    """frozen hands torch.func.functional_call the tensors of the peer's next block alone: MiT stage 2's 46 of
+    the encoder's 176 parameters and buffers, ResNet layer2's own."""
+    model, images, out_cnn, out_vit = students_and_outputs(mode="train")
+    handed, call = {}, torch.func.functional_call
+
+    def spy(module, state, *rest):
+        handed[module] = set(state)
+        return call(module, state, *rest)
+    monkeypatch.setattr(torch.func, "functional_call", spy)
+    model.objective(out_cnn, out_vit, random_target(2, 48, 64, 4))
+    encoder, layer2 = model.vit.encoder, model.cnn.backbone.layer2
+    stage2 = {name for name in encoder.state_dict() if name.split(".")[0] in ("patch_embed2", "block2", "norm2")}
+    assert handed == {encoder: stage2, layer2: set(layer2.state_dict())}
+    assert len(stage2) == 46 and len(encoder.state_dict()) == 176
+
 def identity_projector_(seq):
     """Make conv -> BN -> ReLU -> conv the identity on non-negative inputs."""
     with torch.no_grad():
