@@ -72,9 +72,7 @@ def conv_bn_relu(in_channels, out_channels, kernel_size=1):
 def dilate_stage(stage, dilation, previous=1):
     """A BasicBlock stage at stride 1, its 3x3 convs dilated [I]: the first keeps the previous stage's
     dilation, the rest get `dilation` (torchvision's Bottleneck way, which it refuses for BasicBlock)."""
-    stage[0].conv1.stride = (1, 1)
-    if stage[0].downsample is not None:
-        stage[0].downsample[0].stride = (1, 1)
+    stage[0].conv1.stride = stage[0].downsample[0].stride = (1, 1)  # layer3 and layer4 start with a downsample
     convs = [conv for block in stage for conv in (block.conv1, block.conv2)]
     for conv, d in zip(convs, [previous] + [dilation] * (len(convs) - 1)):
         conv.dilation, conv.padding = (d, d), (d, d)
@@ -271,9 +269,8 @@ def projector(in_channels, out_channels):
 
 
 def frozen(module, parts=("",), **kwargs):
-    """module(x, **kwargs) as a fixed function inside a loss, handed only the tensors of the children `parts` it runs
-    ("": all): weights detached (no gradient from it), buffers copied (BatchNorm's running statistics stay), in
-    its own mode (training: batch statistics, drop path) [I]."""
+    """module(x, **kwargs) as a fixed function in a loss, handed only the tensors of its children `parts` ("": all):
+    weights detached (no gradient from it), buffers copied (BN running stats stay), in its own mode [I]."""
     children = [(part, module.get_submodule(part)) for part in parts]
     state = {name: p.detach() for part, child in children for name, p in child.named_parameters(part)}
     state |= {name: b.clone() for part, child in children for name, b in child.named_buffers(part)}
@@ -326,9 +323,8 @@ def region_bsd_masks(ce_cnn, ce_vit, target, region_size=32, ignore_index=255, m
 
 
 def expand_region_mask(mask, cells_per_region, size):
-    """Region grid -> feature grid, exactly: cell (y, x) belongs to region (y // s, x // s)."""
-    s = cells_per_region
-    return mask.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)[:, :size[0], :size[1]]
+    """Region grid -> feature grid, exactly: cell (y, x) belongs to region (y // s, x // s), s = cells_per_region."""
+    return mask.repeat_interleave(cells_per_region, 1).repeat_interleave(cells_per_region, 2)[:, :size[0], :size[1]]
 
 
 class RegionBSD(nn.Module):
@@ -368,10 +364,9 @@ def pixel_bsd_masks(logits_cnn, logits_vit, target, ignore_index=255, learner_mu
     With learner_must_be_wrong=False, a right teacher teaches whatever the learner says.
     Logits (B, C, H, W) at label resolution; outputs float {0,1} of shape (B, H, W)."""
     valid = target != ignore_index
-    cnn_right, vit_right = logits_cnn.argmax(1) == target, logits_vit.argmax(1) == target
-    cnn_teaches, vit_teaches = valid & cnn_right, valid & vit_right
+    cnn_teaches, vit_teaches = valid & (logits_cnn.argmax(1) == target), valid & (logits_vit.argmax(1) == target)
     if learner_must_be_wrong:
-        cnn_teaches, vit_teaches = cnn_teaches & ~vit_right, vit_teaches & ~cnn_right
+        cnn_teaches, vit_teaches = cnn_teaches & ~vit_teaches, vit_teaches & ~cnn_teaches
     return cnn_teaches.to(logits_cnn.dtype), vit_teaches.to(logits_cnn.dtype)
 
 
@@ -383,9 +378,8 @@ def log_probs(logits, temperature=1.0):
 
 
 def kl_map(log_p_student, log_p_teacher):
-    """KL(sg P_t ‖ P_s) = Σ_c p_t·(log p_t − log p_s) at each pixel, from log-probabilities at temperature T
-    (log_probs): (B, C, H, W) -> (B, H, W). Summed as −Σ_c p_t·(log p_s − log p_t), so that the student's
-    gradient is no negated full-size map; in fp32 with autocast off, like feature_distance."""
+    """KL(sg P_t ‖ P_s) = Σ_c p_t·(log p_t − log p_s) per pixel, from log-probabilities at temperature T (log_probs):
+    (B, C, H, W) -> (B, H, W), fp32, autocast off. Summed as −Σ_c p_t·(log p_s − log p_t): no negation in backward."""
     with torch.autocast(log_p_student.device.type, enabled=False):
         log_p_teacher = log_p_teacher.detach().float()
         return -(log_p_teacher.exp() * (log_p_student.float() - log_p_teacher)).sum(1)
@@ -452,8 +446,7 @@ class CTCL(nn.Module):
         return self.objective(self.cnn(images), self.vit(images), target, kd_weight)
 
     def objective(self, out_cnn, out_vit, target, kd_weight=1.0):
-        """CE against the label, each exchange of --method as one (CNN term, ViT term) pair, then L_cnn,
-        L_vit and the logged numbers."""
+        """CE against the label, each exchange of --method as a (CNN term, ViT term) pair, then L_cnn, L_vit, logs."""
         z_cnn, z_vit = (upsample_logits(out["logits"], target.shape[-2:]) for out in (out_cnn, out_vit))  # Pᶜ, Pᵛ
         valid = (target != self.ignore_index).float()
         n_valid = valid.sum().clamp_min(1)
@@ -485,10 +478,9 @@ class CTCL(nn.Module):
     def region_bsd(self, last_cnn, last_vit, z_cnn, z_vit, ce_cnn, ce_vit, target, valid):
         """Who teaches each region ("Select"), then the transfer on Fₗᶜ, Fₗᵛ. A region's score [I]: mean CE,
         or (--region-score error) the error rate."""
-        score_cnn, score_vit = ce_cnn, ce_vit
-        if self.region_score == "error":
-            score_cnn, score_vit = ((z.argmax(1) != target).float() for z in (z_cnn, z_vit))
-        masks = region_bsd_masks(score_cnn, score_vit, target, self.region_size, self.ignore_index, self.margin)
+        scores = (ce_cnn, ce_vit) if self.region_score == "ce" else [(z.argmax(1) != target).float()
+                                                                      for z in (z_cnn, z_vit)]
+        masks = region_bsd_masks(*scores, target, self.region_size, self.ignore_index, self.margin)
         return self.rbsd(last_cnn, last_vit, *masks, valid, self.bsd_norm == "selected"), masks
 
     def pixel_bsd(self, z_cnn, z_vit, log_p_t, ce_cnn, ce_vit, target, valid):
