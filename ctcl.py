@@ -82,9 +82,7 @@ def conv_bn_relu(in_channels, out_channels, kernel_size=1):
 def dilate_stage(stage, dilation, previous=1):
     """A BasicBlock stage at stride 1, its 3x3 convs dilated [I]: the first keeps the previous stage's
     dilation, the rest get `dilation` (torchvision's Bottleneck way, which it refuses for BasicBlock)."""
-    stage[0].conv1.stride = (1, 1)
-    if stage[0].downsample is not None:
-        stage[0].downsample[0].stride = (1, 1)
+    stage[0].conv1.stride = stage[0].downsample[0].stride = (1, 1)  # layer3 and layer4 start with a downsample
     convs = [conv for block in stage for conv in (block.conv1, block.conv2)]
     for conv, d in zip(convs, [previous] + [dilation] * (len(convs) - 1)):
         conv.dilation, conv.padding = (d, d), (d, d)
@@ -280,14 +278,13 @@ def projector(in_channels, out_channels):
     return nn.Sequential(conv_bn_relu(in_channels, out_channels), nn.Conv2d(out_channels, out_channels, 1))
 
 
-def frozen(module, **kwargs):
-    """module as a fixed function inside a loss: weights detached (no gradient from it), buffers copied
-    (BatchNorm's running statistics stay), in its own mode (training: batch statistics, drop path) [I]."""
-    def call(x):
-        state = {name: p.detach() for name, p in module.named_parameters()}
-        state.update({name: b.clone() for name, b in module.named_buffers()})
-        return torch.func.functional_call(module, state, (x,), kwargs)
-    return call
+def frozen(module, parts=("",), **kwargs):
+    """module(x, **kwargs) as a fixed function in a loss, handed only the tensors of its children `parts` ("": all):
+    weights detached (no gradient from it), buffers copied (BN running stats stay), in its own mode [I]."""
+    children = [(part, module.get_submodule(part)) for part in parts]
+    state = {name: p.detach() for part, child in children for name, p in child.named_parameters(part)}
+    state |= {name: b.clone() for part, child in children for name, b in child.named_buffers(part)}
+    return lambda x: torch.func.functional_call(module, state, (x,), kwargs)
 
 
 class HFD(nn.Module):
@@ -336,9 +333,8 @@ def region_bsd_masks(ce_cnn, ce_vit, target, region_size=32, ignore_index=255, m
 
 
 def expand_region_mask(mask, cells_per_region, size):
-    """Region grid -> feature grid, exactly: cell (y, x) belongs to region (y // s, x // s)."""
-    s = cells_per_region
-    return mask.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)[:, :size[0], :size[1]]
+    """Region grid -> feature grid, exactly: cell (y, x) belongs to region (y // s, x // s), s = cells_per_region."""
+    return mask.repeat_interleave(cells_per_region, 1).repeat_interleave(cells_per_region, 2)[:, :size[0], :size[1]]
 
 
 class RegionBSD(nn.Module):
@@ -378,29 +374,34 @@ def pixel_bsd_masks(logits_cnn, logits_vit, target, ignore_index=255, learner_mu
     With learner_must_be_wrong=False, a right teacher teaches whatever the learner says.
     Logits (B, C, H, W) at label resolution; outputs float {0,1} of shape (B, H, W)."""
     valid = target != ignore_index
-    cnn_right, vit_right = logits_cnn.argmax(1) == target, logits_vit.argmax(1) == target
-    cnn_teaches, vit_teaches = valid & cnn_right, valid & vit_right
+    cnn_teaches, vit_teaches = valid & (logits_cnn.argmax(1) == target), valid & (logits_vit.argmax(1) == target)
     if learner_must_be_wrong:
-        cnn_teaches, vit_teaches = cnn_teaches & ~vit_right, vit_teaches & ~cnn_right
+        cnn_teaches, vit_teaches = cnn_teaches & ~vit_teaches, vit_teaches & ~cnn_teaches
     return cnn_teaches.to(logits_cnn.dtype), vit_teaches.to(logits_cnn.dtype)
 
 
-def kl_map(logits_student, logits_teacher, temperature=1.0):
-    """T²·KL(sg softmax(z_t/T) ‖ softmax(z_s/T)) at each pixel: (B, C, H, W) -> (B, H, W). In fp32 with
-    autocast off, like feature_distance."""
-    with torch.autocast(logits_student.device.type, enabled=False):
-        log_p_student = F.log_softmax(logits_student.float() / temperature, dim=1)
-        log_p_teacher = F.log_softmax(logits_teacher.detach().float() / temperature, dim=1)
-        return temperature ** 2 * F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(1)
+def log_probs(logits, temperature=1.0):
+    """log softmax(z/T) over the classes (dim 1), in fp32 with autocast off; no division when T = 1. Each
+    student's, computed once, serves its CE (at T = 1) and both KL directions."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.log_softmax(logits.float() if temperature == 1 else logits.float() / temperature, dim=1)
 
 
-def pixel_bsd_loss(logits_cnn, logits_vit, cnn_teaches, vit_teaches, valid, temperature=1.0, per_taught=False):
-    """loss_vit = T²·Σ_pixels cnn_teaches·KL(sg Pᶜ ‖ Pᵛ) / N_valid, loss_cnn the mirror image; N_valid
-    counts the valid label pixels (an untransferred one adds 0) [I]; per_taught=True divides by Σ m.
-    With both masks = valid, this is deep mutual learning (DML)."""
+def kl_map(log_p_student, log_p_teacher):
+    """KL(sg P_t ‖ P_s) = Σ_c p_t·(log p_t − log p_s) per pixel, from log-probabilities at temperature T (log_probs):
+    (B, C, H, W) -> (B, H, W), fp32, autocast off. Summed as −Σ_c p_t·(log p_s − log p_t): no negation in backward."""
+    with torch.autocast(log_p_student.device.type, enabled=False):
+        log_p_teacher = log_p_teacher.detach().float()
+        return -(log_p_teacher.exp() * (log_p_student.float() - log_p_teacher)).sum(1)
+
+
+def pixel_bsd_loss(log_p_cnn, log_p_vit, cnn_teaches, vit_teaches, valid, temperature=1.0, per_taught=False):
+    """loss_vit = T²·Σ_pixels cnn_teaches·KL(sg Pᶜ ‖ Pᵛ) / N_valid, loss_cnn the mirror image, from the students'
+    log-probabilities at temperature T (log_probs); N_valid counts the valid label pixels (an untransferred one
+    adds 0) [I]; per_taught=True divides by Σ m. With both masks = valid, this is deep mutual learning (DML)."""
     n_cnn, n_vit = (vit_teaches.sum(), cnn_teaches.sum()) if per_taught else (valid.sum(), valid.sum())
-    return ((vit_teaches * kl_map(logits_cnn, logits_vit, temperature)).sum() / n_cnn.clamp_min(1),
-            (cnn_teaches * kl_map(logits_vit, logits_cnn, temperature)).sum() / n_vit.clamp_min(1))
+    return (temperature ** 2 * (vit_teaches * kl_map(log_p_cnn, log_p_vit)).sum() / n_cnn.clamp_min(1),
+            temperature ** 2 * (cnn_teaches * kl_map(log_p_vit, log_p_cnn)).sum() / n_vit.clamp_min(1))
 
 
 # ----------------------------------------------------------------------------------
@@ -455,26 +456,27 @@ class CTCL(nn.Module):
         return self.objective(self.cnn(images), self.vit(images), target, kd_weight)
 
     def objective(self, out_cnn, out_vit, target, kd_weight=1.0):
-        """CE against the label, each exchange of --method as one (CNN term, ViT term) pair, then L_cnn,
-        L_vit and the logged numbers."""
+        """CE against the label, each exchange of --method as a (CNN term, ViT term) pair, then L_cnn, L_vit, logs."""
         z_cnn, z_vit = (upsample_logits(out["logits"], target.shape[-2:]) for out in (out_cnn, out_vit))  # Pᶜ, Pᵛ
         valid = (target != self.ignore_index).float()
         n_valid = valid.sum().clamp_min(1)
-        ce_cnn, ce_vit = (F.cross_entropy(z, target, ignore_index=self.ignore_index, reduction="none")
-                          for z in (z_cnn, z_vit))
+        log_p = log_probs(z_cnn), log_probs(z_vit)  # once per student: its CE and, at T = 1, both KL directions
+        ce_cnn, ce_vit = (F.nll_loss(lp, target, ignore_index=self.ignore_index, reduction="none") for lp in log_p)
+        log_p_t = log_p if self.temperature == 1 else [log_probs(z, self.temperature) for z in (z_cnn, z_vit)]
         logged = {"ce_cnn": ce_cnn.sum() / n_valid, "ce_vit": ce_vit.sum() / n_valid}
         kd = {}  # name -> (term of the CNN, term of the ViT), before λ and w(t)
         if self.method == "dml":
-            kd["dml"] = pixel_bsd_loss(z_cnn, z_vit, valid, valid, valid, self.temperature)
+            kd["dml"] = pixel_bsd_loss(*log_p_t, valid, valid, valid, self.temperature)
         if self.hfd is not None:  # the peers' next blocks as fixed functions
+            vit_next = frozen(self.vit.encoder, ("patch_embed2", "block2", "norm2"), stage=2)
             kd["hfd"] = self.hfd(out_cnn["low"], out_vit["low"], out_cnn["mid"], out_vit["mid"],
-                                 cnn_next=frozen(self.cnn.backbone.layer2), vit_next=frozen(self.vit.encoder, stage=2))
+                                 cnn_next=frozen(self.cnn.backbone.layer2), vit_next=vit_next)
         if self.rbsd is not None:
             kd["rbsd"], regions = self.region_bsd(out_cnn["last"], out_vit["last"], z_cnn, z_vit, ce_cnn, ce_vit,
                                                   target, valid)
             logged["regions_cnn_teaches"], logged["regions_vit_teaches"] = (m.mean() for m in regions)
         if self.use_pbsd:
-            kd["pbsd"], pixels = self.pixel_bsd(z_cnn, z_vit, ce_cnn, ce_vit, target, valid)
+            kd["pbsd"], pixels = self.pixel_bsd(z_cnn, z_vit, log_p_t, ce_cnn, ce_vit, target, valid)
             logged["pixels_cnn_to_vit"], logged["pixels_vit_to_cnn"] = (m.sum() / n_valid for m in pixels)
         loss_cnn = logged["ce_cnn"] + kd_weight * sum(self.lambdas[name] * c for name, (c, v) in kd.items())
         loss_vit = logged["ce_vit"] + kd_weight * sum(self.lambdas[name] * v for name, (c, v) in kd.items())
@@ -486,22 +488,20 @@ class CTCL(nn.Module):
     def region_bsd(self, last_cnn, last_vit, z_cnn, z_vit, ce_cnn, ce_vit, target, valid):
         """Who teaches each region ("Select"), then the transfer on Fₗᶜ, Fₗᵛ. A region's score [I]: mean CE,
         or (--region-score error) the error rate."""
-        score_cnn, score_vit = ce_cnn, ce_vit
-        if self.region_score == "error":
-            score_cnn, score_vit = ((z.argmax(1) != target).float() for z in (z_cnn, z_vit))
-        masks = region_bsd_masks(score_cnn, score_vit, target, self.region_size, self.ignore_index, self.margin)
+        scores = (ce_cnn, ce_vit) if self.region_score == "ce" else [(z.argmax(1) != target).float()
+                                                                      for z in (z_cnn, z_vit)]
+        masks = region_bsd_masks(*scores, target, self.region_size, self.ignore_index, self.margin)
         return self.rbsd(last_cnn, last_vit, *masks, valid, self.bsd_norm == "selected"), masks
 
-    def pixel_bsd(self, z_cnn, z_vit, ce_cnn, ce_vit, target, valid):
-        """Which pixels each student teaches (--pixel-rule [I]), then the masked KL."""
+    def pixel_bsd(self, z_cnn, z_vit, log_p_t, ce_cnn, ce_vit, target, valid):
+        """Which pixels each student teaches (--pixel-rule [I]), then the masked KL of log_p_t (log_probs at T)."""
         if self.pixel_rule == "all":  # no selection: every valid pixel both ways, the DML term
             masks = valid, valid
         elif self.pixel_rule == "lower-ce":  # the student with the lower CE teaches: region BSD's rule, 1×1 regions
             masks = region_bsd_masks(ce_cnn, ce_vit, target, 1, self.ignore_index)
         else:
-            masks = pixel_bsd_masks(z_cnn.detach(), z_vit.detach(), target, self.ignore_index,
-                                    learner_must_be_wrong=self.pixel_rule == "exclusive")
-        return pixel_bsd_loss(z_cnn, z_vit, *masks, valid, self.temperature, self.bsd_norm == "selected"), masks
+            masks = pixel_bsd_masks(z_cnn, z_vit, target, self.ignore_index, self.pixel_rule == "exclusive")
+        return pixel_bsd_loss(*log_p_t, *masks, valid, self.temperature, self.bsd_norm == "selected"), masks
 
 
 # ----------------------------------------------------------------------------------

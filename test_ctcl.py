@@ -438,6 +438,22 @@ def test_hfd_through_the_peer_trains_only_the_learner_and_leaves_the_peer_bn_alo
     assert torch.autograd.grad(hfd_vit, out_cnn["mid"], allow_unused=True) == (None,)
 
 
+def test_hfd_hands_each_peer_block_only_its_own_tensors(monkeypatch):
+    """frozen hands torch.func.functional_call the tensors of the peer's next block alone: MiT stage 2's 46 of
+    the encoder's 176 parameters and buffers, ResNet layer2's own."""
+    model, images, out_cnn, out_vit = students_and_outputs(mode="train")
+    handed, call = {}, torch.func.functional_call
+
+    def spy(module, state, *rest):
+        handed[module] = set(state)
+        return call(module, state, *rest)
+    monkeypatch.setattr(torch.func, "functional_call", spy)
+    model.objective(out_cnn, out_vit, random_target(2, 48, 64, 4))
+    encoder, layer2 = model.vit.encoder, model.cnn.backbone.layer2
+    stage2 = {name for name in encoder.state_dict() if name.split(".")[0] in ("patch_embed2", "block2", "norm2")}
+    assert handed == {encoder: stage2, layer2: set(layer2.state_dict())}
+    assert len(stage2) == 46 and len(encoder.state_dict()) == 176
+
 def identity_projector_(seq):
     """Make conv -> BN -> ReLU -> conv the identity on non-negative inputs."""
     with torch.no_grad():
@@ -642,7 +658,8 @@ def test_pixel_bsd_masks_teacher_right_rule():
 def test_pixel_bsd_loss_equals_reference(temperature):
     logits_cnn, logits_vit, target = pixel_inputs(seed=3)
     cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, target)
-    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits_cnn, logits_vit, cnn, vit, target != 255, temperature=temperature,
+    log_p = ctcl.log_probs(logits_cnn, temperature), ctcl.log_probs(logits_vit, temperature)
+    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(*log_p, cnn, vit, target != 255, temperature=temperature,
                                              per_taught=True)  # the reference averages over the taught pixels
     assert loss_vit.item() == pytest.approx(ref_masked_kl(logits_vit, logits_cnn, cnn, temperature), abs=1e-6)
     assert loss_cnn.item() == pytest.approx(ref_masked_kl(logits_cnn, logits_vit, vit, temperature), abs=1e-6)
@@ -652,7 +669,7 @@ def test_pixel_bsd_loss_averaged_over_valid_pixels():
     logits_cnn, logits_vit, target = pixel_inputs(seed=7)
     cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, target)
     valid = (target != 255).float()
-    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits_cnn, logits_vit, cnn, vit, valid=valid)
+    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(ctcl.log_probs(logits_cnn), ctcl.log_probs(logits_vit), cnn, vit, valid)
     share = float(cnn.sum() / valid.sum())  # the reference averages over the selected pixels
     assert loss_vit.item() == pytest.approx(ref_masked_kl(logits_vit, logits_cnn, cnn, 1.0) * share, abs=1e-6)
     assert 0 < share < 1
@@ -662,7 +679,8 @@ def test_pixel_bsd_loss_over_valid_pixels_equals_reference():
     logits_cnn, logits_vit, target = pixel_inputs(seed=8)
     cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, target)
     valid = (target != 255).float()
-    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits_cnn, logits_vit, cnn, vit, temperature=2.0, valid=valid)
+    log_p = ctcl.log_probs(logits_cnn, 2.0), ctcl.log_probs(logits_vit, 2.0)
+    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(*log_p, cnn, vit, temperature=2.0, valid=valid)
     n_valid = sum(int(t) != 255 for t in target.flatten())
     assert loss_vit.item() == pytest.approx(ref_masked_kl(logits_vit, logits_cnn, cnn, 2.0, n_valid), rel=1e-5)
     assert loss_cnn.item() == pytest.approx(ref_masked_kl(logits_cnn, logits_vit, vit, 2.0, n_valid), rel=1e-5)
@@ -673,7 +691,8 @@ def test_pixel_bsd_gradients_flow_only_to_the_learner():
     cnn, vit = ctcl.pixel_bsd_masks(logits_cnn, logits_vit, target)
     logits_cnn.requires_grad_(True)
     logits_vit.requires_grad_(True)
-    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits_cnn, logits_vit, cnn, vit, target != 255)
+    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(ctcl.log_probs(logits_cnn), ctcl.log_probs(logits_vit), cnn, vit,
+                                             target != 255)
     g_cnn, g_vit = torch.autograd.grad(loss_cnn, (logits_cnn, logits_vit), allow_unused=True)
     assert g_vit is None and g_cnn.abs().sum() > 0
     g_cnn, g_vit = torch.autograd.grad(loss_vit, (logits_cnn, logits_vit), allow_unused=True)
@@ -685,7 +704,7 @@ def test_pixel_bsd_is_zero_for_identical_students():
     cnn, vit = ctcl.pixel_bsd_masks(logits, logits.clone(), target)
     assert cnn.sum() == 0 and vit.sum() == 0  # nobody is right where the other is wrong
     ones = torch.ones_like(cnn)
-    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(logits, logits.clone(), ones, ones, ones)
+    loss_cnn, loss_vit = ctcl.pixel_bsd_loss(ctcl.log_probs(logits), ctcl.log_probs(logits.clone()), ones, ones, ones)
     assert loss_cnn.item() == pytest.approx(0, abs=1e-6) and loss_vit.item() == pytest.approx(0, abs=1e-6)
 
 
@@ -818,7 +837,8 @@ def test_method_pieces_copied_alone_give_the_objectives_terms():
         ce = [F.cross_entropy(zz, target, ignore_index=255, reduction="none") for zz in z]
         valid = target != 255
         got["rbsd"] = rbsd(out_cnn["last"], out_vit["last"], *pieces["region_bsd_masks"](*ce, target), valid)
-        got["pbsd"] = pieces["pixel_bsd_loss"](*z, *pieces["pixel_bsd_masks"](*z, target), valid)
+        log_p = [F.log_softmax(zz, dim=1) for zz in z]  # at T = 1, the default
+        got["pbsd"] = pieces["pixel_bsd_loss"](*log_p, *pieces["pixel_bsd_masks"](*z, target), valid)
     for name, (c, v) in got.items():
         assert c.item() == pytest.approx(logged[f"{name}_cnn"].item(), rel=1e-6), name
         assert v.item() == pytest.approx(logged[f"{name}_vit"].item(), rel=1e-6), name
@@ -843,7 +863,7 @@ def test_helper_piece_runs_alone(name):
 
 FORBIDDEN = re.compile(r"\.item\(|\.tolist\(|\.cpu\(|nonzero|\bfor\b|\bwhile\b|\[[^\]]*(mask|valid|keep|teaches)[^\]]*\]")
 NO_SYNC_PIECES = ["feature_distance", "region_sums", "region_bsd_masks", "expand_region_mask",
-                  "RegionBSD", "HFD", "pixel_bsd_masks", "kl_map", "pixel_bsd_loss",
+                  "RegionBSD", "HFD", "pixel_bsd_masks", "log_probs", "kl_map", "pixel_bsd_loss",
                   "confusion_matrix"]
 
 
@@ -891,7 +911,7 @@ def test_distances_and_kl_under_bf16_autocast_equal_fp32(agree):
         return (weight * ctcl.feature_distance(a, b)).sum() / weight.sum()
 
     def pixel_like(a, b):
-        return (weight * ctcl.kl_map(a, b)).sum() / weight.sum()
+        return (weight * ctcl.kl_map(ctcl.log_probs(a), ctcl.log_probs(b))).sum() / weight.sum()
     for fn, x, rest in ((hfd_like, a, (b,)), (region_like, a, (b,)), (pixel_like, logits_a, (logits_b,))):
         want, want_grad = value_and_grad(fn, x, *rest)
         got, got_grad = value_and_grad(fn, x, *rest, autocast=True)
@@ -1003,6 +1023,48 @@ def test_cuda_ctcl_step_makes_no_host_sync(cuda):
         torch.cuda.set_sync_debug_mode(0)
 
 
+class BytesMoved(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes read and written by every op but convolutions and matrix products (attention included): each op's
+    tensor inputs and outputs, numel × element size (an in-place op: its read and its write). Not counted: views
+    (outputs that alias an input), allocations (empty*, new_empty*) and prim ops (metadata). §9's proxy for a GPU
+    step's cost beyond its FLOPs."""
+    MATRIX_OPS = {"convolution", "convolution_backward", "mm", "addmm", "bmm", "baddbmm"}
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name, returns = func.overloadpacket.__name__, func._schema.returns
+        if not (func.namespace == "prim" or name in self.MATRIX_OPS or name.startswith(("_scaled_dot_product", "empty",
+                "new_empty")) or returns and all(r.alias_info and not r.alias_info.is_write for r in returns)):
+            self.total += sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
+                              if isinstance(t, torch.Tensor))
+        return out
+
+
+def bytes_per_image(method, crop=256, batch=2, classes=21):
+    """BytesMoved over one forward and backward of CTCL(method), fp32, per image. On fake tensors (shapes and
+    dtypes, no data): a byte count needs no arithmetic, and the step never reads a value on the host."""
+    torch.manual_seed(0)
+    model = ctcl.CTCL(classes, method=method)
+    with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) as fake, BytesMoved() as moved:
+        state = {name: fake.from_tensor(t) for name, t in model.state_dict(keep_vars=True).items()}
+        images, target = torch.empty(batch, 3, crop, crop), torch.zeros(batch, crop, crop, dtype=torch.long)
+        moved.total = 0  # the copies into fake tensors above are no part of the step
+        loss_cnn, loss_vit, _ = torch.func.functional_call(model, state, (images, target))
+        (loss_cnn + loss_vit).backward()
+    return moved.total / batch
+
+
+def test_distillation_moves_few_bytes_beyond_the_independent_students():
+    """§9: at crop 256, batch 2, 21 classes, dml and ctcl move at most 1.32 and 1.50 times the bytes of
+    independent (1.46 and 1.67 while each KL direction computed its own log_softmax of z / T)."""
+    moved = {method: bytes_per_image(method) for method in ("independent", "dml", "ctcl")}
+    assert moved["dml"] <= 1.32 * moved["independent"] and moved["ctcl"] <= 1.50 * moved["independent"], moved
+
+
 # ----------------------------------------------------------------------------------
 # The objective
 
@@ -1108,6 +1170,50 @@ def test_no_selection_teaches_every_valid_pixel_and_region_both_ways():
     dml.load_state_dict(model.state_dict(), strict=False)  # the same students, without projectors
     assert t["pbsd_cnn"] == pytest.approx(dml(images, target)[2]["dml_cnn"].item(), rel=1e-5)
 
+
+
+def ref_kl(student, teacher, temperature):
+    """T²·KL(sg softmax(z_t/T) ‖ softmax(z_s/T)) per pixel, as the objective computed it before the students'
+    log-probabilities were shared: a log_softmax of each side for each direction, a division by T, F.kl_div."""
+    log_p_student = F.log_softmax(student / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher.detach() / temperature, dim=1)
+    return temperature ** 2 * F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_shared_log_probabilities_give_the_losses_and_gradients_of_the_plain_formulas(temperature):
+    """CE and the KL terms of dml and of ctcl (each --pixel-rule, each --bsd-norm), value and gradient w.r.t.
+    both students' logits, equal those of F.cross_entropy and, per direction, log_softmax(z / T) and
+    F.kl_div: computing each student's log-probabilities once changes nothing but rounding."""
+    g = torch.Generator().manual_seed(0)
+    logits = [3 * torch.randn(2, 5, 10, 12, generator=g) for _ in range(2)]  # stride 4 of 40×48, confident
+    target = random_target(2, 40, 48, 5, seed=1)
+    model = ctcl.CTCL(5, lambda_hfd=0, lambda_rbsd=0, temperature=temperature)  # only the terms on the logits
+    with torch.no_grad():  # who teaches where, by the loops above
+        z_cnn, z_vit = (F.interpolate(z, size=(40, 48), mode="bilinear", align_corners=False) for z in logits)
+        ce_cnn, ce_vit = (F.cross_entropy(z, target, ignore_index=255, reduction="none") for z in (z_cnn, z_vit))
+        valid = (target != 255).float()
+        masks = {"all": (valid, valid), "lower-ce": ref_lower_ce_masks(ce_cnn, ce_vit, target),
+                 "exclusive": ref_pixel_masks(z_cnn, z_vit, target),
+                 "teacher-right": ref_pixel_masks(z_cnn, z_vit, target, learner_must_be_wrong=False)}
+    settings = [("dml", "all", "valid")] + [("ctcl", rule, norm) for rule in masks for norm in ("valid", "selected")]
+    for method, rule, norm in settings:
+        model.method, model.use_pbsd, model.pixel_rule, model.bsd_norm = method, method == "ctcl", rule, norm
+        z_got = [x.clone().requires_grad_(True) for x in logits]
+        loss_cnn, loss_vit, logged = model.objective({"logits": z_got[0]}, {"logits": z_got[1]}, target, kd_weight=0.7)
+        got = [loss_cnn, loss_vit, *torch.autograd.grad(loss_cnn + loss_vit, z_got)]
+        z_want = [x.clone().requires_grad_(True) for x in logits]
+        z_cnn, z_vit = (F.interpolate(z, size=(40, 48), mode="bilinear", align_corners=False) for z in z_want)
+        cnn_teaches, vit_teaches = masks[rule]
+        n_cnn, n_vit = (vit_teaches.sum(), cnn_teaches.sum()) if norm == "selected" else (valid.sum(), valid.sum())
+        kd_cnn = (vit_teaches * ref_kl(z_cnn, z_vit, temperature)).sum() / n_cnn
+        kd_vit = (cnn_teaches * ref_kl(z_vit, z_cnn, temperature)).sum() / n_vit
+        want_cnn = F.cross_entropy(z_cnn, target, ignore_index=255) + 0.7 * kd_cnn
+        want_vit = F.cross_entropy(z_vit, target, ignore_index=255) + 0.7 * kd_vit
+        want = [want_cnn, want_vit, *torch.autograd.grad(want_cnn + want_vit, z_want)]
+        assert 0 < n_cnn < valid.numel() and 0 < n_vit < valid.numel() and kd_cnn > 0.01 and kd_vit > 0.01
+        for name, a, b in zip(("loss_cnn", "loss_vit", "grad_cnn", "grad_vit"), got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m: f"{method} {rule} {norm}: {name}: {m}")
 
 def test_learning_rate_schedules_and_groups():
     model = ctcl.CTCL(3)
