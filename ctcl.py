@@ -1376,8 +1376,8 @@ def train(args, ctx, ckpt=None):
                                seed=args.seed, rank=ctx.rank, world_size=ctx.world_size,
                                pin_memory=ctx.device.type == "cuda")
     first_bad = torch.full((), math.inf, device=ctx.device)
-    sums, count, tick = {k: v.to(ctx.device) for k, v in window.get("sums", {}).items()}, window.get("count", 0), \
-        time.time()
+    sums, count = {k: v.to(ctx.device) for k, v in window.get("sums", {}).items()}, window.get("count", 0)
+    tick, timed_from = time.time(), start
     for it in range(start + 1, stop_at + 1):
         images, target = (t.to(ctx.device, non_blocking=True) for t in next(batches))
         # w(t) as a tensor, so that a compiled forward does not recompile as the ramp rises
@@ -1389,9 +1389,9 @@ def train(args, ctx, ckpt=None):
         if it % args.log_every == 0 or it == args.iters:  # the same records, however often the run was stopped
             check_finite(first_bad, saved_at, args.out, ctx.world_size)
             means = dict(zip(sums, (torch.stack(list(sums.values())) / count).tolist()))
-            elapsed, tick = time.time() - tick, time.time()
-            rate = count * args.batch_size / elapsed  # --batch-size is the global batch
-            ctx.print(log_line(it, args.iters, lrs, means, rate, (stop_at - it) * elapsed / count))
+            elapsed, tick, steps, timed_from = time.time() - tick, time.time(), it - timed_from, it
+            rate = steps * args.batch_size / elapsed  # --batch-size is the global batch
+            ctx.print(log_line(it, args.iters, lrs, means, rate, (stop_at - it) * elapsed / steps))
             ctx.log({"type": "train", "iter": it, "lr_cnn": lrs[0], "lr_vit": lrs[1], "images_per_s": rate, **means})
             sums, count = {}, 0
         signum = ctx.stop()  # under DDP the processes agree: all stop after the same step
