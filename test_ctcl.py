@@ -2995,32 +2995,36 @@ def test_runs_launched_together_never_share_a_folder(tmp_path):
     assert sorted(lrs) == [0.01, 0.02, 0.05] and not list(tmp_path.glob("runs/*/.*"))
 
 
-def stop_when(run, line_start, *signals):
-    """Send the signals to the run once its output has a line that starts so; its (exit code, stderr lines)."""
-    for line in run.stdout:
-        if line.startswith(line_start):
-            for signum in signals:  # apart: two signals pending at once are one
-                run.send_signal(signum)
-                time.sleep(0.1)
-            break
-    run.stdout.read()
-    return run.wait(timeout=300), run.stderr.read().splitlines()
+def signalled_at(monkeypatch, iteration, *signals):
+    """The process signals itself during training step `iteration` (as a scheduler or Ctrl-C would, mid-step)."""
+    step, calls = ctcl.train_step, []
+
+    def signalling_step(*a):
+        calls.append(1)
+        if len(calls) == iteration:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+        return step(*a)
+    monkeypatch.setattr(ctcl, "train_step", signalling_step)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_the_run_after_its_step_and_the_same_command_continues_it_exactly(tmp_path, small_data, signum):
-    """SIGTERM (a scheduler) or Ctrl-C mid-run: one line, the shell's exit code, last.pt at the stop's iteration;
-    the very command run again (--resume auto, as a requeued job runs it) ends as a run never stopped: the same
-    weights, and metrics.jsonl (evaluations included) record for record."""
-    recipe = [*SMALL, "--iters", "6", "--log-every", "2", "--eval-every", "3"]
-    whole = state_of(ctcl.main(["--out", str(tmp_path / "whole"), *recipe]))
-    out = tmp_path / "cut"
-    code, err = stop_when(in_a_process(tmp_path, "--out", out, *recipe, "--resume", "auto"), "it 2/6", signum)
-    stopped_at = torch.load(out / "last.pt", weights_only=True)["iter"]
-    assert code == 128 + signum and len(err) == 1 and 2 <= stopped_at < 6
-    assert err[0] == f"ctcl.py: stopped by {signal.Signals(signum).name} at iteration {stopped_at}; {out}/last.pt " \
-        f"holds the run: continue it with `python ctcl.py --resume {out}/last.pt`"
-    resumed = state_of(ctcl.main(["--out", str(out), *recipe, "--resume", "auto"]))
+def test_a_signal_stops_the_run_after_its_step_and_the_same_command_continues_it_exactly(tmp_path, small_data, capsys,
+                                                                                         monkeypatch, signum):
+    """SIGTERM (a scheduler) or Ctrl-C mid-step: the step ends, last.pt is written at its iteration, one line with
+    the shell's exit code; the very command again (--resume auto, as a requeued job runs it) ends as a run never
+    stopped: the same weights, and metrics.jsonl record for record, the evaluation the stop skipped included."""
+    recipe = ["--out", str(tmp_path / "cut"), *SMALL, "--iters", "6", "--log-every", "2", "--eval-every", "3",
+              "--resume", "auto"]
+    whole = state_of(run_main(tmp_path, *recipe[recipe.index("--iters"):-2], out="whole"))
+    handler = signal.getsignal(signum)
+    signalled_at(monkeypatch, 3, signum)
+    last = tmp_path / "cut" / "last.pt"
+    assert one_line_error(recipe, capsys, code=128 + signum) == f"ctcl.py: stopped by {signal.Signals(signum).name} " \
+        f"at iteration 3; {last} holds the run: continue it with `python ctcl.py --resume {last}`"
+    assert torch.load(last, weights_only=True)["iter"] == 3 and signal.getsignal(signum) is handler  # put back
+    monkeypatch.undo()
+    resumed = state_of(ctcl.main(recipe))
     for k in whole:
         assert torch.equal(whole[k], resumed[k]), k
     records = [[{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(tmp_path / run / "metrics.jsonl")]
@@ -3029,13 +3033,11 @@ def test_a_signal_stops_the_run_after_its_step_and_the_same_command_continues_it
         [("train", 2), ("eval", 3), ("train", 4), ("train", 6), ("eval", 6)]
 
 
-def test_a_second_ctrl_c_stops_at_once_and_leaves_no_half_file(tmp_path):
-    out = tmp_path / "out"
-    code, err = stop_when(in_a_process(tmp_path, "--out", out, *SMALL, "--iters", "50"), "it 2/50",
-                          signal.SIGINT, signal.SIGINT)
-    assert code == 130 and len(err) == 1 and err[0].startswith("ctcl.py: stopped at once by a second Ctrl-C")
-    assert not list(out.glob(".*")) and (not (out / "last.pt").exists() or
-                                         torch.load(out / "last.pt", weights_only=True)["iter"] >= 2)
+def test_a_second_ctrl_c_stops_at_once_and_leaves_no_half_file(tmp_path, small_data, capsys, monkeypatch):
+    signalled_at(monkeypatch, 2, signal.SIGINT, signal.SIGINT)
+    assert one_line_error(["--out", tmp_path / "out", *SMALL, "--iters", "5"], capsys, code=130) == \
+        f"ctcl.py: stopped at once by a second Ctrl-C; {tmp_path / 'out' / 'last.pt'}, if there is one, is whole"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["args.json", "metrics.jsonl"]
 
 
 def test_under_ddp_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
