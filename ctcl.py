@@ -46,7 +46,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision import tv_tensors
 from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.ops import StochasticDepth
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -574,12 +573,13 @@ def opened(path, what="image"):
 
 
 def read_image(path):
-    """uint8 RGB (3, H, W) of any image PIL opens, turned as its EXIF orientation says (as a phone shows it)."""
+    """uint8 RGB (3, H, W) of any image PIL opens, turned as its EXIF orientation says (as a phone shows it), a view
+    of H×W×3 memory (resized faster)."""
     with opened(path) as image:
         image = PIL.ImageOps.exif_transpose(image)
         if image.mode.startswith("I"):  # 16- or 32-bit grey: convert("RGB") would clip, so keep the top byte
             image = PIL.Image.fromarray((numpy.asarray(image) >> 8).astype(numpy.uint8))
-        return torch.from_numpy(numpy.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(numpy.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
 def image_size(path):
@@ -589,31 +589,29 @@ def image_size(path):
         return (w, h) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)  # EXIF: turned 90°
 
 
-def read_label(path, image_shape, num_classes, lut=None):
-    """A label PNG of class indices (palette or grey); optional id → train-id table."""
+def read_label(path, size=None):
+    """A label PNG of class ids (palette or grey) as uint8 (H, W), of its image's `size` as read_image turns it."""
     with opened(path, "label") as png:
         if png.mode not in ("P", "L", "1", "I", "I;16"):
             raise UserError(f"label {path} is {png.mode} colour, not class indices: store each pixel's class "
                             "index (0, 1, ...; 255 ignored), e.g. as a palette PNG")
-        label = torch.from_numpy(numpy.array(png, dtype=numpy.int64))
-    label = label if lut is None else lut[label.clamp(0, len(lut) - 1)]
-    if tuple(label.shape) != tuple(image_shape[-2:]):
-        raise UserError(f"label {path} is {tuple(label.shape)} but its image is {tuple(image_shape[-2:])}: "
-                        "a label must have its image's size")
-    bad = ((label >= num_classes) & (label != IGNORE_INDEX)) | (label < 0)
-    if bad.any():
-        raise UserError(f"label {path} holds values {sorted(label[bad].unique().tolist())[:5]} outside "
-                        f"[0, {num_classes}) that are not {IGNORE_INDEX}: fix the label, or list the class")
-    return label.to(torch.uint8)
+        label = numpy.array(png)
+    if label.itemsize > 1 and not 0 <= label.min(initial=0) <= label.max(initial=0) <= 255:  # 16 or 32 bits
+        raise UserError(f"label {path} holds values from {label.min()} to {label.max()}: store class indices 0, 1, "
+                        f"... ({IGNORE_INDEX}: ignored) in 8 bits")
+    if size is not None and label.shape != tuple(size):
+        raise UserError(f"label {path} is {label.shape} but its image is {tuple(size)}: a label must have its "
+                        "image's size")
+    return torch.from_numpy(label.astype(numpy.uint8, copy=False))
 
 
 def from_tensors(images, labels, index):
     return images[index], labels[index]
 
 
-def from_files(pairs, num_classes, lut, index):
+def from_files(pairs, index):
     image = read_image(pairs[index][0])
-    return image, read_label(pairs[index][1], image.shape, num_classes, lut)
+    return image, read_label(pairs[index][1], image.shape[-2:])
 
 
 class SegmentationSet(torch.utils.data.Dataset):
@@ -721,11 +719,15 @@ def read_classes(root):
 
 
 def check_labels(train_pairs, val_pairs, classes):
-    """Every label once, before training: read_label's checks, the 0/255 trap (255 is "ignore"), unseen classes."""
+    """Every label once, before training: mode, size, values, the 0/255 trap (255 is "ignore"), unseen classes."""
     pairs, seen = train_pairs + val_pairs, torch.zeros(2, 256, dtype=torch.bool)  # training, validation labels
     says = os.environ.get("RANK", "0") == "0"  # under torchrun every process checks, and one speaks
     for k, (image, label) in enumerate(pairs, 1):
-        seen[int(k > len(train_pairs)), read_label(label, image_size(image), len(classes)).long().unique()] = True
+        values = read_label(label, image_size(image)).unique().long()
+        if bad := [v for v in values.tolist() if len(classes) <= v != IGNORE_INDEX]:
+            raise UserError(f"label {label} holds values {bad[:5]} outside [0, {len(classes)}) that are not "
+                            f"{IGNORE_INDEX}: fix the label, or list the class")
+        seen[int(k > len(train_pairs)), values] = True
         if k % 1000 == 0 and says:
             print(f"checked {k} of {len(pairs)} labels", file=sys.stderr)
     if seen.any(0).nonzero().flatten().tolist() == [0, IGNORE_INDEX]:
@@ -744,11 +746,12 @@ CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign",
                   "pedestrian", "bicyclist")
 CAMVID_COLOURS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
                   (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))  # SegNet's colour map
-# label id -> class index: Cityscapes' official table (torchvision keeps it), 19 classes; CamVid's 11 is "void"
-CITYSCAPES_LUT = torch.full((256,), IGNORE_INDEX).index_put_(
+# label id -> class index (uint8): Cityscapes' official table (torchvision keeps it), 19 classes; VOC's 21 and
+# CamVid's 11 classes as they are (CamVid's 11 is "void"). Any other value is 255: no label of theirs needs a check.
+CITYSCAPES_LUT = torch.full((256,), IGNORE_INDEX, dtype=torch.uint8).index_put_(
     (torch.tensor([c.id for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19]),),
-    torch.tensor([c.train_id for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19]))
-CAMVID_LUT = torch.arange(256).masked_fill(torch.arange(256) >= 11, IGNORE_INDEX)
+    torch.tensor([c.train_id for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19]).byte())
+VOC_LUT, CAMVID_LUT = (torch.arange(256).masked_fill(torch.arange(256) >= n, IGNORE_INDEX).byte() for n in (21, 11))
 
 # name: class names, default root, crop, batch, iterations, the reader of (image, label) pairs, the splits
 # to train and evaluate on, any default other than the flags' (learning rates, evaluations, colours)
@@ -759,7 +762,7 @@ DATASETS = {
     "synthetic": dict(classes=SYNTHETIC_CLASSES, root=None, crop=48, batch=16, iters=360,
                       cnn_lr=0.02, vit_lr=6e-4, evals=1),
     "voc": dict(classes=VOC_CLASSES, root="data/VOCdevkit/VOC2012", crop=512, batch=16, iters=40_000,
-                pairs=voc_pairs, train="train", val="val"),
+                pairs=voc_pairs, train="train", val="val", lut=VOC_LUT),
     "cityscapes": dict(classes=CITYSCAPES_CLASSES, root="data/cityscapes", crop=(512, 1024), batch=8, iters=80_000,
                        pairs=cityscapes_pairs, train="train", val="val", lut=CITYSCAPES_LUT),
     "camvid": CAMVID,  # the protocol of final numbers: train + val, evaluated on test
@@ -775,7 +778,7 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
     """(train, val) data sets, train items augmented; a folder's labels checked first, and each validation
     image's size (32 pixels a side at least). val.largest_side: what --predict scales larger photos down to."""
     spec = DATASETS[name]
-    classes = classes or spec["classes"]
+    classes, lut = classes or spec["classes"], spec.get("lut")
     if name == "synthetic":
         sets = [make_synthetic(n, seed=data_seed + k) for k, n in enumerate(synthetic_size)]
         loads, largest = [(functools.partial(from_tensors, *s), len(s[0])) for s in sets], sets[1][0].shape[-1]
@@ -784,7 +787,6 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
         if not root.is_dir():
             raise UserError(f"no {name} data at {root.resolve()}: run `bash data_prep.sh {name.split('-')[0]}` "
                             "or point --data-root at it")
-        lut = spec.get("lut")
         splits = [spec["pairs"](root, split) for split in (spec["train"], spec["val"])]
         for split, pairs in zip((spec["train"], spec["val"]), splits):
             missing = next((p for pair in pairs for p in pair if not p.exists()), None)
@@ -797,9 +799,9 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
         if small := next((f"{p} is {h}×{w}" for (p, _), (h, w) in zip(splits[1], sides) if min(h, w) < 32), None):
             raise UserError(f"validation image {small}: the students need 32 pixels a side; scale it up or leave it "
                             "out of the validation split")
-        loads = [(functools.partial(from_files, pairs, len(classes), lut), len(pairs)) for pairs in splits]
+        loads = [(functools.partial(from_files, pairs), len(pairs)) for pairs in splits]
         largest = max(max(side) for side in sides)
-    train, val = (SegmentationSet(load, n, JointTransform(crop)) for (load, n), crop in zip(loads, (crop_size, None)))
+    train, val = (SegmentationSet(f, n, JointTransform(c, lut=lut)) for (f, n), c in zip(loads, (crop_size, None)))
     val.largest_side = largest
     return train, val
 
@@ -813,24 +815,39 @@ def normalize(images):
                                    IMAGENET_STD)
 
 
-class JointTransform:
-    """Image and label together: scale 0.5–2.0, crop (padding 0, label 255), flip, normalise; validation: normalise."""
+def to_device(images, target, device):
+    """A batch as the loader hands it over (uint8, a quarter of fp32's bytes), on the device: normalised, int64."""
+    return normalize(images.to(device, non_blocking=True)), target.to(device, non_blocking=True).long()
 
-    def __init__(self, crop_size=None, scale=(0.5, 2.0)):
-        self.scale = scale
-        self.crop_flip = None if crop_size is None else v2.Compose([
-            v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}),
-            v2.RandomHorizontalFlip()])
+
+class JointTransform:
+    """Image and label together, uint8: scale 0.5–2.0, crop (padding 0, label 255), flip, then `lut` (id -> class);
+    v2's draws and pixels (resize, RandomCrop(pad_if_needed), RandomHorizontalFlip), but resized only up to the
+    window's far corner. Validation: the table alone."""
+
+    def __init__(self, crop_size=None, scale=(0.5, 2.0), lut=None):
+        self.crop_size, self.scale, self.lut = crop_size, scale, lut
 
     def __call__(self, image, label):
-        image, label = tv_tensors.Image(image), tv_tensors.Mask(label)
-        if self.crop_flip is not None:
-            r = float(torch.empty(()).uniform_(*self.scale))
-            size = [max(1, round(s * r)) for s in image.shape[-2:]]
-            image = v2.functional.resize(image, size, antialias=True)
-            label = v2.functional.resize(label, size)  # a Mask is resized with nearest
-            image, label = self.crop_flip(image, label)
-        return normalize(image.as_subclass(torch.Tensor)), label.as_subclass(torch.Tensor).long()
+        if self.crop_size is not None:
+            r, ((h, w), crop) = float(torch.empty(()).uniform_(*self.scale)), (image.shape[-2:], self.crop_size)
+            size = [max(1, round(s * r)) for s in (h, w)]
+            # RandomCrop's draws, top first; a side shorter than the crop is padded by the difference at both ends
+            start = [int(torch.randint(0, abs(n - c) + 1, ())) - max(0, c - n) if n != c else 0
+                     for n, c in zip(size, crop)]
+            (y0, x0), (y1, x1) = [max(0, s) for s in start], [min(n, s + c) for n, s, c in zip(size, start, crop)]
+            # torch leaves a side as long as the image's unresized, whatever the scale: one more row or column
+            end = [e + (e == n != m) for e, n, m in zip((y1, x1), (h, w), size)]
+            part = torch.ops.aten._upsample_bilinear2d_aa(image[None], end, False, size[0] / h, size[1] / w)[0]
+            # a label pixel's source, as torch's "nearest" picks it: floor(index * in / out), in float32
+            rows, cols = (numpy.minimum((numpy.arange(a, b, dtype=numpy.float32) * (numpy.float32(n) / m)).astype(int),
+                                        n - 1) for a, b, n, m in ((y0, y1, h, size[0]), (x0, x1, w, size[1])))
+            pad = [x0 - start[1], start[1] + crop[1] - x1, y0 - start[0], start[0] + crop[0] - y1]
+            image = F.pad(part[:, y0:y1, x0:x1], pad)
+            label = F.pad(torch.from_numpy(label.numpy().take(rows, 0).take(cols, 1)), pad, value=IGNORE_INDEX)
+            if torch.rand(1) < 0.5:  # RandomHorizontalFlip's draw
+                image, label = image.flip(-1), label.flip(-1)
+        return image, label if self.lut is None else torch.from_numpy(self.lut.numpy().take(label.numpy()))
 
 
 class TrainingSampler(torch.utils.data.Sampler):
@@ -993,8 +1010,8 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
     # a generator of its own: evaluating must not move the training's random stream
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, generator=torch.Generator(),
                                          sampler=indices, pin_memory=device.type == "cuda")
-    for index, (image, target) in zip(indices, loader):
-        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+    for index, (pixels, ids) in zip(indices, loader):
+        image, target = to_device(pixels, ids, device)
         logits = student_logits(model, image, target.shape[-2:], autocast)
         preds = predictions(logits)
         for name, pred in preds.items():
@@ -1002,7 +1019,7 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
         conf["agreement"] += agreement_matrix(preds["cnn"], preds["vit"], target, model.ignore_index)
         if vis_dir is not None and index < vis_count:
             vis_dir.mkdir(parents=True, exist_ok=True)
-            panel = render_panel(image[0], target[0], logits["cnn"], logits["vit"], model.region_size, model.margin,
+            panel = render_panel(pixels[0], target[0], logits["cnn"], logits["vit"], model.region_size, model.margin,
                                  model.ignore_index, colours)
             write_whole(vis_dir / f"{tag}{index:03d}.png", lambda f: panel.save(f, format="PNG"))
     if world_size > 1:
@@ -1046,15 +1063,14 @@ def draw_panel(tiles, names, legend):
 
 
 def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ignore_index=255, colours=None):
-    """A --vis panel: image, truth, CNN, ViT, region directions, pixel transfers, and the direction colours."""
+    """A --vis panel: the (uint8) image, truth, CNN, ViT, region directions, pixel transfers, the direction colours."""
     h, w = target.shape
     ce = [F.cross_entropy(z, target[None], ignore_index=ignore_index, reduction="none")
           for z in (logits_cnn, logits_vit)]
     regions = region_bsd_masks(*ce, target[None], region_size, ignore_index, margin)
     pixels = pixel_bsd_masks(logits_cnn, logits_vit, target[None], ignore_index)
     table = colour_table(colours)
-    mean, std = (torch.tensor(c).view(3, 1, 1) for c in (IMAGENET_MEAN, IMAGENET_STD))
-    tiles = [((image.cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0)]
+    tiles = [image.permute(1, 2, 0)]  # uint8 from the loader: no normalisation to undo
     tiles += [table[t.cpu()] for t in (target, logits_cnn[0].argmax(0), logits_vit[0].argmax(0))]
     for cnn_mask, vit_mask in ([expand_region_mask(m, region_size, (h, w))[0] for m in regions],
                                [m[0] for m in pixels]):
@@ -1297,7 +1313,7 @@ def train(args, ctx, ckpt=None):
     first_bad = torch.full((), math.inf, device=ctx.device)
     sums, count, tick, conf = {}, 0, time.time(), None
     for it in range(start + 1, stop_at + 1):
-        images, target = (t.to(ctx.device, non_blocking=True) for t in next(batches))
+        images, target = to_device(*next(batches), ctx.device)
         # w(t) as a tensor, so that a compiled forward does not recompile as the ramp rises
         kd_weight = torch.full((), sigmoid_rampup(it - 1, args.kd_warmup), device=ctx.device)
         lrs = [optimizers[0].param_groups[0]["lr"], optimizers[1].param_groups[0]["lr"]]  # this step's
