@@ -2219,6 +2219,26 @@ def test_a_broken_folder_is_refused_in_one_line_before_anything_is_written(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_jpeg_and_png_are_decoded_by_torchvision_and_by_pil_once_it_has_no_decoders(tmp_path, monkeypatch):
+    """torchvision.io decodes JPEG and PNG faster here; its decoders are deprecated (0.29): PIL reads them the same."""
+    rgb = random_rgb(6, 10, 0).astype("uint8")
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 8  # "rotate 90° counter-clockwise to show"
+    PIL.Image.fromarray(rgb).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    PIL.Image.fromarray(rgb).save(tmp_path / "plain.png")
+    PIL.Image.fromarray(rgb[..., 0]).save(tmp_path / "label.png")
+    with monkeypatch.context() as m:
+        m.setattr(ctcl, "opened", None)  # PIL's decoding is not used for images
+        fast = {name: ctcl.read_image(tmp_path / name) for name in ("phone.jpg", "plain.png")}
+    assert numpy.array_equal(fast["plain.png"].permute(1, 2, 0).numpy(), rgb) and fast["phone.jpg"].shape == (3, 10, 6)
+    label = ctcl.read_label(tmp_path / "label.png")
+    monkeypatch.delattr(torchvision.io, "decode_image")
+    monkeypatch.delattr(torchvision.io, "decode_png")
+    for name, image in fast.items():
+        assert torch.equal(ctcl.read_image(tmp_path / name), image), name
+    assert torch.equal(ctcl.read_label(tmp_path / "label.png"), label) and label.dtype == torch.uint8
+
+
 # ----------------------------------------------------------------------------------
 # Using what was trained: --predict, the ensemble, --export
 
@@ -2250,7 +2270,7 @@ def test_read_image_takes_any_mode_and_turns_as_exif_says(tmp_path):
     for name, array in want.items():
         path = next(tmp_path.glob(f"{name}.*"))
         assert numpy.array_equal(ctcl.read_image(path).permute(1, 2, 0).numpy(), array), name
-        assert ctcl.image_size(path) == array.shape[:2], name
+        assert ctcl.image_header(path)[0] == array.shape[:2], name
 
 
 def test_predict_writes_exactly_what_evaluation_scores(tmp_path, capsys):
@@ -2666,7 +2686,7 @@ def test_folder_labels_in_any_case_hidden_files_skipped_one_stem_one_image(tmp_p
 def test_an_image_over_pils_pixel_limit_is_read(tmp_path):
     path = tmp_path / "panorama.png"
     PIL.Image.new("1", (20_000, 9_500)).save(path)  # 190 MP: PIL's bomb check refuses it by default
-    assert ctcl.image_size(path) == (9_500, 20_000)
+    assert ctcl.image_header(path) == ((9_500, 20_000), 1)
 
 
 def test_an_out_that_is_a_file_or_not_writable_is_one_line(tmp_path, small_data, one_step, capsys, monkeypatch):
