@@ -595,8 +595,8 @@ def image_header(path):
         return (image.size if turn in (5, 6, 7, 8) else image.size[::-1]), turn
 
 
-def read_label(path, size=None):
-    """A label PNG of class ids (palette or grey) as uint8 (H, W), of its image's `size` as read_image turns it."""
+def read_label(path, size=None, image=None):
+    """A label PNG of class ids (palette or grey) as uint8 (H, W), of the size of its `image` as read_image turns it."""
     with opened(path, "label") as png:
         if png.mode not in ("P", "L", "1", "I", "I;16"):
             raise UserError(f"label {path} is {png.mode} colour, not class indices: store each pixel's class "
@@ -607,8 +607,10 @@ def read_label(path, size=None):
         raise UserError(f"label {path} holds values from {label.min()} to {label.max()}: store class indices 0, 1, "
                         f"... ({IGNORE_INDEX}: ignored) in 8 bits")
     if size is not None and label.shape != tuple(size):
-        raise UserError(f"label {path} is {label.shape} but its image is {tuple(size)}: a label must have its "
-                        "image's size")
+        turned = label.shape == tuple(size)[::-1] and image_header(image)[1] in (5, 6, 7, 8)
+        raise UserError(f"label {path} is {label.shape} but its image is {tuple(size)}" + (
+            " as its EXIF orientation turns it: a label follows the image as a viewer shows it (turned); turn the "
+            "label too" if turned else ": a label must have its image's size"))
     return torch.from_numpy(label.astype(numpy.uint8, copy=False))
 
 
@@ -618,7 +620,7 @@ def from_tensors(images, labels, index):
 
 def from_files(pairs, index):
     image = read_image(pairs[index][0])
-    return image, read_label(pairs[index][1], image.shape[-2:])
+    return image, read_label(pairs[index][1], image.shape[-2:], pairs[index][0])
 
 
 class SegmentationSet(torch.utils.data.Dataset):
@@ -703,7 +705,9 @@ def folder_pairs(root, split):
         if stem not in labels or stem not in images:
             what = images.get(stem) or labels.get(stem) or f"{lists[split == 'val']} lists {stem}, which"
             lack = f"label labels/{stem}.png" if stem in images else f"image images/{stem}.jpg (or .jpeg, .png, .bmp)"
-            raise UserError(f"{what} has no {lack} under {root}: add it, or leave {stem} out")
+            raise UserError(f"{what} has no {lack} under {root}: add it, or leave {stem} out" + (
+                stem not in images.keys() | labels.keys()) * f" (a stem is a file's name without folder and suffix, "
+                f"e.g. {pathlib.PurePath(stem).stem})")
     return [(images[stem], labels[stem]) for stem in stems]
 
 
@@ -726,15 +730,18 @@ def read_classes(root):
 
 
 def check_labels(train_pairs, val_pairs, classes):
-    """Every label once, before training: mode, size, values, the 0/255 trap (255 is "ignore"), unseen classes."""
+    """Every label once, before training: mode, size, values, the 0/255 trap (255 is "ignore"), unseen classes,
+    images that EXIF turns (said once: their labels are taken to follow them turned)."""
     pairs, seen = train_pairs + val_pairs, torch.zeros(2, 256, dtype=torch.bool)  # training, validation labels
-    says = os.environ.get("RANK", "0") == "0"  # under torchrun every process checks, and one speaks
+    says, turned = os.environ.get("RANK", "0") == "0", []  # under torchrun every process checks, and one speaks
     for k, (image, label) in enumerate(pairs, 1):
-        values = read_label(label, image_header(image)[0]).unique().long()
+        size, turn = image_header(image)
+        values = read_label(label, size, image).unique().long()
         if bad := [v for v in values.tolist() if len(classes) <= v != IGNORE_INDEX]:
             raise UserError(f"label {label} holds values {bad[:5]} outside [0, {len(classes)}) that are not "
                             f"{IGNORE_INDEX}: fix the label, or list the class")
         seen[int(k > len(train_pairs)), values] = True
+        turned += [image] * (turn != 1)
         if k % 1000 == 0 and says:
             print(f"checked {k} of {len(pairs)} labels", file=sys.stderr)
     if seen.any(0).nonzero().flatten().tolist() == [0, IGNORE_INDEX]:
@@ -742,6 +749,9 @@ def check_labels(train_pairs, val_pairs, classes):
                         "foreground would never be learnt; store it as 1 (and name it on line 2 of classes.txt)")
     if (never := [name for c, name in enumerate(classes) if not seen[0, c]]) and says:
         print(f"warning: the training labels never show {', '.join(never)}", file=sys.stderr)
+    if turned and says:
+        print(f"warning: {len(turned)} images carry an EXIF rotation, e.g. {turned[0]}: their labels are taken to "
+              "follow the image as a viewer shows it (rotated)", file=sys.stderr)
 
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",

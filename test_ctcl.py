@@ -2184,6 +2184,17 @@ def stem_without_files(root):
     return "val.txt lists ghost, which has no image images/ghost.jpg"
 
 
+def stem_with_suffix(root):
+    (root / "val.txt").write_text("img09.jpg\nimg10\nimg11\n")
+    return ("val.txt lists img09.jpg, which has no image images/img09.jpg.jpg (or .jpeg, .png, .bmp) under "
+            f"{root}: add it, or leave img09.jpg out (a stem is a file's name without folder and suffix, e.g. img09)")
+
+
+def stem_with_folder(root):
+    (root / "train.txt").write_text("images/img00\n")
+    return "(a stem is a file's name without folder and suffix, e.g. img00)"
+
+
 def one_list(root):
     (root / "val.txt").unlink()
     return "has one of train.txt and val.txt: write both lists of stems, or neither"
@@ -2210,13 +2221,49 @@ def masks_of_0_and_255(root):
 
 
 @pytest.mark.parametrize("corrupt", [no_classes, empty_classes, too_many_classes, image_without_label, label_without_image,
-                                     stem_without_files, one_list, colour_label, label_of_another_size,
+                                     stem_without_files, stem_with_suffix, stem_with_folder, one_list, colour_label,
+                                     label_of_another_size,
                                      value_beyond_the_classes, masks_of_0_and_255])
 def test_a_broken_folder_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys, corrupt):
     root = fake_folder(tmp_path / "mine", lists=corrupt is not image_without_label)
     message = corrupt(root)
     assert message in one_line_error(folder_run(root, tmp_path / "out"), capsys)
     assert not (tmp_path / "out").exists()
+
+
+def turn_by_exif(path, orientation=6):
+    """Store the pixels of an image as they are, with an EXIF orientation that turns them (6: 90° clockwise)."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation
+    with PIL.Image.open(path) as image:
+        image.load()
+    image.save(path, exif=exif)
+
+
+def test_a_label_that_follows_the_stored_pixels_of_an_exif_turned_image_is_named_so(tmp_path, capsys):
+    root = fake_folder(tmp_path / "mine")
+    turn_by_exif(root / "images" / "img05.jpg")  # stored 40×48, shown 48×40; its label stays 40×48
+    assert "img05.png is (40, 48) but its image is (48, 40) as its EXIF orientation turns it: a label follows the " \
+        "image as a viewer shows it (turned); turn the label too" in one_line_error(folder_run(root, tmp_path / "o"), capsys)
+    write_image(root / "labels" / "img05.png", random_label(48, 40, [0, 1], 0), "L")  # as shown: it fits
+    write_image(root / "labels" / "img06.png", random_label(48, 40, [0, 1], 0), "L")  # unturned: no word of EXIF
+    assert one_line_error(folder_run(root, tmp_path / "o"), capsys).endswith(
+        "img06.png is (48, 40) but its image is (40, 48): a label must have its image's size")
+
+
+def test_images_with_an_exif_rotation_are_one_warning_before_step_1(tmp_path, capsys, monkeypatch):
+    """Square images: any label fits, turned or not; rotations of 180° keep the size too. One line, rank 0 only."""
+    root = fake_folder(tmp_path / "mine", h=40, w=40)
+    turn_by_exif(root / "images" / "img02.jpg")
+    turn_by_exif(root / "images" / "img10.jpg", orientation=3)  # a validation image, upside down
+    splits = [ctcl.folder_pairs(root, split) for split in ("train", "val")]
+    ctcl.check_labels(*splits, ["background", "cat", "dog"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "EXIF" in line]
+    assert warnings == [f"warning: 2 images carry an EXIF rotation, e.g. {root / 'images' / 'img02.jpg'}: their "
+                        "labels are taken to follow the image as a viewer shows it (rotated)"]
+    monkeypatch.setenv("RANK", "1")
+    ctcl.check_labels(*splits, ["background", "cat", "dog"])
+    assert capsys.readouterr().err == ""
 
 
 def test_jpeg_and_png_are_decoded_by_torchvision_and_by_pil_once_it_has_no_decoders(tmp_path, monkeypatch):
