@@ -895,10 +895,24 @@ def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, wo
                         "lower --batch-size")
     sampler = TrainingSampler(len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                               start_iter=start_iter)
+    # each worker keeps 2 batches (the prefetch factor) in /dev/shm, for each process here; Docker gives it 64 MB
+    need = workers * 2 * batch_size // world_size * sum(t.nbytes for t in dataset[(0, 0)]) if workers else 0
+    free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else math.inf
+    if need * int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > free:
+        raise UserError(f"/dev/shm has {free / 2 ** 20:.0f} MB free, too little for the batches that {workers} loader "
+                        f"workers keep there ({need / 2 ** 20:.0f} MB a process): run docker with --ipc=host or "
+                        "--shm-size=2g, or lower --workers")
     # the loader's own generator keeps its worker seeding off the global random stream
     return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
                                             num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
                                             generator=torch.Generator().manual_seed(seed)))
+
+
+def loader_workers():
+    """--workers' default: the CPUs this process may use, shared by the processes torchrun starts on the machine;
+    16 at most: more than a step needs (--benchmark says) only hold more batches in shared memory."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 # ----------------------------------------------------------------------------------
@@ -1535,7 +1549,8 @@ def get_args_parser():
     a("--eval-every", type=count, default=None, help="evaluate and checkpoint every N iterations (default: iters/5)")
     a("--save-every", type=count, default=2000, help="also checkpoint every N iterations")
     a("--log-every", type=count, default=None, help="log every N iterations (default: iters/30, at most 50)")
-    a("--workers", type=number(int, 0), default=None, help="loader processes (default: 0 synthetic, else 8)")
+    a("--workers", type=number(int, 0), default=None, help="loader processes (default: 0 synthetic, else the CPUs "
+      "this process may use, 16 at most)")
     a("--seed", type=number(int, 0, 999_999), default=0, help="seed of weights, sampling and augmentation")
     a("--out", type=pathlib.Path, default=None, help="output folder (default: runs/DATA-METHOD-sSEED, or its next free "
       "-2, -3 ...; the checkpoint's with --resume, its predict/ or export/)")
@@ -1599,7 +1614,7 @@ def fill_defaults(args):
     args.cnn_lr = given_or(args.cnn_lr, spec.get("cnn_lr", 0.01))
     args.vit_lr = given_or(args.vit_lr, spec.get("vit_lr", 6e-5))
     args.log_every = given_or(args.log_every, max(1, min(50, args.iters // 30)))
-    args.workers = given_or(args.workers, 8 if real else 0)
+    args.workers = given_or(args.workers, loader_workers() if real else 0)
     args.kd_warmup = given_or(args.kd_warmup, args.iters // 20)
     args.vit_warmup = given_or(args.vit_warmup, min(1500, args.iters // 10))
     args.pretrained = given_or(args.pretrained, real)

@@ -4,6 +4,7 @@ last, the edges a new user meets on the first day (reruns, resume, odd files, la
 Every mask and loss is checked against a brute-force reference written here with
 plain Python loops. Run: python -m pytest -q test_ctcl.py
 """
+import collections
 import contextlib
 import functools
 import inspect
@@ -12,6 +13,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1364,6 +1366,34 @@ def test_training_batches_after_a_resume_are_the_batches_of_the_whole_run(worker
     whole4 = take(batches(0, batch_size=4), 3)
     assert all(h.shape == (2, 2) for h in halves[0]) and \
         all(torch.equal(torch.cat([a, b]), w) for a, b, w in zip(*halves, whole4))
+
+
+@pytest.mark.parametrize("cpus,local,want", [(12, None, 12), (12, "4", 3), (64, None, 16), (3, "8", 1)])
+def test_workers_default_to_this_process_share_of_its_cpus(monkeypatch, cpus, local, want):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    if local:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    else:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for data, workers in (("voc", want), ("synthetic", 0)):
+        args = ctcl.get_args_parser().parse_args(["--data", data, "--vit-weights", "none"])
+        ctcl.fill_defaults(args)
+        assert args.workers == workers, data
+
+
+def test_too_little_shared_memory_for_the_workers_batches_is_one_line_before_step_1(tmp_path, small_data, capsys,
+                                                                                  monkeypatch):
+    """2 workers × 2 batches in flight × 2 images × (3 + 1) × 32 × 32 bytes = 32 KiB, 3 processes on the machine."""
+    disk = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: disk(2 ** 30, 2 ** 30 - 90_000, 90_000))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    message = one_line_error(["--out", tmp_path / "o", *SMALL, "--iters", "1", "--workers", "2"], capsys)
+    assert "/dev/shm has 0 MB free, too little for the batches that 2 loader workers keep there (0 MB a process): run " \
+        "docker with --ipc=host or --shm-size=2g, or lower --workers" in message
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 64 KiB of batches: they fit
+    batches = ctcl.training_batches(ctcl.build_datasets("synthetic", None, [32, 32])[0], batch_size=2, start_iter=0,
+                                    workers=2, seed=0, rank=0, world_size=1, pin_memory=False)
+    assert next(batches)[0].dtype == torch.uint8
 
 
 def test_training_loader_is_made_once_per_run(tmp_path, small_data, monkeypatch):
