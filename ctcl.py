@@ -1732,8 +1732,16 @@ def student_sizes(model, crop_size, device, autocast, sync, runs=5):
 
 def benchmark(args, ctx, rounds=5, steps=3):
     """ms per training step of independent, dml and ctcl, interleaved (median of `rounds`, after a warm-up);
-    on a GPU each one's peak memory (its weights, gradients, moments and one step's most); the students' sizes."""
-    classes, cuda = len(args.classes), ctx.device.type == "cuda"
+    on a GPU each one's peak memory (its weights, gradients, moments and one step's most); the students' sizes;
+    the images/s one loader worker delivers on --data, and the workers that --method's step needs."""
+    classes, cuda, method, threads = len(args.classes), ctx.device.type == "cuda", args.method, torch.get_num_threads()
+    batches = training_batches(build_datasets(args.data, args.data_root, args.crop_size, args.data_seed, (
+        args.batch_size, 1), args.classes)[0], batch_size=args.batch_size, start_iter=0, workers=0, seed=args.seed,
+        rank=0, world_size=1, pin_memory=False)  # workers 0: this process reads, transforms and collates
+    torch.set_num_threads(1)  # as one loader worker; a first batch loads the decoders, two are timed
+    next(batches)
+    loader = 1000 / milliseconds(lambda: [next(batches) for _ in "ab"], lambda: None, 2 * args.batch_size)
+    torch.set_num_threads(threads)
     images = torch.randn(args.batch_size, 3, *args.crop_size, device=ctx.device)
     target = torch.randint(0, classes, (args.batch_size, *args.crop_size), device=ctx.device)
     target[:, :, :4] = IGNORE_INDEX
@@ -1767,6 +1775,8 @@ def benchmark(args, ctx, rounds=5, steps=3):
                                                       "sizes": sizes}
     result |= {"peak_mem_mb": {m: run["peak"] / 2 ** 20 for m, run in runs.items()}} if cuda else {
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # the process's, all three
+    step = args.batch_size * 1000 / ms[method]
+    result |= {"loader_img_s": loader, "step_img_s": step, "workers_needed": math.ceil(step / loader)}
     where = torch.cuda.get_device_name(ctx.device) if cuda else f"CPU ({os.cpu_count()} cores)"
     ctx.print(f"benchmark on {where}, crop {args.crop_size}, batch {args.batch_size}, amp {args.amp}, "
               f"compile {args.compile}, median of {rounds} rounds of {steps} steps\n"
@@ -1774,7 +1784,8 @@ def benchmark(args, ctx, rounds=5, steps=3):
                           + (f"{runs[m]['peak'] / 2 ** 20:>9.0f} MB" if cuda else "") for m, v in ms.items())
               + "".join(f"\n{name:<12}{s['params_m']:>8.2f} M parameters{s['gmacs']:>9.2f} GMACs"
                         f"{s['ms_per_image']:>9.1f} ms/image (batch 1)" for name, s in sizes.items())
-              + "\n" + json.dumps(result))
+              + f"\nloader      {loader:>8.1f} img/s from one worker on {args.data} (one thread); the {method} step "
+              f"takes {step:.1f} img/s: {result['workers_needed']} workers\n" + json.dumps(result))
     return result
 
 

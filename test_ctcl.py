@@ -1805,12 +1805,17 @@ def test_benchmark_prints_json_line(capsys):
     args = ctcl.get_args_parser().parse_args(["--benchmark", "--gpu", "-1", "--crop-size", "32", "--batch-size", "2"])
     ctcl.fill_defaults(args)
     result = ctcl.benchmark(args, ctcl.Runtime(args.gpu, args.amp, None), rounds=1, steps=1)  # main() takes 5 × 3
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out.strip().splitlines()
+    last = json.loads(out[-1])
     assert set(last) == {"independent_ms", "dml_ms", "ctcl_ms", "ctcl_over_independent", "peak_rss_mb", "warmup_s",
-                         "sizes"}  # the CPU has only the process's peak; a GPU gives one per method
+                         "sizes", "loader_img_s", "step_img_s", "workers_needed"}  # the CPU: the process's peak only
     assert set(last["warmup_s"]) == {"independent", "dml", "ctcl"} and min(last["warmup_s"].values()) > 0
     assert last["ctcl_over_independent"] == pytest.approx(last["ctcl_ms"] / last["independent_ms"])
     assert result == last and last["peak_rss_mb"] > 0
+    assert last["loader_img_s"] > 0 and last["step_img_s"] == pytest.approx(2000 / last["ctcl_ms"])
+    assert last["workers_needed"] == math.ceil(last["step_img_s"] / last["loader_img_s"])
+    assert out[-2] == (f"loader      {last['loader_img_s']:>8.1f} img/s from one worker on synthetic (one thread); the "
+                       f"ctcl step takes {last['step_img_s']:.1f} img/s: {last['workers_needed']} workers")
     students = {"cnn": ctcl.DeepLabV3Plus(5), "vit": ctcl.SegFormer(5)}
     for name, student in students.items():
         assert last["sizes"][name]["params_m"] == sum(p.numel() for p in student.parameters()) / 1e6
