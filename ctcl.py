@@ -48,7 +48,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision import tv_tensors
 from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.ops import StochasticDepth
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -578,52 +577,60 @@ def opened(path, what="image"):
     try:
         with PIL.Image.open(path) as image:
             yield image
-    except (OSError, SyntaxError, ValueError) as error:
+    except (OSError, SyntaxError, ValueError, RuntimeError) as error:  # RuntimeError: torchvision.io's
         raise UserError(f"cannot decode {what} {path} ({type(error).__name__}): the file is damaged or not an "
                         "image; replace it or leave it out (data_prep.sh fetches a data set's again)") from None
 
 
 def read_image(path):
-    """uint8 RGB (3, H, W) of any image PIL opens, turned as its EXIF orientation says (as a phone shows it)."""
+    """uint8 RGB (3, H, W) of any image PIL opens, turned as its EXIF orientation says (as a phone shows it), a view
+    of H×W×3 memory (resized faster); JPEG and PNG by torchvision.io, faster here, while it has and reads them."""
+    with contextlib.suppress(RuntimeError, AttributeError):  # CMYK, damaged, decoders gone (deprecated in 0.29)
+        if pathlib.Path(path).suffix.lower() in (".jpg", ".jpeg", ".png"):
+            image = torchvision.io.decode_image(torchvision.io.read_file(str(path)), torchvision.io.ImageReadMode.RGB,
+                                                apply_exif_orientation=True)
+            return image if image.dtype == torch.uint8 else (image.int() >> 8).byte()  # 16 bits: the top byte
     with opened(path) as image:
         image = PIL.ImageOps.exif_transpose(image)
         if image.mode.startswith("I"):  # 16- or 32-bit grey: convert("RGB") would clip, so keep the top byte
             image = PIL.Image.fromarray((numpy.asarray(image) >> 8).astype(numpy.uint8))
-        return torch.from_numpy(numpy.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(numpy.array(image.convert("RGB"))).permute(2, 0, 1)
 
 
-def image_size(path):
-    """(H, W) of an image as read_image turns it, from the file's header alone."""
+def image_header(path):
+    """(H, W) of an image as read_image turns it and its EXIF orientation (1: as stored, 5-8: turned 90°), from the
+    header alone: as torchvision.io, not a PNG's eXIf past its pixels (PIL would decode the image to find it)."""
     with opened(path) as image:
-        w, h = image.size
-        return (w, h) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)  # EXIF: turned 90°
+        turn = (image.getexif() if image.format != "PNG" or "exif" in image.info else {}).get(0x0112, 1)
+        return (image.size if turn in (5, 6, 7, 8) else image.size[::-1]), turn
 
 
-def read_label(path, image_shape, num_classes, lut=None):
-    """A label PNG of class indices (palette or grey); optional id → train-id table."""
+def read_label(path, size=None, image=None):
+    """A label PNG of class ids (palette or grey) as uint8 (H, W), of the size of its `image` as read_image turns it."""
     with opened(path, "label") as png:
         if png.mode not in ("P", "L", "1", "I", "I;16"):
             raise UserError(f"label {path} is {png.mode} colour, not class indices: store each pixel's class "
                             "index (0, 1, ...; 255 ignored), e.g. as a palette PNG")
-        label = torch.from_numpy(numpy.array(png, dtype=numpy.int64))
-    label = label if lut is None else lut[label.clamp(0, len(lut) - 1)]
-    if tuple(label.shape) != tuple(image_shape[-2:]):
-        raise UserError(f"label {path} is {tuple(label.shape)} but its image is {tuple(image_shape[-2:])}: "
-                        "a label must have its image's size")
-    bad = ((label >= num_classes) & (label != IGNORE_INDEX)) | (label < 0)
-    if bad.any():
-        raise UserError(f"label {path} holds values {sorted(label[bad].unique().tolist())[:5]} outside "
-                        f"[0, {num_classes}) that are not {IGNORE_INDEX}: fix the label, or list the class")
-    return label.to(torch.uint8)
+        fast = png.mode in ("P", "L") and hasattr(torchvision.io, "decode_png")  # 8 bits: as read_image
+        label = torchvision.io.decode_png(torchvision.io.read_file(str(path)))[0].numpy() if fast else numpy.array(png)
+    if label.itemsize > 1 and not 0 <= label.min(initial=0) <= label.max(initial=0) <= 255:  # 16 or 32 bits
+        raise UserError(f"label {path} holds values from {label.min()} to {label.max()}: store class indices 0, 1, "
+                        f"... ({IGNORE_INDEX}: ignored) in 8 bits")
+    if size is not None and label.shape != tuple(size):
+        turned = label.shape == tuple(size)[::-1] and image_header(image)[1] in (5, 6, 7, 8)
+        raise UserError(f"label {path} is {label.shape} but its image is {tuple(size)}" + (
+            " as its EXIF orientation turns it: a label follows the image as a viewer shows it (turned); turn the "
+            "label too" if turned else ": a label must have its image's size"))
+    return torch.from_numpy(label.astype(numpy.uint8, copy=False))
 
 
 def from_tensors(images, labels, index):
     return images[index], labels[index]
 
 
-def from_files(pairs, num_classes, lut, index):
+def from_files(pairs, index):
     image = read_image(pairs[index][0])
-    return image, read_label(pairs[index][1], image.shape, num_classes, lut)
+    return image, read_label(pairs[index][1], image.shape[-2:], pairs[index][0])
 
 
 class SegmentationSet(torch.utils.data.Dataset):
@@ -708,7 +715,9 @@ def folder_pairs(root, split):
         if stem not in labels or stem not in images:
             what = images.get(stem) or labels.get(stem) or f"{lists[split == 'val']} lists {stem}, which"
             lack = f"label labels/{stem}.png" if stem in images else f"image images/{stem}.jpg (or .jpeg, .png, .bmp)"
-            raise UserError(f"{what} has no {lack} under {root}: add it, or leave {stem} out")
+            raise UserError(f"{what} has no {lack} under {root}: add it, or leave {stem} out" + (
+                stem not in images.keys() | labels.keys()) * f" (a stem is a file's name without folder and suffix, "
+                f"e.g. {pathlib.PurePath(stem).stem})")
     return [(images[stem], labels[stem]) for stem in stems]
 
 
@@ -731,11 +740,18 @@ def read_classes(root):
 
 
 def check_labels(train_pairs, val_pairs, classes):
-    """Every label once, before training: read_label's checks, the 0/255 trap (255 is "ignore"), unseen classes."""
+    """Every label once, before training: mode, size, values, the 0/255 trap (255 is "ignore"), unseen classes,
+    images that EXIF turns (said once: their labels are taken to follow them turned)."""
     pairs, seen = train_pairs + val_pairs, torch.zeros(2, 256, dtype=torch.bool)  # training, validation labels
-    says = os.environ.get("RANK", "0") == "0"  # under torchrun every process checks, and one speaks
+    says, turned = os.environ.get("RANK", "0") == "0", []  # under torchrun every process checks, and one speaks
     for k, (image, label) in enumerate(pairs, 1):
-        seen[int(k > len(train_pairs)), read_label(label, image_size(image), len(classes)).long().unique()] = True
+        size, turn = image_header(image)
+        values = read_label(label, size, image).unique().long()
+        if bad := [v for v in values.tolist() if len(classes) <= v != IGNORE_INDEX]:
+            raise UserError(f"label {label} holds values {bad[:5]} outside [0, {len(classes)}) that are not "
+                            f"{IGNORE_INDEX}: fix the label, or list the class")
+        seen[int(k > len(train_pairs)), values] = True
+        turned += [image] * (turn != 1)
         if k % 1000 == 0 and says:
             print(f"checked {k} of {len(pairs)} labels", file=sys.stderr)
     if seen.any(0).nonzero().flatten().tolist() == [0, IGNORE_INDEX]:
@@ -743,6 +759,9 @@ def check_labels(train_pairs, val_pairs, classes):
                         "foreground would never be learnt; store it as 1 (and name it on line 2 of classes.txt)")
     if (never := [name for c, name in enumerate(classes) if not seen[0, c]]) and says:
         print(f"warning: the training labels never show {', '.join(never)}", file=sys.stderr)
+    if turned and says:
+        print(f"warning: {len(turned)} images carry an EXIF rotation, e.g. {turned[0]}: their labels are taken to "
+              "follow the image as a viewer shows it (rotated)", file=sys.stderr)
 
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -754,11 +773,12 @@ CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign",
                   "pedestrian", "bicyclist")
 CAMVID_COLOURS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
                   (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))  # SegNet's colour map
-# label id -> class index: Cityscapes' official table (torchvision keeps it), 19 classes; CamVid's 11 is "void"
-CITYSCAPES_LUT = torch.full((256,), IGNORE_INDEX).index_put_(
+# label id -> class index (uint8): Cityscapes' official table (torchvision keeps it), 19 classes; VOC's 21 and
+# CamVid's 11 classes as they are (CamVid's 11 is "void"). Any other value is 255: no label of theirs needs a check.
+CITYSCAPES_LUT = torch.full((256,), IGNORE_INDEX, dtype=torch.uint8).index_put_(
     (torch.tensor([c.id for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19]),),
-    torch.tensor([c.train_id for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19]))
-CAMVID_LUT = torch.arange(256).masked_fill(torch.arange(256) >= 11, IGNORE_INDEX)
+    torch.tensor([c.train_id for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19]).byte())
+VOC_LUT, CAMVID_LUT = (torch.arange(256).masked_fill(torch.arange(256) >= n, IGNORE_INDEX).byte() for n in (21, 11))
 
 # name: class names, default root, crop, batch, iterations, the reader of (image, label) pairs, the splits
 # to train and evaluate on, any default other than the flags' (learning rates, evaluations, colours)
@@ -769,7 +789,7 @@ DATASETS = {
     "synthetic": dict(classes=SYNTHETIC_CLASSES, root=None, crop=48, batch=16, iters=360,
                       cnn_lr=0.02, vit_lr=6e-4, evals=1),
     "voc": dict(classes=VOC_CLASSES, root="data/VOCdevkit/VOC2012", crop=512, batch=16, iters=40_000,
-                pairs=voc_pairs, train="train", val="val"),
+                pairs=voc_pairs, train="train", val="val", lut=VOC_LUT),
     "cityscapes": dict(classes=CITYSCAPES_CLASSES, root="data/cityscapes", crop=(512, 1024), batch=8, iters=80_000,
                        pairs=cityscapes_pairs, train="train", val="val", lut=CITYSCAPES_LUT),
     "camvid": CAMVID,  # the protocol of final numbers: train + val, evaluated on test
@@ -785,7 +805,7 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
     """(train, val) data sets, train items augmented; a folder's labels checked first, and each validation
     image's size (32 pixels a side at least). val.largest_side: what --predict scales larger photos down to."""
     spec = DATASETS[name]
-    classes = classes or spec["classes"]
+    classes, lut = classes or spec["classes"], spec.get("lut")
     if name == "synthetic":
         sets = [make_synthetic(n, seed=data_seed + k) for k, n in enumerate(synthetic_size)]
         loads, largest = [(functools.partial(from_tensors, *s), len(s[0])) for s in sets], sets[1][0].shape[-1]
@@ -794,7 +814,6 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
         if not root.is_dir():
             raise UserError(f"no {name} data at {root.resolve()}: run `bash data_prep.sh {name.split('-')[0]}` "
                             "or point --data-root at it")
-        lut = spec.get("lut")
         splits = [spec["pairs"](root, split) for split in (spec["train"], spec["val"])]
         for split, pairs in zip((spec["train"], spec["val"]), splits):
             missing = next((p for pair in pairs for p in pair if not p.exists()), None)
@@ -803,13 +822,13 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
                                 f"no {split} images found for {name} under {root}")
         if name == "folder":
             check_labels(*splits, classes)
-        sides = [image_size(image) for image, _ in splits[1]]
+        sides = [image_header(image)[0] for image, _ in splits[1]]
         if small := next((f"{p} is {h}×{w}" for (p, _), (h, w) in zip(splits[1], sides) if min(h, w) < 32), None):
             raise UserError(f"validation image {small}: the students need 32 pixels a side; scale it up or leave it "
                             "out of the validation split")
-        loads = [(functools.partial(from_files, pairs, len(classes), lut), len(pairs)) for pairs in splits]
+        loads = [(functools.partial(from_files, pairs), len(pairs)) for pairs in splits]
         largest = max(max(side) for side in sides)
-    train, val = (SegmentationSet(load, n, JointTransform(crop)) for (load, n), crop in zip(loads, (crop_size, None)))
+    train, val = (SegmentationSet(f, n, JointTransform(c, lut=lut)) for (f, n), c in zip(loads, (crop_size, None)))
     val.largest_side = largest
     return train, val
 
@@ -823,24 +842,39 @@ def normalize(images):
                                    IMAGENET_STD)
 
 
-class JointTransform:
-    """Image and label together: scale 0.5–2.0, crop (padding 0, label 255), flip, normalise; validation: normalise."""
+def to_device(images, target, device):
+    """A batch as the loader hands it over (uint8, a quarter of fp32's bytes), on the device: normalised, int64."""
+    return normalize(images.to(device, non_blocking=True)), target.to(device, non_blocking=True).long()
 
-    def __init__(self, crop_size=None, scale=(0.5, 2.0)):
-        self.scale = scale
-        self.crop_flip = None if crop_size is None else v2.Compose([
-            v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}),
-            v2.RandomHorizontalFlip()])
+
+class JointTransform:
+    """Image and label together, uint8: scale 0.5–2.0, crop (padding 0, label 255), flip, then `lut` (id -> class);
+    v2's draws and pixels (resize, RandomCrop(pad_if_needed), RandomHorizontalFlip), but resized only up to the
+    window's far corner. Validation: the table alone."""
+
+    def __init__(self, crop_size=None, scale=(0.5, 2.0), lut=None):
+        self.crop_size, self.scale, self.lut = crop_size, scale, lut
 
     def __call__(self, image, label):
-        image, label = tv_tensors.Image(image), tv_tensors.Mask(label)
-        if self.crop_flip is not None:
-            r = float(torch.empty(()).uniform_(*self.scale))
-            size = [max(1, round(s * r)) for s in image.shape[-2:]]
-            image = v2.functional.resize(image, size, antialias=True)
-            label = v2.functional.resize(label, size)  # a Mask is resized with nearest
-            image, label = self.crop_flip(image, label)
-        return normalize(image.as_subclass(torch.Tensor)), label.as_subclass(torch.Tensor).long()
+        if self.crop_size is not None:
+            r, ((h, w), crop) = float(torch.empty(()).uniform_(*self.scale)), (image.shape[-2:], self.crop_size)
+            size = [max(1, round(s * r)) for s in (h, w)]
+            # RandomCrop's draws, top first; a side shorter than the crop is padded by the difference at both ends
+            start = [int(torch.randint(0, abs(n - c) + 1, ())) - max(0, c - n) if n != c else 0
+                     for n, c in zip(size, crop)]
+            (y0, x0), (y1, x1) = [max(0, s) for s in start], [min(n, s + c) for n, s, c in zip(size, start, crop)]
+            # torch leaves a side as long as the image's unresized, whatever the scale: one more row or column
+            end = [e + (e == n != m) for e, n, m in zip((y1, x1), (h, w), size)]
+            part = torch.ops.aten._upsample_bilinear2d_aa(image[None], end, False, size[0] / h, size[1] / w)[0]
+            # a label pixel's source, as torch's "nearest" picks it: floor(index * in / out), in float32
+            rows, cols = (numpy.minimum((numpy.arange(a, b, dtype=numpy.float32) * (numpy.float32(n) / m)).astype(int),
+                                        n - 1) for a, b, n, m in ((y0, y1, h, size[0]), (x0, x1, w, size[1])))
+            pad = [x0 - start[1], start[1] + crop[1] - x1, y0 - start[0], start[0] + crop[0] - y1]
+            image = F.pad(part[:, y0:y1, x0:x1], pad)
+            label = F.pad(torch.from_numpy(label.numpy().take(rows, 0).take(cols, 1)), pad, value=IGNORE_INDEX)
+            if torch.rand(1) < 0.5:  # RandomHorizontalFlip's draw
+                image, label = image.flip(-1), label.flip(-1)
+        return image, label if self.lut is None else torch.from_numpy(self.lut.numpy().take(label.numpy()))
 
 
 class TrainingSampler(torch.utils.data.Sampler):
@@ -871,10 +905,24 @@ def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, wo
                         "lower --batch-size")
     sampler = TrainingSampler(len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                               start_iter=start_iter)
+    # each worker keeps 2 batches (the prefetch factor) in /dev/shm, for each process here; Docker gives it 64 MB
+    need = workers * 2 * batch_size // world_size * sum(t.nbytes for t in dataset[(0, 0)]) if workers else 0
+    free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else math.inf
+    if need * int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > free:
+        raise UserError(f"/dev/shm has {free / 2 ** 20:.0f} MB free, too little for the batches that {workers} loader "
+                        f"workers keep there ({need / 2 ** 20:.0f} MB a process): run docker with --ipc=host or "
+                        "--shm-size=2g, or lower --workers")
     # the loader's own generator keeps its worker seeding off the global random stream
     return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
                                             num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0,
                                             generator=torch.Generator().manual_seed(seed)))
+
+
+def loader_workers():
+    """--workers' default: the CPUs this process may use, shared by the processes torchrun starts on the machine;
+    16 at most: more than a step needs (--benchmark says) only hold more batches in shared memory."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 # ----------------------------------------------------------------------------------
@@ -1004,10 +1052,10 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
     # a generator of its own: evaluating must not move the training's random stream
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=workers, generator=torch.Generator(),
                                          sampler=indices, pin_memory=device.type == "cuda")
-    for index, (image, target) in zip(indices, loader):
+    for index, (pixels, ids) in zip(indices, loader):
         if stop():
             return None
-        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        image, target = to_device(pixels, ids, device)
         logits = student_logits(model, image, target.shape[-2:], autocast)
         preds = predictions(logits)
         for name, pred in preds.items():
@@ -1015,7 +1063,7 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
         conf["agreement"] += agreement_matrix(preds["cnn"], preds["vit"], target, model.ignore_index)
         if vis_dir is not None and index < vis_count:
             vis_dir.mkdir(parents=True, exist_ok=True)
-            panel = render_panel(image[0], target[0], logits["cnn"], logits["vit"], model.region_size, model.margin,
+            panel = render_panel(pixels[0], target[0], logits["cnn"], logits["vit"], model.region_size, model.margin,
                                  model.ignore_index, colours)
             write_whole(vis_dir / f"{tag}{index:03d}.png", lambda f: panel.save(f, format="PNG"))
     if len(indices) < math.ceil(len(dataset) / world_size) and stop():  # a shard one image short
@@ -1061,15 +1109,14 @@ def draw_panel(tiles, names, legend):
 
 
 def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ignore_index=255, colours=None):
-    """A --vis panel: image, truth, CNN, ViT, region directions, pixel transfers, and the direction colours."""
+    """A --vis panel: the (uint8) image, truth, CNN, ViT, region directions, pixel transfers, the direction colours."""
     h, w = target.shape
     ce = [F.cross_entropy(z, target[None], ignore_index=ignore_index, reduction="none")
           for z in (logits_cnn, logits_vit)]
     regions = region_bsd_masks(*ce, target[None], region_size, ignore_index, margin)
     pixels = pixel_bsd_masks(logits_cnn, logits_vit, target[None], ignore_index)
     table = colour_table(colours)
-    mean, std = (torch.tensor(c).view(3, 1, 1) for c in (IMAGENET_MEAN, IMAGENET_STD))
-    tiles = [((image.cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0)]
+    tiles = [image.permute(1, 2, 0)]  # uint8 from the loader: no normalisation to undo
     tiles += [table[t.cpu()] for t in (target, logits_cnn[0].argmax(0), logits_vit[0].argmax(0))]
     for cnn_mask, vit_mask in ([expand_region_mask(m, region_size, (h, w))[0] for m in regions],
                                [m[0] for m in pixels]):
@@ -1379,7 +1426,7 @@ def train(args, ctx, ckpt=None):
     sums, count = {k: v.to(ctx.device) for k, v in window.get("sums", {}).items()}, window.get("count", 0)
     tick, timed_from = time.time(), start
     for it in range(start + 1, stop_at + 1):
-        images, target = (t.to(ctx.device, non_blocking=True) for t in next(batches))
+        images, target = to_device(*next(batches), ctx.device)
         # w(t) as a tensor, so that a compiled forward does not recompile as the ramp rises
         kd_weight = torch.full((), sigmoid_rampup(it - 1, args.kd_warmup), device=ctx.device)
         lrs = [optimizers[0].param_groups[0]["lr"], optimizers[1].param_groups[0]["lr"]]  # this step's
@@ -1632,7 +1679,8 @@ def get_args_parser():
     a("--eval-every", type=count, default=None, help="evaluate and checkpoint every N iterations (default: iters/5)")
     a("--save-every", type=count, default=2000, help="also checkpoint every N iterations")
     a("--log-every", type=count, default=None, help="log every N iterations (default: iters/30, at most 50)")
-    a("--workers", type=number(int, 0), default=None, help="loader processes (default: 0 synthetic, else 8)")
+    a("--workers", type=number(int, 0), default=None, help="loader processes (default: 0 synthetic, else the CPUs "
+      "this process may use, 16 at most)")
     a("--seed", type=number(int, 0, 999_999), default=0, help="seed of weights, sampling and augmentation")
     a("--out", type=pathlib.Path, default=None, help="output folder (default: runs/DATA-METHOD-sSEED, or its next free "
       "-2, -3 ...; the checkpoint's with --resume, its predict/ or export/)")
@@ -1696,7 +1744,7 @@ def fill_defaults(args):
     args.cnn_lr = given_or(args.cnn_lr, spec.get("cnn_lr", 0.01))
     args.vit_lr = given_or(args.vit_lr, spec.get("vit_lr", 6e-5))
     args.log_every = given_or(args.log_every, max(1, min(50, args.iters // 30)))
-    args.workers = given_or(args.workers, 8 if real else 0)
+    args.workers = given_or(args.workers, loader_workers() if real else 0)
     args.kd_warmup = given_or(args.kd_warmup, args.iters // 20)
     args.vit_warmup = given_or(args.vit_warmup, min(1500, args.iters // 10))
     args.pretrained = given_or(args.pretrained, real)
@@ -1831,8 +1879,16 @@ def student_sizes(model, crop_size, device, autocast, sync, runs=5):
 
 def benchmark(args, ctx, rounds=5, steps=3):
     """ms per training step of independent, dml and ctcl, interleaved (median of `rounds`, after a warm-up);
-    on a GPU each one's peak memory (its weights, gradients, moments and one step's most); the students' sizes."""
-    classes, cuda = len(args.classes), ctx.device.type == "cuda"
+    on a GPU each one's peak memory (its weights, gradients, moments and one step's most); the students' sizes;
+    the images/s one loader worker delivers on --data, and the workers that --method's step needs."""
+    classes, cuda, method, threads = len(args.classes), ctx.device.type == "cuda", args.method, torch.get_num_threads()
+    batches = training_batches(build_datasets(args.data, args.data_root, args.crop_size, args.data_seed, (
+        args.batch_size, 1), args.classes)[0], batch_size=args.batch_size, start_iter=0, workers=0, seed=args.seed,
+        rank=0, world_size=1, pin_memory=False)  # workers 0: this process reads, transforms and collates
+    torch.set_num_threads(1)  # as one loader worker; a first batch loads the decoders, two are timed
+    next(batches)
+    loader = 1000 / milliseconds(lambda: [next(batches) for _ in "ab"], lambda: None, 2 * args.batch_size)
+    torch.set_num_threads(threads)
     images = torch.randn(args.batch_size, 3, *args.crop_size, device=ctx.device)
     target = torch.randint(0, classes, (args.batch_size, *args.crop_size), device=ctx.device)
     target[:, :, :4] = IGNORE_INDEX
@@ -1866,6 +1922,8 @@ def benchmark(args, ctx, rounds=5, steps=3):
                                                       "sizes": sizes}
     result |= {"peak_mem_mb": {m: run["peak"] / 2 ** 20 for m, run in runs.items()}} if cuda else {
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # the process's, all three
+    step = args.batch_size * 1000 / ms[method]
+    result |= {"loader_img_s": loader, "step_img_s": step, "workers_needed": math.ceil(step / loader)}
     where = torch.cuda.get_device_name(ctx.device) if cuda else f"CPU ({os.cpu_count()} cores)"
     ctx.print(f"benchmark on {where}, crop {args.crop_size}, batch {args.batch_size}, amp {args.amp}, "
               f"compile {args.compile}, median of {rounds} rounds of {steps} steps\n"
@@ -1873,7 +1931,8 @@ def benchmark(args, ctx, rounds=5, steps=3):
                           + (f"{runs[m]['peak'] / 2 ** 20:>9.0f} MB" if cuda else "") for m, v in ms.items())
               + "".join(f"\n{name:<12}{s['params_m']:>8.2f} M parameters{s['gmacs']:>9.2f} GMACs"
                         f"{s['ms_per_image']:>9.1f} ms/image (batch 1)" for name, s in sizes.items())
-              + "\n" + json.dumps(result))
+              + f"\nloader      {loader:>8.1f} img/s from one worker on {args.data} (one thread); the {method} step "
+              f"takes {step:.1f} img/s: {result['workers_needed']} workers\n" + json.dumps(result))
     return result
 
 

@@ -4,6 +4,7 @@ last, the edges a new user meets on the first day (reruns, resume, odd files, la
 Every mask and loss is checked against a brute-force reference written here with
 plain Python loops. Run: python -m pytest -q test_ctcl.py
 """
+import collections
 import contextlib
 import functools
 import inspect
@@ -12,6 +13,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -769,7 +771,7 @@ def test_evaluate_scores_logits_resized_to_each_labels_own_size_and_restores_tra
         for k in range(2):
             image, label = dataset[k]
             with torch.no_grad():
-                logits = getattr(model, student)(image[None])["logits"]
+                logits = getattr(model, student)(ctcl.normalize(image)[None])["logits"]
             pred = F.interpolate(logits, size=label.shape, mode="bilinear", align_corners=False).argmax(1)[0]
             for t, p in zip(label.flatten().tolist(), pred.flatten().tolist()):
                 if t != 255:
@@ -1333,16 +1335,14 @@ def banded_pair(h=40, w=112):
     return torch.stack([label, torch.zeros_like(label), torch.full_like(label, 200)]), label
 
 
-def unnormalise(image):
-    mean, std = (torch.tensor(c)[:, None, None] for c in (ctcl.IMAGENET_MEAN, ctcl.IMAGENET_STD))
-    return (image * std + mean) * 255
-
-
 def test_normalisation_uses_imagenet_mean_and_std():
+    """The loader hands over uint8; to_device casts and normalises (on the device) and makes the labels int64."""
     image = torch.tensor([255, 0, 51], dtype=torch.uint8)[:, None, None].expand(3, 4, 5)
-    out, label = ctcl.JointTransform(None)(image, torch.full((4, 5), 7, dtype=torch.uint8))
+    image, label = ctcl.JointTransform(None)(image, torch.full((4, 5), 7, dtype=torch.uint8))
+    assert image.dtype == label.dtype == torch.uint8
+    out, label = ctcl.to_device(image[None], label[None], torch.device("cpu"))
     want = [(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0.2 - 0.406) / 0.225]
-    torch.testing.assert_close(out[:, 2, 3], torch.tensor(want), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[0, :, 2, 3], torch.tensor(want), rtol=1e-6, atol=1e-6)
     assert label.dtype == torch.int64 and label.eq(7).all()
 
 
@@ -1356,8 +1356,8 @@ def test_image_and_label_get_the_same_scale_crop_and_flip():
     for seed in range(24):
         torch.manual_seed(seed)
         out, out_label = transform(image, label)
-        assert out.shape == (3, 48, 64) and out_label.shape == (48, 64)
-        rgb = unnormalise(out)
+        assert out.shape == (3, 48, 64) and out_label.shape == (48, 64) and out.dtype == out_label.dtype == torch.uint8
+        rgb = out.float()
         padded = out_label == 255
         assert set(out_label.unique().tolist()) <= {0, 40, 80, 120, 160, 200, 240, 255}
         assert torch.equal(padded, rgb.abs().amax(0) < 0.5), seed  # the image is 0 only in its padding
@@ -1369,6 +1369,67 @@ def test_image_and_label_get_the_same_scale_crop_and_flip():
         real = columns[columns >= 0]
         flips.add(bool((real[1:] <= real[:-1]).all()))  # bands descending: flipped
     assert flips == {True, False}
+
+
+def resize_then_crop(image, label, crop):
+    """The reference: the transform of b43f665, resizing the whole image, then v2's padding crop and flip."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+    r = float(torch.empty(()).uniform_(0.5, 2.0))
+    size = [max(1, round(s * r)) for s in image.shape[-2:]]
+    image = v2.functional.resize(tv_tensors.Image(image), size, antialias=True)
+    label = v2.functional.resize(tv_tensors.Mask(label), size)
+    image, label = v2.Compose([v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: 255}),
+                               v2.RandomHorizontalFlip()])(image, label)
+    return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
+
+
+@pytest.mark.parametrize("shape,crop", [((37, 45), (32, 48)), ((64, 64), (48, 48)), ((40, 112), (100, 64)),
+                                        ((75, 100), (96, 96))])
+def test_the_window_alone_is_cropped_and_resized_as_resizing_the_whole_image_then_cropping(shape, crop):
+    """Same seed, same draws (scale, window, flip; the random stream left alike) and the same crop as resizing
+    the whole image first: labels exactly, images up to the interpolation's rounding; the images a view of H×W×3
+    memory, as read_image gives them (the resize's fast path), or contiguous; windows that need padding too."""
+    g = torch.Generator().manual_seed(shape[0])
+    image = torch.randint(0, 256, (shape[0], shape[1], 3), dtype=torch.uint8, generator=g).permute(2, 0, 1)
+    label = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    for seed in range(24):
+        for pixels in (image, image.contiguous()):
+            torch.manual_seed(seed)
+            want = resize_then_crop(pixels, label, crop) + (torch.get_rng_state(),)
+            torch.manual_seed(seed)
+            got = ctcl.JointTransform(crop)(pixels, label) + (torch.get_rng_state(),)
+            assert got[0].shape == (3, *crop) and got[0].dtype == got[1].dtype == torch.uint8
+            assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), seed
+            assert (got[0].int() - want[0].int()).abs().max() <= 1, seed
+
+
+def test_labels_stay_uint8_through_reading_and_the_tables(tmp_path):
+    """Cityscapes label ids -> train ids by the official table, as uint8, in training crops and whole validation
+    labels alike; the loader's batches are uint8 images and labels (a quarter of fp32's and an eighth of int64's
+    bytes through shared memory)."""
+    root = fake_cityscapes(tmp_path / "cityscapes")
+    train, val = ctcl.build_datasets("cityscapes", root, [32, 48])
+    image, label = val[0]
+    ids = torch.from_numpy(numpy.array(PIL.Image.open(val.load.args[0][0][1]))).long()
+    assert image.dtype == label.dtype == torch.uint8 and torch.equal(label, ctcl.CITYSCAPES_LUT[ids])
+    batch = next(ctcl.training_batches(train, batch_size=2, start_iter=0, workers=0, seed=0, rank=0, world_size=1,
+                                       pin_memory=False))
+    assert batch[0].shape == (2, 3, 32, 48) and batch[0].dtype == batch[1].dtype == torch.uint8
+    assert set(batch[1].unique().tolist()) <= set(ctcl.CITYSCAPES_LUT.unique().tolist())
+    assert ctcl.CITYSCAPES_LUT.dtype == ctcl.CAMVID_LUT.dtype == torch.uint8
+
+
+def test_evaluation_and_training_get_uint8_and_normalise_on_the_device(monkeypatch):
+    """evaluate() hands to_device the loader's uint8 batches (training too: a uint8 batch would fail a conv)."""
+    seen, move = [], ctcl.to_device
+    monkeypatch.setattr(ctcl, "to_device", lambda *a: seen.append([t.dtype for t in a[:2]]) or move(*a))
+    images = [torch.randint(0, 256, (3, 37, 45), dtype=torch.uint8)]
+    dataset = ctcl.SegmentationSet(functools.partial(ctcl.from_tensors, images, [random_target(1, 37, 45, 3)[0].byte()]),
+                                   1, ctcl.JointTransform(None))
+    ctcl.evaluate(ctcl.CTCL(3, method="independent"), dataset, num_classes=3, device=torch.device("cpu"),
+                  autocast=contextlib.nullcontext())
+    assert seen == [[torch.uint8, torch.uint8]]
 
 
 def take(iterator, n):
@@ -1412,6 +1473,34 @@ def test_training_batches_after_a_resume_are_the_batches_of_the_whole_run(worker
     whole4 = take(batches(0, batch_size=4), 3)
     assert all(h.shape == (2, 2) for h in halves[0]) and \
         all(torch.equal(torch.cat([a, b]), w) for a, b, w in zip(*halves, whole4))
+
+
+@pytest.mark.parametrize("cpus,local,want", [(12, None, 12), (12, "4", 3), (64, None, 16), (3, "8", 1)])
+def test_workers_default_to_this_process_share_of_its_cpus(monkeypatch, cpus, local, want):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    if local:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    else:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for data, workers in (("voc", want), ("synthetic", 0)):
+        args = ctcl.get_args_parser().parse_args(["--data", data, "--vit-weights", "none"])
+        ctcl.fill_defaults(args)
+        assert args.workers == workers, data
+
+
+def test_too_little_shared_memory_for_the_workers_batches_is_one_line_before_step_1(tmp_path, small_data, capsys,
+                                                                                  monkeypatch):
+    """2 workers × 2 batches in flight × 2 images × (3 + 1) × 32 × 32 bytes = 32 KiB, 3 processes on the machine."""
+    disk = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: disk(2 ** 30, 2 ** 30 - 90_000, 90_000))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    message = one_line_error(["--out", tmp_path / "o", *SMALL, "--iters", "1", "--workers", "2"], capsys)
+    assert "/dev/shm has 0 MB free, too little for the batches that 2 loader workers keep there (0 MB a process): run " \
+        "docker with --ipc=host or --shm-size=2g, or lower --workers" in message
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 64 KiB of batches: they fit
+    batches = ctcl.training_batches(ctcl.build_datasets("synthetic", None, [32, 32])[0], batch_size=2, start_iter=0,
+                                    workers=2, seed=0, rank=0, world_size=1, pin_memory=False)
+    assert next(batches)[0].dtype == torch.uint8
 
 
 def test_training_loader_is_made_once_per_run(tmp_path, small_data, monkeypatch):
@@ -1675,14 +1764,17 @@ def test_eval_only_and_vis_panels(tmp_path, small_data, capsys):
     label = ctcl.build_datasets("synthetic", None, [32, 32])[1][0][1]  # the first validation label
     blocks = truth[::3, ::3]  # nearest neighbour: every label pixel is a sharp 3x3 block of its colour
     assert torch.equal(blocks.repeat_interleave(3, 0).repeat_interleave(3, 1), truth)
-    assert torch.equal(blocks, ctcl.PALETTE[label])
+    assert torch.equal(blocks, ctcl.PALETTE[label.long()])
 
 
 def test_panels_draw_camvid_classes_in_camvids_colours():
+    """The image tile is the loader's uint8 image as it is (nothing to un-normalise)."""
     target = torch.tensor([[0, 3, 10, 255]]).repeat(64, 16)  # sky, road, bicyclist, void
-    logits = torch.zeros(1, 11, 64, 64)
-    panel = ctcl.render_panel(torch.zeros(3, 64, 64), target, logits, logits, 32, 0.0, 255, ctcl.CAMVID_COLOURS)
-    truth = torch.from_numpy(numpy.array(panel.convert("RGB")))[:192, 192:384][::3, ::3]
+    logits, image = torch.zeros(1, 11, 64, 64), torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    panel = ctcl.render_panel(image, target, logits, logits, 32, 0.0, 255, ctcl.CAMVID_COLOURS)
+    tiles = torch.from_numpy(numpy.array(panel.convert("RGB")))[:192, :384][::3, ::3]
+    assert torch.equal(tiles[:, :64], image.permute(1, 2, 0))
+    truth = tiles[:, 64:]
     assert [tuple(truth[0, x].tolist()) for x in range(4)] == [ctcl.CAMVID_COLOURS[0], ctcl.CAMVID_COLOURS[3],
                                                               ctcl.CAMVID_COLOURS[10], tuple(ctcl.PALETTE[255].tolist())]
 
@@ -1820,12 +1912,17 @@ def test_benchmark_prints_json_line(capsys):
     args = ctcl.get_args_parser().parse_args(["--benchmark", "--gpu", "-1", "--crop-size", "32", "--batch-size", "2"])
     ctcl.fill_defaults(args)
     result = ctcl.benchmark(args, ctcl.Runtime(args.gpu, args.amp, None), rounds=1, steps=1)  # main() takes 5 × 3
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out.strip().splitlines()
+    last = json.loads(out[-1])
     assert set(last) == {"independent_ms", "dml_ms", "ctcl_ms", "ctcl_over_independent", "peak_rss_mb", "warmup_s",
-                         "sizes"}  # the CPU has only the process's peak; a GPU gives one per method
+                         "sizes", "loader_img_s", "step_img_s", "workers_needed"}  # the CPU: the process's peak only
     assert set(last["warmup_s"]) == {"independent", "dml", "ctcl"} and min(last["warmup_s"].values()) > 0
     assert last["ctcl_over_independent"] == pytest.approx(last["ctcl_ms"] / last["independent_ms"])
     assert result == last and last["peak_rss_mb"] > 0
+    assert last["loader_img_s"] > 0 and last["step_img_s"] == pytest.approx(2000 / last["ctcl_ms"])
+    assert last["workers_needed"] == math.ceil(last["step_img_s"] / last["loader_img_s"])
+    assert out[-2] == (f"loader      {last['loader_img_s']:>8.1f} img/s from one worker on synthetic (one thread); the "
+                       f"ctcl step takes {last['step_img_s']:.1f} img/s: {last['workers_needed']} workers")
     students = {"cnn": ctcl.DeepLabV3Plus(5), "vit": ctcl.SegFormer(5)}
     for name, student in students.items():
         assert last["sizes"][name]["params_m"] == sum(p.numel() for p in student.parameters()) / 1e6
@@ -2051,9 +2148,7 @@ def test_real_data_layouts_train_and_evaluate(tmp_path, capsys, name):
     assert "mIoU" in out and ctcl.DATASETS[name]["classes"][1] in out  # class names in the table
     spec = ctcl.DATASETS[name]
     lut = spec.get("lut", torch.arange(256))
-    val_labels = [ctcl.read_label(label, image_shape=ctcl.read_image(image).shape, num_classes=len(spec["classes"]),
-                                  lut=lut if "lut" in spec else None)
-                  for image, label in spec["pairs"](root, spec["val"])]
+    val_labels = [lut[ctcl.read_label(label).long()] for image, label in spec["pairs"](root, spec["val"])]
     valid = sum(int((label != 255).sum()) for label in val_labels)
     assert valid > 0 and int(result["conf"]["cnn"].sum()) == valid
     assert result["conf"]["cnn"].shape == (len(spec["classes"]),) * 2
@@ -2114,11 +2209,6 @@ def corrupt_label_size(root):
     return "is (30, 30) but its image is (40, 48)", "2007_train000.png"
 
 
-def corrupt_label_values(root):
-    write_image(root / "SegmentationClass" / "2007_train003.png", random_label(40, 48, [0, 30], 0), "L")
-    return "holds values [30] outside [0, 21) that are not 255", "2007_train003.png"
-
-
 def corrupt_missing_split(root):
     (root / "ImageSets" / "Segmentation" / "val.txt").unlink()
     return "split list", "val.txt is missing"
@@ -2130,7 +2220,7 @@ def corrupt_empty_split(root):
 
 
 @pytest.mark.parametrize("corrupt", [corrupt_undecodable, corrupt_rgb_label, corrupt_label_size,
-                                     corrupt_label_values, corrupt_missing_split, corrupt_empty_split])
+                                     corrupt_missing_split, corrupt_empty_split])
 def test_bad_data_is_a_one_line_error(tmp_path, capsys, corrupt):
     root = fake_voc(tmp_path / "voc")
     fragments = corrupt(root)
@@ -2141,6 +2231,15 @@ def test_bad_data_is_a_one_line_error(tmp_path, capsys, corrupt):
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert all(f in err for f in fragments), err
     assert not list(out.glob("*.pt*")) and not list(out.glob("*.tmp"))  # no checkpoint, whole or half
+
+
+def test_voc_labels_past_its_21_classes_are_ignored_by_its_table(tmp_path):
+    """VOC has a table like Cityscapes and CamVid: it fixes the values a label can hold (no check per sample)."""
+    root = fake_voc(tmp_path / "voc")
+    write_image(root / "SegmentationClass" / "2007_val000.png", random_label(40, 48, [0, 7, 30], 0), "L")
+    label = ctcl.build_datasets("voc", root, [32, 32])[1][0][1]
+    assert label.dtype == torch.uint8 and set(label.unique().tolist()) == {0, 7, 255}
+    assert ctcl.VOC_LUT.dtype == torch.uint8 and ctcl.VOC_LUT.tolist() == list(range(21)) + [255] * 235
 
 
 def one_line_error(argv, capsys, code=2):
@@ -2183,7 +2282,7 @@ def test_a_folder_trains_and_evaluates_with_its_class_names_and_colours(tmp_path
     assert args["classes"] == ["background", "cat", "dog", "bird"]
     assert args["colours"] == [[0, 0, 0], [255, 0, 0], ctcl.PALETTE[2].tolist(), ctcl.PALETTE[3].tolist()]
     panel = numpy.array(PIL.Image.open(next((tmp_path / "out" / "vis").glob("*.png"))).convert("RGB"))
-    label = ctcl.read_label(root / "labels" / "img09.png", (40, 48), 4)  # the first validation label
+    label = ctcl.read_label(root / "labels" / "img09.png")  # the first validation label
     k = math.ceil(ctcl.PANEL_TILE / 40)
     truth = panel[:40 * k, 48 * k:96 * k][::k, ::k]
     assert (truth[label.numpy() == 1] == [255, 0, 0]).all()  # cat in its colour from classes.txt
@@ -2227,6 +2326,17 @@ def stem_without_files(root):
     return "val.txt lists ghost, which has no image images/ghost.jpg"
 
 
+def stem_with_suffix(root):
+    (root / "val.txt").write_text("img09.jpg\nimg10\nimg11\n")
+    return ("val.txt lists img09.jpg, which has no image images/img09.jpg.jpg (or .jpeg, .png, .bmp) under "
+            f"{root}: add it, or leave img09.jpg out (a stem is a file's name without folder and suffix, e.g. img09)")
+
+
+def stem_with_folder(root):
+    (root / "train.txt").write_text("images/img00\n")
+    return "(a stem is a file's name without folder and suffix, e.g. img00)"
+
+
 def one_list(root):
     (root / "val.txt").unlink()
     return "has one of train.txt and val.txt: write both lists of stems, or neither"
@@ -2253,13 +2363,69 @@ def masks_of_0_and_255(root):
 
 
 @pytest.mark.parametrize("corrupt", [no_classes, empty_classes, too_many_classes, image_without_label, label_without_image,
-                                     stem_without_files, one_list, colour_label, label_of_another_size,
+                                     stem_without_files, stem_with_suffix, stem_with_folder, one_list, colour_label,
+                                     label_of_another_size,
                                      value_beyond_the_classes, masks_of_0_and_255])
 def test_a_broken_folder_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys, corrupt):
     root = fake_folder(tmp_path / "mine", lists=corrupt is not image_without_label)
     message = corrupt(root)
     assert message in one_line_error(folder_run(root, tmp_path / "out"), capsys)
     assert not (tmp_path / "out").exists()
+
+
+def turn_by_exif(path, orientation=6):
+    """Store the pixels of an image as they are, with an EXIF orientation that turns them (6: 90° clockwise)."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation
+    with PIL.Image.open(path) as image:
+        image.load()
+    image.save(path, exif=exif)
+
+
+def test_a_label_that_follows_the_stored_pixels_of_an_exif_turned_image_is_named_so(tmp_path, capsys):
+    root = fake_folder(tmp_path / "mine")
+    turn_by_exif(root / "images" / "img05.jpg")  # stored 40×48, shown 48×40; its label stays 40×48
+    assert "img05.png is (40, 48) but its image is (48, 40) as its EXIF orientation turns it: a label follows the " \
+        "image as a viewer shows it (turned); turn the label too" in one_line_error(folder_run(root, tmp_path / "o"), capsys)
+    write_image(root / "labels" / "img05.png", random_label(48, 40, [0, 1], 0), "L")  # as shown: it fits
+    write_image(root / "labels" / "img06.png", random_label(48, 40, [0, 1], 0), "L")  # unturned: no word of EXIF
+    assert one_line_error(folder_run(root, tmp_path / "o"), capsys).endswith(
+        "img06.png is (48, 40) but its image is (40, 48): a label must have its image's size")
+
+
+def test_images_with_an_exif_rotation_are_one_warning_before_step_1(tmp_path, capsys, monkeypatch):
+    """Square images: any label fits, turned or not; rotations of 180° keep the size too. One line, rank 0 only."""
+    root = fake_folder(tmp_path / "mine", h=40, w=40)
+    turn_by_exif(root / "images" / "img02.jpg")
+    turn_by_exif(root / "images" / "img10.jpg", orientation=3)  # a validation image, upside down
+    splits = [ctcl.folder_pairs(root, split) for split in ("train", "val")]
+    ctcl.check_labels(*splits, ["background", "cat", "dog"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "EXIF" in line]
+    assert warnings == [f"warning: 2 images carry an EXIF rotation, e.g. {root / 'images' / 'img02.jpg'}: their "
+                        "labels are taken to follow the image as a viewer shows it (rotated)"]
+    monkeypatch.setenv("RANK", "1")
+    ctcl.check_labels(*splits, ["background", "cat", "dog"])
+    assert capsys.readouterr().err == ""
+
+
+def test_jpeg_and_png_are_decoded_by_torchvision_and_by_pil_once_it_has_no_decoders(tmp_path, monkeypatch):
+    """torchvision.io decodes JPEG and PNG faster here; its decoders are deprecated (0.29): PIL reads them the same."""
+    rgb = random_rgb(6, 10, 0).astype("uint8")
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 8  # "rotate 90° counter-clockwise to show"
+    PIL.Image.fromarray(rgb).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    PIL.Image.fromarray(rgb).save(tmp_path / "plain.png")
+    PIL.Image.fromarray(rgb[..., 0]).save(tmp_path / "label.png")
+    with monkeypatch.context() as m:
+        m.setattr(ctcl, "opened", None)  # PIL's decoding is not used for images
+        fast = {name: ctcl.read_image(tmp_path / name) for name in ("phone.jpg", "plain.png")}
+    assert numpy.array_equal(fast["plain.png"].permute(1, 2, 0).numpy(), rgb) and fast["phone.jpg"].shape == (3, 10, 6)
+    label = ctcl.read_label(tmp_path / "label.png")
+    monkeypatch.delattr(torchvision.io, "decode_image")
+    monkeypatch.delattr(torchvision.io, "decode_png")
+    for name, image in fast.items():
+        assert torch.equal(ctcl.read_image(tmp_path / name), image), name
+    assert torch.equal(ctcl.read_label(tmp_path / "label.png"), label) and label.dtype == torch.uint8
 
 
 # ----------------------------------------------------------------------------------
@@ -2293,7 +2459,7 @@ def test_read_image_takes_any_mode_and_turns_as_exif_says(tmp_path):
     for name, array in want.items():
         path = next(tmp_path.glob(f"{name}.*"))
         assert numpy.array_equal(ctcl.read_image(path).permute(1, 2, 0).numpy(), array), name
-        assert ctcl.image_size(path) == array.shape[:2], name
+        assert ctcl.image_header(path)[0] == array.shape[:2], name
 
 
 def test_predict_writes_exactly_what_evaluation_scores(tmp_path, capsys):
@@ -2313,7 +2479,7 @@ def test_predict_writes_exactly_what_evaluation_scores(tmp_path, capsys):
             with PIL.Image.open(out / f"{image.stem}_{name}.png") as png:
                 assert png.mode == "P" and png.getpalette()[:33] == palette and png.size == (48, 36)
                 pred = torch.from_numpy(numpy.array(png)).long()
-            label = ctcl.read_label(root / "testannot" / image.name, (36, 48), 11, ctcl.CAMVID_LUT)
+            label = ctcl.CAMVID_LUT[ctcl.read_label(root / "testannot" / image.name).long()]
             total = total + ctcl.confusion_matrix(pred, label.long(), 11)
         assert torch.equal(total, conf[name]), name
     with PIL.Image.open(out / "0001TP_test0_overlay.png") as overlay:  # image, CNN, ViT, ensemble
@@ -2854,7 +3020,7 @@ def test_folder_labels_in_any_case_hidden_files_skipped_one_stem_one_image(tmp_p
 def test_an_image_over_pils_pixel_limit_is_read(tmp_path):
     path = tmp_path / "panorama.png"
     PIL.Image.new("1", (20_000, 9_500)).save(path)  # 190 MP: PIL's bomb check refuses it by default
-    assert ctcl.image_size(path) == (9_500, 20_000)
+    assert ctcl.image_header(path) == ((9_500, 20_000), 1)
 
 
 def test_an_out_that_is_a_file_or_not_writable_is_one_line(tmp_path, small_data, one_step, capsys, monkeypatch):
