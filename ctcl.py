@@ -1121,20 +1121,14 @@ def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500,
     poly(1.0). Closed forms of the iteration: a resume with another --iters has that length's poly decays."""
     cnn_params, vit_encoder, vit_heads = model.parameter_groups()
     sgd = torch.optim.SGD(cnn_params, lr=cnn_lr, momentum=0.9, weight_decay=1e-4, fused=fused)
-    groups = []
-    for params, lr in ((vit_encoder, vit_lr), (vit_heads, 10 * vit_lr)):
-        groups.append({"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": 0.01})
-        groups.append({"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0})
+    groups = [{"params": [p for p in params if (p.ndim > 1) == decay], "lr": lr, "weight_decay": 0.01 * decay}
+              for params, lr in ((vit_encoder, vit_lr), (vit_heads, 10 * vit_lr)) for decay in (True, False)]
     adamw = torch.optim.AdamW(groups, lr=vit_lr, betas=(0.9, 0.999), fused=fused)
     warmup = min(vit_warmup, iters - 1)
-
-    def cnn_factor(t):
-        return max(0.0, 1 - t / iters) ** 0.9
-
-    def vit_factor(t):
-        return 1e-6 + (1 - 1e-6) * t / warmup if t < warmup else max(0.0, 1 - (t - warmup) / (iters - warmup))
-    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, f) for opt, f in ((sgd, cnn_factor), (adamw, vit_factor))]
-    return (sgd, adamw), tuple(schedules)
+    cnn_poly = torch.optim.lr_scheduler.LambdaLR(sgd, lambda t: max(0.0, 1 - t / iters) ** 0.9)
+    vit_warm_poly = torch.optim.lr_scheduler.LambdaLR(adamw, lambda t: 1e-6 + (1 - 1e-6) * t / warmup if t < warmup
+                                                      else max(0.0, 1 - (t - warmup) / (iters - warmup)))
+    return (sgd, adamw), (cnn_poly, vit_warm_poly)
 
 
 def write_whole(path, write, exclusive=False):
@@ -1171,9 +1165,8 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or not {"model", "iter", "optimizers", "schedulers"} <= set(ckpt):
         raise UserError(f"--resume {path} is not a ctcl.py checkpoint (no model/iter/optimizers entries)")
     saved = ckpt["args"]  # the readings of HFD and region BSD this file no longer computes, by the commit that left them
-    if since := "9770f74" if "save_every" not in saved else "584f3be" if (saved.get("hfd", "next-stage"),
-                                                                          saved.get("rbsd_feature", "encoder")) != \
-            ("next-stage", "encoder") else None:
+    gone = (saved.get("hfd", "next-stage"), saved.get("rbsd_feature", "encoder")) != ("next-stage", "encoder")
+    if since := "9770f74" if "save_every" not in saved else "584f3be" if gone else None:
         raise UserError(f"--resume {path} was written by a ctcl.py older than commit {since}, whose HFD or region "
                         f"BSD this one no longer computes: use that one, `git show {since}~1:ctcl.py > ctcl_old.py`")
     return ckpt
@@ -1312,7 +1305,7 @@ def train(args, ctx, ckpt=None):
         window = ckpt.get("window", window)  # the log window a stop cut short: its sums go on
         ctx.print(f"resumed from {args.resume} at iteration {start}")
     stop_at = min(args.stop_at or args.iters, args.iters)
-    evaluated = None
+    due = False
     if ctx.is_main:  # bad flags, data or checkpoints have been refused by now
         records = read_records(args.out / "metrics.jsonl")[0]
         if start < stop_at and not args.eval_only:  # args.json says what trained; a stopped run's records after
@@ -1320,9 +1313,10 @@ def train(args, ctx, ckpt=None):
             records = [r for r in records if r.get("iter", 0) <= start]
             write_whole(args.out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in records)
                                                                        .encode()))
-        evaluated = {r.get("iter") for r in records if r.get("type") == "eval"}
-    # an evaluation that did not finish (a stop, a crash, a damaged image) is made before training goes on
-    due = ctx.share(ctx.is_main and start > 0 and (start % args.eval_every == 0 or start == args.iters) and start not in evaluated)
+        # an evaluation that did not finish (a stop, a crash, a damaged image) is made before training goes on
+        due = start > 0 and (start % args.eval_every == 0 or start == args.iters) and start not in {
+            r.get("iter") for r in records if r.get("type") == "eval"}
+    due = ctx.share(due)
 
     def run_eval(it):
         if ctx.world_size > 1:  # CPU DDP keeps per-rank BN statistics: evaluate rank 0's
@@ -1562,10 +1556,9 @@ class Runtime:
 
     def stop(self):
         """The signal caught (stop_signals) that ends the run after this step, else 0; the processes agree on it."""
-        if self.world_size == 1:
-            return self.caught[0] if self.caught else 0
         signum = torch.tensor(self.caught[0] if self.caught else 0)
-        torch.distributed.all_reduce(signum, torch.distributed.ReduceOp.MAX, group=self.cpu_group)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(signum, torch.distributed.ReduceOp.MAX, group=self.cpu_group)
         return int(signum)
 
     def share(self, value):
@@ -1595,12 +1588,9 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Append each flag's default, unless its help already explains a per-data-set one."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+    def _get_help_string(self, action):  # each flag's default, unless its help explains a per-data-set one
+        keep = action.default is None or "(default" in (action.help or "")
+        return action.help if keep else super()._get_help_string(action)
 
 
 def number(kind, low, high=math.inf, above=False):
@@ -1985,10 +1975,7 @@ def main(argv=None):
             args.out = args.out or default_out(args)
             args.resume = str(args.out / "last.pt") if (args.out / "last.pt").is_file() else None
         ckpt = load_checkpoint(args.resume) if args.resume else None  # a bad checkpoint fails before any work
-        if ckpt is None:
-            fill_defaults(args)
-        else:
-            resume_recipe(args, argv, ckpt["args"])
+        resume_recipe(args, argv, ckpt["args"]) if ckpt else fill_defaults(args)
         if args.benchmark:
             return benchmark(args, Runtime(args.gpu, args.amp))
         ctx = Runtime(args.gpu, args.amp)
