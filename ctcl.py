@@ -1092,12 +1092,10 @@ STUDENTS = {"cnn": "CNN", "vit": "ViT", "ensemble": "ensemble"}  # the ensemble 
 def report(conf, class_names):
     """Per-class IoU, mIoU, pixel accuracy of both students and their ensemble; the students' complementarity."""
     iou = {name: iou_from_confusion(conf[name]) for name in STUDENTS}
+    rows = [(cls, [iou[n][1][k] for n in STUDENTS]) for k, cls in enumerate(class_names)]
+    rows += [("mIoU", [iou[n][0] for n in STUDENTS]), ("pixel accuracy", [pixel_accuracy(conf[n]) for n in STUDENTS])]
     lines = [f"{'class':<16}" + "".join(f"{title + ' IoU':>14}" for title in STUDENTS.values())]
-    lines += [f"{cls:<16}" + "".join(f"{100 * float(iou[n][1][k]):>14.2f}" for n in STUDENTS)
-              for k, cls in enumerate(class_names)]
-    lines.append(f"{'mIoU':<16}" + "".join(f"{100 * float(iou[n][0]):>14.2f}" for n in STUDENTS))
-    lines.append(f"{'pixel accuracy':<16}" + "".join(f"{100 * float(pixel_accuracy(conf[n])):>14.2f}"
-                                                   for n in STUDENTS))
+    lines += [f"{title:<16}" + "".join(f"{100 * float(v):>14.2f}" for v in values) for title, values in rows]
     lines.append("valid pixels: " + ", ".join(f"{name.replace('_', ' ')} right {100 * share:.1f}%"
                                               for name, share in complementarity(conf["agreement"]).items()))
     return "\n".join(lines)
@@ -1164,7 +1162,7 @@ def load_checkpoint(path):
         raise UserError(f"--resume {path} is not a readable checkpoint ({type(error).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "iter", "optimizers", "schedulers"} <= set(ckpt):
         raise UserError(f"--resume {path} is not a ctcl.py checkpoint (no model/iter/optimizers entries)")
-    saved = ckpt["args"]  # the readings of HFD and region BSD this file no longer computes, by the commit that left them
+    saved = ckpt["args"]  # readings of HFD and region BSD this file no longer computes, by the commit that left them
     gone = (saved.get("hfd", "next-stage"), saved.get("rbsd_feature", "encoder")) != ("next-stage", "encoder")
     if since := "9770f74" if "save_every" not in saved else "584f3be" if gone else None:
         raise UserError(f"--resume {path} was written by a ctcl.py older than commit {since}, whose HFD or region "
@@ -1431,9 +1429,8 @@ def load_students(path, device):
 
 
 def image_files(paths, out):
-    """(file, output name) of the images named, and in the folders named and below, linked ones too (hidden files,
-    `out` skipped). The name: the path below the folder (or the file's name) less its suffix, day1/IMG_0001.jpg ->
-    day1/IMG_0001; inputs that would share one, case aside, keep their suffix (x.jpg, X.png); a clash left: refused."""
+    """(file, output name) of the images named and in the folders below (links followed; hidden files, `out` not).
+    Name: the path below the folder less its suffix, kept where two would share one (case aside); a clash: refused."""
     kinds = {ext for ext, kind in PIL.Image.registered_extensions().items() if kind in PIL.Image.OPEN}
     found, out = {}, out.resolve()
     for arg in map(pathlib.Path, paths):
