@@ -1139,12 +1139,10 @@ STUDENTS = {"cnn": "CNN", "vit": "ViT", "ensemble": "ensemble"}  # the ensemble 
 def report(conf, class_names):
     """Per-class IoU, mIoU, pixel accuracy of both students and their ensemble; the students' complementarity."""
     iou = {name: iou_from_confusion(conf[name]) for name in STUDENTS}
+    rows = [(cls, [iou[n][1][k] for n in STUDENTS]) for k, cls in enumerate(class_names)]
+    rows += [("mIoU", [iou[n][0] for n in STUDENTS]), ("pixel accuracy", [pixel_accuracy(conf[n]) for n in STUDENTS])]
     lines = [f"{'class':<16}" + "".join(f"{title + ' IoU':>14}" for title in STUDENTS.values())]
-    lines += [f"{cls:<16}" + "".join(f"{100 * float(iou[n][1][k]):>14.2f}" for n in STUDENTS)
-              for k, cls in enumerate(class_names)]
-    lines.append(f"{'mIoU':<16}" + "".join(f"{100 * float(iou[n][0]):>14.2f}" for n in STUDENTS))
-    lines.append(f"{'pixel accuracy':<16}" + "".join(f"{100 * float(pixel_accuracy(conf[n])):>14.2f}"
-                                                   for n in STUDENTS))
+    lines += [f"{title:<16}" + "".join(f"{100 * float(v):>14.2f}" for v in values) for title, values in rows]
     lines.append("valid pixels: " + ", ".join(f"{name.replace('_', ' ')} right {100 * share:.1f}%"
                                               for name, share in complementarity(conf["agreement"]).items()))
     return "\n".join(lines)
@@ -1168,20 +1166,14 @@ def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500,
     poly(1.0). Closed forms of the iteration: a resume with another --iters has that length's poly decays."""
     cnn_params, vit_encoder, vit_heads = model.parameter_groups()
     sgd = torch.optim.SGD(cnn_params, lr=cnn_lr, momentum=0.9, weight_decay=1e-4, fused=fused)
-    groups = []
-    for params, lr in ((vit_encoder, vit_lr), (vit_heads, 10 * vit_lr)):
-        groups.append({"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": 0.01})
-        groups.append({"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0})
+    groups = [{"params": [p for p in params if (p.ndim > 1) == decay], "lr": lr, "weight_decay": 0.01 * decay}
+              for params, lr in ((vit_encoder, vit_lr), (vit_heads, 10 * vit_lr)) for decay in (True, False)]
     adamw = torch.optim.AdamW(groups, lr=vit_lr, betas=(0.9, 0.999), fused=fused)
     warmup = min(vit_warmup, iters - 1)
-
-    def cnn_factor(t):
-        return max(0.0, 1 - t / iters) ** 0.9
-
-    def vit_factor(t):
-        return 1e-6 + (1 - 1e-6) * t / warmup if t < warmup else max(0.0, 1 - (t - warmup) / (iters - warmup))
-    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, f) for opt, f in ((sgd, cnn_factor), (adamw, vit_factor))]
-    return (sgd, adamw), tuple(schedules)
+    cnn_poly = torch.optim.lr_scheduler.LambdaLR(sgd, lambda t: max(0.0, 1 - t / iters) ** 0.9)
+    vit_warm_poly = torch.optim.lr_scheduler.LambdaLR(adamw, lambda t: 1e-6 + (1 - 1e-6) * t / warmup if t < warmup
+                                                      else max(0.0, 1 - (t - warmup) / (iters - warmup)))
+    return (sgd, adamw), (cnn_poly, vit_warm_poly)
 
 
 def write_whole(path, write, exclusive=False):
@@ -1217,10 +1209,9 @@ def load_checkpoint(path):
         raise UserError(f"--resume {path} is not a readable checkpoint ({type(error).__name__})") from None
     if not isinstance(ckpt, dict) or not {"model", "iter", "optimizers", "schedulers"} <= set(ckpt):
         raise UserError(f"--resume {path} is not a ctcl.py checkpoint (no model/iter/optimizers entries)")
-    saved = ckpt["args"]  # the readings of HFD and region BSD this file no longer computes, by the commit that left them
-    if since := "9770f74" if "save_every" not in saved else "584f3be" if (saved.get("hfd", "next-stage"),
-                                                                          saved.get("rbsd_feature", "encoder")) != \
-            ("next-stage", "encoder") else None:
+    saved = ckpt["args"]  # readings of HFD and region BSD this file no longer computes, by the commit that left them
+    gone = (saved.get("hfd", "next-stage"), saved.get("rbsd_feature", "encoder")) != ("next-stage", "encoder")
+    if since := "9770f74" if "save_every" not in saved else "584f3be" if gone else None:
         raise UserError(f"--resume {path} was written by a ctcl.py older than commit {since}, whose HFD or region "
                         f"BSD this one no longer computes: use that one, `git show {since}~1:ctcl.py > ctcl_old.py`")
     return ckpt
@@ -1359,7 +1350,7 @@ def train(args, ctx, ckpt=None):
         window = ckpt.get("window", window)  # the log window a stop cut short: its sums go on
         ctx.print(f"resumed from {args.resume} at iteration {start}")
     stop_at = min(args.stop_at or args.iters, args.iters)
-    evaluated = None
+    due = False
     if ctx.is_main:  # bad flags, data or checkpoints have been refused by now
         records = read_records(args.out / "metrics.jsonl")[0]
         if start < stop_at and not args.eval_only:  # args.json says what trained; a stopped run's records after
@@ -1367,9 +1358,10 @@ def train(args, ctx, ckpt=None):
             records = [r for r in records if r.get("iter", 0) <= start]
             write_whole(args.out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in records)
                                                                        .encode()))
-        evaluated = {r.get("iter") for r in records if r.get("type") == "eval"}
-    # an evaluation that did not finish (a stop, a crash, a damaged image) is made before training goes on
-    due = ctx.share(ctx.is_main and start > 0 and (start % args.eval_every == 0 or start == args.iters) and start not in evaluated)
+        # an evaluation that did not finish (a stop, a crash, a damaged image) is made before training goes on
+        due = start > 0 and (start % args.eval_every == 0 or start == args.iters) and start not in {
+            r.get("iter") for r in records if r.get("type") == "eval"}
+    due = ctx.share(due)
 
     def run_eval(it):
         if ctx.world_size > 1:  # CPU DDP keeps per-rank BN statistics: evaluate rank 0's
@@ -1484,9 +1476,8 @@ def load_students(path, device):
 
 
 def image_files(paths, out):
-    """(file, output name) of the images named, and in the folders named and below, linked ones too (hidden files,
-    `out` skipped). The name: the path below the folder (or the file's name) less its suffix, day1/IMG_0001.jpg ->
-    day1/IMG_0001; inputs that would share one, case aside, keep their suffix (x.jpg, X.png); a clash left: refused."""
+    """(file, output name) of the images named and in the folders below (links followed; hidden files, `out` not).
+    Name: the path below the folder less its suffix, kept where two would share one (case aside); a clash: refused."""
     kinds = {ext for ext, kind in PIL.Image.registered_extensions().items() if kind in PIL.Image.OPEN}
     found, out = {}, out.resolve()
     for arg in map(pathlib.Path, paths):
@@ -1609,10 +1600,9 @@ class Runtime:
 
     def stop(self):
         """The signal caught (stop_signals) that ends the run after this step, else 0; the processes agree on it."""
-        if self.world_size == 1:
-            return self.caught[0] if self.caught else 0
         signum = torch.tensor(self.caught[0] if self.caught else 0)
-        torch.distributed.all_reduce(signum, torch.distributed.ReduceOp.MAX, group=self.cpu_group)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(signum, torch.distributed.ReduceOp.MAX, group=self.cpu_group)
         return int(signum)
 
     def share(self, value):
@@ -1642,12 +1632,9 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Append each flag's default, unless its help already explains a per-data-set one."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+    def _get_help_string(self, action):  # each flag's default, unless its help explains a per-data-set one
+        keep = action.default is None or "(default" in (action.help or "")
+        return action.help if keep else super()._get_help_string(action)
 
 
 def number(kind, low, high=math.inf, above=False):
@@ -2044,10 +2031,7 @@ def main(argv=None):
             args.out = args.out or default_out(args)
             args.resume = str(args.out / "last.pt") if (args.out / "last.pt").is_file() else None
         ckpt = load_checkpoint(args.resume) if args.resume else None  # a bad checkpoint fails before any work
-        if ckpt is None:
-            fill_defaults(args)
-        else:
-            resume_recipe(args, argv, ckpt["args"])
+        resume_recipe(args, argv, ckpt["args"]) if ckpt else fill_defaults(args)
         if args.benchmark:
             return benchmark(args, Runtime(args.gpu, args.amp))
         ctx = Runtime(args.gpu, args.amp)
