@@ -1872,9 +1872,10 @@ def benchmark(args, ctx, rounds=5, steps=3):
     batches = training_batches(build_datasets(args.data, args.data_root, args.crop_size, args.data_seed, (
         args.batch_size, 1), args.classes)[0], batch_size=args.batch_size, start_iter=0, workers=0, seed=args.seed,
         rank=0, world_size=1, pin_memory=False)  # workers 0: this process reads, transforms and collates
-    torch.set_num_threads(1)  # as one loader worker; a first batch loads the decoders, two are timed
+    torch.set_num_threads(1)  # as one loader worker; a first batch loads the decoders, 16 images or more are timed
     next(batches)
-    loader = 1000 / milliseconds(lambda: [next(batches) for _ in "ab"], lambda: None, 2 * args.batch_size)
+    n = max(2, 16 // args.batch_size)
+    loader = 1000 / milliseconds(lambda: [next(batches) for _ in range(n)], lambda: None, n * args.batch_size)
     torch.set_num_threads(threads)
     images = torch.randn(args.batch_size, 3, *args.crop_size, device=ctx.device)
     target = torch.randint(0, classes, (args.batch_size, *args.crop_size), device=ctx.device)
