@@ -3185,13 +3185,13 @@ def test_a_signal_stops_the_run_after_its_step_and_the_same_command_continues_it
     recipe = ["--out", str(tmp_path / "cut"), *SMALL, "--iters", "6", "--log-every", "2", "--eval-every", "3",
               "--resume", "auto"]
     whole = state_of(run_main(tmp_path, *recipe[recipe.index("--iters"):-2], out="whole"))
-    handler = signal.getsignal(signum)
+    handler, step = signal.getsignal(signum), ctcl.train_step
     signalled_at(monkeypatch, 3, signum)
     last = tmp_path / "cut" / "last.pt"
     assert one_line_error(recipe, capsys, code=128 + signum) == f"ctcl.py: stopped by {signal.Signals(signum).name} " \
         f"at iteration 3; {last} holds the run: continue it with `python ctcl.py --resume {last}`"
     assert torch.load(last, weights_only=True)["iter"] == 3 and signal.getsignal(signum) is handler  # put back
-    monkeypatch.undo()
+    monkeypatch.setattr(ctcl, "train_step", step)
     resumed = state_of(ctcl.main(recipe))
     for k in whole:
         assert torch.equal(whole[k], resumed[k]), k
@@ -3299,6 +3299,8 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays_whole(tmp_pat
     last = tmp_path / "out" / "last.pt"
     before = last.read_bytes()
 
+    real_fsync = os.fsync
+
     def fsync(fd, sync=os.fsync):  # the disk fills up while the checkpoint (or a prediction) is written
         if re.search(r"last\.pt|png", os.readlink(f"/proc/self/fd/{fd}")):
             raise OSError(28, "No space left on device")
@@ -3311,7 +3313,7 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays_whole(tmp_pat
         ["args.json", "last.pt", "metrics.jsonl"]
     assert "cannot write" in one_line_error(["--predict", str(HERE / "assets" / "camvid-overlay.jpg"), "--resume",
                                              one_step, "--out", tmp_path / "p"], capsys, code=1)
-    monkeypatch.undo()
+    monkeypatch.setattr(os, "fsync", real_fsync)
     real_open = open
     monkeypatch.setattr(ctcl, "open", lambda path, *a: (_ for _ in ()).throw(OSError(28, "No space left on device"))
                         if str(path).endswith("metrics.jsonl") else real_open(path, *a), raising=False)
