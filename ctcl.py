@@ -26,7 +26,6 @@ import contextlib
 import functools
 import glob
 import inspect
-import io
 import itertools
 import json
 import math
@@ -583,8 +582,8 @@ def opened(path, what="image"):
 
 
 def read_image(path):
-    """uint8 RGB (3, H, W) of any image PIL opens, turned as its EXIF orientation says (as a phone shows it), a view
-    of H×W×3 memory (resized faster); JPEG and PNG by torchvision.io, faster here, while it has and reads them."""
+    """uint8 RGB (3, H, W) of any image PIL opens, turned as its EXIF orientation says (as a phone shows it); JPEG
+    and PNG by torchvision.io, faster here, while it has and reads them."""
     with contextlib.suppress(RuntimeError, AttributeError):  # CMYK, damaged, decoders gone (deprecated in 0.29)
         if pathlib.Path(path).suffix.lower() in (".jpg", ".jpeg", ".png"):
             image = torchvision.io.decode_image(torchvision.io.read_file(str(path)), torchvision.io.ImageReadMode.RGB,
@@ -624,30 +623,26 @@ def read_label(path, size=None, image=None):
     return torch.from_numpy(label.astype(numpy.uint8, copy=False))
 
 
-def from_tensors(images, labels, index):
-    return images[index], labels[index]
-
-
-def from_files(pairs, index):
-    image = read_image(pairs[index][0])
-    return image, read_label(pairs[index][1], image.shape[-2:], pairs[index][0])
-
-
 class SegmentationSet(torch.utils.data.Dataset):
-    """load(index) -> (uint8 image, uint8 label), transformed; a training item (index, seed) seeds its augmentation."""
+    """Items: (uint8 image, uint8 label) pairs, or the pairs of their files (read here, in a loader's worker), each
+    transformed; a training item (index, seed) seeds its augmentation."""
 
-    def __init__(self, load, size, transform):
-        self.load, self.size, self.transform = load, size, transform
+    def __init__(self, items, transform):
+        self.items, self.transform = items, transform
 
     def __len__(self):
-        return self.size
+        return len(self.items)
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
+        image, label = self.items[index]
+        if isinstance(label, pathlib.Path):
+            path, image = image, read_image(image)
+            label = read_label(label, image.shape[-2:], path)
         with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
             if seed is not None:  # the CPU's only: the GPU's drive dropout, drop path
                 torch.random.default_generator.manual_seed(seed)
-            return self.transform(*self.load(index))
+            return self.transform(image, label)
 
 
 def read_lines(path):
@@ -808,7 +803,7 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
     classes, lut = classes or spec["classes"], spec.get("lut")
     if name == "synthetic":
         sets = [make_synthetic(n, seed=data_seed + k) for k, n in enumerate(synthetic_size)]
-        loads, largest = [(functools.partial(from_tensors, *s), len(s[0])) for s in sets], sets[1][0].shape[-1]
+        splits, largest = [list(zip(*s)) for s in sets], sets[1][0].shape[-1]
     else:
         root = pathlib.Path(root or spec["root"])
         if not root.is_dir():
@@ -826,9 +821,8 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
         if small := next((f"{p} is {h}×{w}" for (p, _), (h, w) in zip(splits[1], sides) if min(h, w) < 32), None):
             raise UserError(f"validation image {small}: the students need 32 pixels a side; scale it up or leave it "
                             "out of the validation split")
-        loads = [(functools.partial(from_files, pairs), len(pairs)) for pairs in splits]
         largest = max(max(side) for side in sides)
-    train, val = (SegmentationSet(f, n, JointTransform(c, lut=lut)) for (f, n), c in zip(loads, (crop_size, None)))
+    train, val = (SegmentationSet(items, JointTransform(c, lut=lut)) for items, c in zip(splits, (crop_size, None)))
     val.largest_side = largest
     return train, val
 
@@ -877,25 +871,18 @@ class JointTransform:
         return image, label if self.lut is None else torch.from_numpy(self.lut.numpy().take(label.numpy()))
 
 
-class TrainingSampler(torch.utils.data.Sampler):
+def training_order(size, *, batch_size, seed=0, rank=0, world_size=1, start_iter=0):
     """Endless (index, augmentation seed) pairs for one process from iteration `start_iter` on: each epoch's
     permutation cut into global batches, process `rank` takes its slice (K processes, a resume: the same)."""
-
-    def __init__(self, size, *, batch_size, seed=0, rank=0, world_size=1, start_iter=0):
-        assert batch_size % world_size == 0, "the global batch must split evenly across the processes"
-        self.size, self.batch_size, self.seed, self.start_iter = size, batch_size, seed, start_iter
-        self.local, self.first = batch_size // world_size, rank * (batch_size // world_size)
-
-    def __iter__(self):
-        per_epoch = self.size // self.batch_size
-        epoch, skip = divmod(self.start_iter, per_epoch)
-        while True:
-            draw = (self.seed * 1_000_003 + epoch) * 1_000_003  # distinct for every seed, epoch and place
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(draw)).tolist()
-            for start in range(skip * self.batch_size, per_epoch * self.batch_size, self.batch_size):
-                for place in range(start + self.first, start + self.first + self.local):
-                    yield order[place], draw + place
-            epoch, skip = epoch + 1, 0
+    local, per_epoch = batch_size // world_size, size // batch_size
+    epoch, skip = divmod(start_iter, per_epoch)
+    while True:
+        draw = (seed * 1_000_003 + epoch) * 1_000_003  # distinct for every seed, epoch and place
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(draw)).tolist()
+        for start in range(skip * batch_size, per_epoch * batch_size, batch_size):
+            for place in range(start + rank * local, start + (rank + 1) * local):
+                yield order[place], draw + place
+        epoch, skip = epoch + 1, 0
 
 
 def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, world_size, pin_memory):
@@ -903,8 +890,8 @@ def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, wo
     if len(dataset) < batch_size:
         raise UserError(f"the training set has {len(dataset)} images, fewer than one batch of {batch_size}: "
                         "lower --batch-size")
-    sampler = TrainingSampler(len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
-                              start_iter=start_iter)
+    sampler = training_order(len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                             start_iter=start_iter)
     # each worker keeps 2 batches (the prefetch factor) in /dev/shm, for each process here; Docker gives it 64 MB
     need = workers * 2 * batch_size // world_size * sum(t.nbytes for t in dataset[(0, 0)]) if workers else 0
     free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else math.inf
@@ -1186,12 +1173,13 @@ def write_whole(path, write, exclusive=False):
             f.flush()
             os.fsync(f.fileno())
         os.link(tmp, path) if exclusive else os.replace(tmp, path)
-    except OSError as error:  # a full disk, a lost mount: one line; FileExistsError is the caller's
-        if isinstance(error, FileExistsError):
+    except (OSError, RuntimeError) as error:  # a full disk, a lost mount: one line; FileExistsError is the caller's
+        cause = error.__context__ if isinstance(error, RuntimeError) else error  # torch.save's writer wraps OSErrors
+        if isinstance(error, FileExistsError) or not isinstance(cause, OSError):
             raise
         kept = f"; the previous {path.name} ({path.stat().st_size / 2 ** 20:.1f} MB) is whole, and writing it " \
             "again needs as much room beside it" if path.is_file() else ""
-        raise RunError(f"cannot write {path} ({error.strerror or error}){kept}: free some room, or give another "
+        raise RunError(f"cannot write {path} ({cause.strerror or cause}){kept}: free some room, or give another "
                        "--out") from None
     finally:  # also after Ctrl-C during the write: no half-written file is left
         with contextlib.suppress(FileNotFoundError):
@@ -1228,19 +1216,16 @@ def check_finite(first_bad, saved_at, out, world_size=1):
 
 
 @contextlib.contextmanager
-def stop_signals():
-    """SIGTERM (a scheduler's preemption, `timeout`) and SIGINT (Ctrl-C) are noted in the list yielded, for the
-    loop to stop at the end of its step with a checkpoint; a second Ctrl-C stops at once (last.pt stays whole)."""
-    caught, previous = [], {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
+def stop_signals(caught):
+    """SIGTERM (a scheduler's preemption, `timeout`) and SIGINT (Ctrl-C) are noted in `caught`, for the loop to
+    stop at the end of its step with a checkpoint; a second Ctrl-C stops at once (last.pt stays whole)."""
     def note(signum, frame):
         if caught and signum == signal.SIGINT:
             raise KeyboardInterrupt
         caught.append(signum)
-    for s in previous:
-        signal.signal(s, note)
+    previous = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield caught
+        yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -1308,7 +1293,7 @@ def build_model(args, num_classes, ctx=None):
             torch.distributed.barrier()
 
 
-def train(args, ctx, ckpt=None):
+def train(args, ctx, ckpt=None, own=False):
     train_set, val_set = build_datasets(args.data, args.data_root, args.crop_size, args.data_seed, classes=args.classes)
     args.largest_side = val_set.largest_side
     if args.vit_weights is None and args.data != "synthetic" and ctx.is_main:
@@ -1349,19 +1334,24 @@ def train(args, ctx, ckpt=None):
                 torch.cuda.set_rng_state(states[ctx.rank]["cuda"])
         window = ckpt.get("window", window)  # the log window a stop cut short: its sums go on
         ctx.print(f"resumed from {args.resume} at iteration {start}")
+    args.out = ctx.on_main(lambda: choose_out(args, own))  # bad input has been refused by now: the run claims OUT
+    ctx.print(f"ctcl: data {args.data}, method {args.method}, {args.iters} iterations, batch {args.batch_size} "
+              f"({args.batch_size // ctx.world_size} per process), crop {args.crop_size}, device {ctx.device}, "
+              f"world size {ctx.world_size}, out {args.out}")
     stop_at = min(args.stop_at or args.iters, args.iters)
-    due = False
-    if ctx.is_main:  # bad flags, data or checkpoints have been refused by now
-        records = read_records(args.out / "metrics.jsonl")[0]
-        if start < stop_at and not args.eval_only:  # args.json says what trained; a stopped run's records after
-            save_args(args)  # its checkpoint are superseded: metrics.jsonl reads as one unbroken run
-            records = [r for r in records if r.get("iter", 0) <= start]
-            write_whole(args.out / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in records)
-                                                                       .encode()))
-        # an evaluation that did not finish (a stop, a crash, a damaged image) is made before training goes on
-        due = start > 0 and (start % args.eval_every == 0 or start == args.iters) and start not in {
-            r.get("iter") for r in records if r.get("type") == "eval"}
-    due = ctx.share(due)
+    records = ctx.on_main(lambda: read_records(args.out / "metrics.jsonl")[0])
+
+    def log(*new):  # the records, and metrics.jsonl written whole each time (rank 0): never half a line
+        records.extend(new)
+        ctx.on_main(lambda: write_whole(args.out / "metrics.jsonl", lambda f: f.write(
+            "".join(f"{json.dumps(r)}\n" for r in records).encode())))
+    # an evaluation that did not finish (a stop, a crash, a damaged image) is made before training goes on
+    due = start > 0 and (start % args.eval_every == 0 or start == args.iters) and start not in {
+        r.get("iter") for r in records if r.get("type") == "eval"}
+    if start < stop_at and not args.eval_only:  # args.json says what trained; a stopped run's records after its
+        ctx.on_main(lambda: save_args(args))  # checkpoint are superseded: metrics.jsonl reads as one unbroken run
+        records[:] = [r for r in records if r.get("iter", 0) <= start]
+        log()
 
     def run_eval(it):
         if ctx.world_size > 1:  # CPU DDP keeps per-rank BN statistics: evaluate rank 0's
@@ -1378,7 +1368,7 @@ def train(args, ctx, ckpt=None):
                           ", which is made first when you continue"), args, ctx)
         ctx.print(f"evaluation at iteration {it}:\n{report(conf, args.classes)}")
         if not args.eval_only:  # metrics.jsonl is the run's record: --eval-only only prints
-            ctx.log({"type": "eval", "iter": it, **eval_record(conf)})
+            log({"type": "eval", "iter": it, **eval_record(conf)})
         return conf
 
     if args.eval_only:
@@ -1403,8 +1393,7 @@ def train(args, ctx, ckpt=None):
                      "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(), "iter": it,
                      "rng": states, "args": json.loads(json.dumps(vars(args), default=str)),
                      "window": {"sums": {k: v.cpu() for k, v in sums.items()}, "count": count}}
-            torch.save(state, buffer := io.BytesIO())  # torch.save's own writer reports a full disk as RuntimeError
-            write_whole(args.out / "last.pt", lambda f: f.write(buffer.getbuffer()))
+            write_whole(args.out / "last.pt", lambda f: torch.save(state, f))
         return it
 
     net = model if ctx.world_size == 1 else nn.parallel.DistributedDataParallel(
@@ -1431,7 +1420,7 @@ def train(args, ctx, ckpt=None):
             elapsed, tick, steps, timed_from = time.time() - tick, time.time(), it - timed_from, it
             rate = steps * args.batch_size / elapsed  # --batch-size is the global batch
             ctx.print(log_line(it, args.iters, lrs, means, rate, (stop_at - it) * elapsed / steps))
-            ctx.log({"type": "train", "iter": it, "lr_cnn": lrs[0], "lr_vit": lrs[1], "images_per_s": rate, **means})
+            log({"type": "train", "iter": it, "lr_cnn": lrs[0], "lr_vit": lrs[1], "images_per_s": rate, **means})
             sums, count = {}, 0
         signum = ctx.stop()  # under DDP the processes agree: all stop after the same step
         if signum or it % args.save_every == 0 or it % args.eval_every == 0 or it == stop_at:
@@ -1569,11 +1558,11 @@ def export(args):
 # The command line: devices, DDP, flags, the benchmark, main()
 
 class Runtime:
-    """Device, process group, mixed precision, and rank-0-only printing and logging."""
+    """Device, process group, mixed precision, a stop's agreement, rank 0's work and printing."""
 
-    def __init__(self, gpu, amp, out=None):
+    def __init__(self, gpu, amp):
         self.world_size, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-        self.is_main, self.out, self.device, self.caught = self.rank == 0, out, torch.device("cpu"), []
+        self.is_main, self.device, self.caught = self.rank == 0, torch.device("cpu"), []
         gpu = (0 if torch.cuda.is_available() else -1) if gpu is None else gpu
         if self.world_size > 1 and not torch.distributed.is_initialized():  # first, so that errors below are said once
             torch.distributed.init_process_group("nccl" if gpu >= 0 else "gloo")
@@ -1605,25 +1594,23 @@ class Runtime:
             torch.distributed.all_reduce(signum, torch.distributed.ReduceOp.MAX, group=self.cpu_group)
         return int(signum)
 
-    def share(self, value):
-        """Rank 0's value, on every process."""
+    def on_main(self, work):
+        """work() on rank 0 (the files it alone writes), its result on every process; its UserError raised in each,
+        so that none waits for rank 0."""
+        try:
+            result = work() if self.is_main else None
+        except UserError as error:
+            result = error
         if self.world_size > 1:
-            torch.distributed.broadcast_object_list(box := [value], 0)
-            value = box[0]
-        return value
+            torch.distributed.broadcast_object_list(box := [result], 0)
+            result = box[0]
+        if isinstance(result, UserError):
+            raise result
+        return result
 
     def print(self, *text):
         if self.is_main:
             print(*text, flush=True)
-
-    def log(self, record):
-        if self.is_main:
-            try:
-                with open(self.out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as error:  # a full disk: last.pt is whole, and a resume rewrites the records after it
-                raise RunError(f"cannot write {self.out / 'metrics.jsonl'} ({error.strerror}): free some room, then "
-                               "continue the run from its last.pt") from None
 
 
 class Parser(argparse.ArgumentParser):
@@ -1652,51 +1639,42 @@ def number(kind, low, high=math.inf, above=False):
 
 def get_args_parser():
     p = Parser(description="CTCL (ICCV 2023), reference implementation", formatter_class=HelpWithDefaults)
-    a = p.add_argument
-    count, weight = number(int, 1), number(float, 0)
+    a, count, weight, seed = p.add_argument, number(int, 1), number(float, 0), number(int, 0, 999_999)
     a("--data", default="synthetic", choices=list(DATASETS), help="data set (camvid-val: train -> val, for recipes)")
-    a("--data-root", default=None, help="data folder (default: under ./data; folder: images/, labels/, classes.txt)")
-    a("--data-seed", type=number(int, 0, 999_999), default=0, help="seed of the synthetic data")
-    a("--gpu", type=number(int, -1), default=None, help="GPU index, -1 for the CPU (default: 0 if there is one)")
-    a("--iters", type=count, default=None, help="training iterations (default: per data set)")
-    a("--stop-at", type=count, default=None, help="stop after this iteration, with a checkpoint (the "
-      "schedule still runs to --iters)")
-    a("--batch-size", type=number(int, 2), default=None, help="images per step, all processes together (per data set)")
-    a("--crop-size", type=number(int, 32, 4096), nargs="+", default=None, help="training crop: H W, or a side")
-    a("--eval-every", type=count, default=None, help="evaluate and checkpoint every N iterations (default: iters/5)")
+    a("--data-root", help="data folder (default: under ./data; folder: images/, labels/, classes.txt)")
+    a("--data-seed", type=seed, default=0, help="seed of the synthetic data")
+    a("--gpu", type=number(int, -1), help="GPU index, -1 for the CPU (default: 0 if there is one)")
+    a("--iters", type=count, help="training iterations (default: per data set)")
+    a("--stop-at", type=count, help="stop after this iteration, with a checkpoint (the schedule runs to --iters)")
+    a("--batch-size", type=number(int, 2), help="images per step, all processes together (default: per data set)")
+    a("--crop-size", type=number(int, 32, 4096), nargs="+", help="training crop: H W, or a side")
+    a("--eval-every", type=count, help="evaluate and checkpoint every N iterations (default: iters/5)")
     a("--save-every", type=count, default=2000, help="also checkpoint every N iterations")
-    a("--log-every", type=count, default=None, help="log every N iterations (default: iters/30, at most 50)")
-    a("--workers", type=number(int, 0), default=None, help="loader processes (default: 0 synthetic, else the CPUs "
-      "this process may use, 16 at most)")
-    a("--seed", type=number(int, 0, 999_999), default=0, help="seed of weights, sampling and augmentation")
-    a("--out", type=pathlib.Path, default=None, help="output folder (default: runs/DATA-METHOD-sSEED, or its next free "
-      "-2, -3 ...; the checkpoint's with --resume, its predict/ or export/)")
-    a("--resume", default=None, help="checkpoint to continue, e.g. OUT/last.pt: its recipe is the default")
+    a("--log-every", type=count, help="log every N iterations (default: iters/30, at most 50)")
+    a("--workers", type=number(int, 0), help="loader processes (default: 0 synthetic, else its CPUs, ≤ 16)")
+    a("--seed", type=seed, default=0, help="seed of weights, sampling and augmentation")
+    a("--out", type=pathlib.Path, help="output folder (default: runs/DATA-METHOD-sSEED, or its next free -2, -3 ...; "
+      "the checkpoint's with --resume, its predict/ or export/)")
+    a("--resume", help="checkpoint to continue, e.g. OUT/last.pt: its recipe is the default")
     a("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
     a("--amp", action="store_true", help="mixed precision: bf16 where the GPU has it, else fp16 with loss scaling")
-    a("--method", default="ctcl", choices=["independent", "dml", "ctcl"], help="independent: CE only; "
-      "dml: deep mutual learning; ctcl: HFD + region BSD + pixel BSD")
-    a("--lambda-hfd", type=weight, default=1.0, help="[I] weight of HFD (0 = ablation)")
-    a("--lambda-rbsd", type=weight, default=1.0, help="[I] weight of region-wise BSD (0 = ablation)")
-    a("--lambda-pbsd", type=weight, default=1.0, help="[I] weight of pixel-wise BSD (0 = ablation)")
+    a("--method", default="ctcl", choices=["independent", "dml", "ctcl"], help="CE only; deep mutual learning; CTCL")
+    for term, name in (("hfd", "HFD"), ("rbsd", "region-wise BSD"), ("pbsd", "pixel-wise BSD")):
+        a(f"--lambda-{term}", type=weight, default=1.0, help=f"[I] weight of {name} (0 = ablation)")
     a("--region-size", type=count, default=32, help="[I] side of a region in label pixels (a multiple of 32)")
     a("--rbsd-margin", type=float, default=0.0, help="[I] a student teaches a region if its score there is "
       "lower than its peer's by more than this (-inf: both teach everywhere)")
     a("--region-score", default="ce", choices=["ce", "error"], help="[I] a region's score: mean CE, or error rate")
-    a("--pixel-rule", default="exclusive", choices=["exclusive", "teacher-right", "lower-ce", "all"],
-      help="[I] pixel BSD where the teacher is right and the learner wrong, wherever the teacher is right, "
-      "from the lower-CE student, or everywhere both ways (DML)")
+    a("--pixel-rule", default="exclusive", choices=["exclusive", "teacher-right", "lower-ce", "all"], help="[I] pixel "
+      "BSD where the teacher is right and the learner wrong, or right, or has the lower CE; all: both ways (DML)")
     a("--bsd-norm", default="valid", choices=["valid", "selected"], help="[I] BSD's mean: over valid, or taught")
     a("--temperature", type=number(float, 0, above=True), default=1.0, help="[I] softmax temperature of pixel BSD, DML")
-    a("--kd-warmup", type=number(int, 0), default=None, help="[I] iterations of the sigmoid ramp of the "
-      "distillation weight (default: 5%% of --iters)")
-    a("--cnn-lr", type=weight, default=None, help="[I] SGD learning rate (default: 0.01; synthetic 0.02)")
-    a("--vit-lr", type=weight, default=None, help="[I] AdamW learning rate of the ViT encoder, heads ×10 "
-      "(default: 6e-5; synthetic 6e-4)")
-    a("--vit-warmup", type=number(int, 0), default=None, help="[I] ViT's lr warm-up (default: min(1500, iters/10))")
-    a("--pretrained", action=argparse.BooleanOptionalAction, default=None, help="ImageNet ResNet-18 (on for real data)")
-    a("--vit-weights", default=None, help="MiT-B0 ImageNet checkpoint, or 'none' (default: "
-      "weights/mit_b0.pth for real data, none for synthetic)")
+    a("--kd-warmup", type=number(int, 0), help="[I] iterations of the distillation's ramp (default: 5%% of iters)")
+    a("--cnn-lr", type=weight, help="[I] SGD learning rate (default: 0.01; synthetic 0.02)")
+    a("--vit-lr", type=weight, help="[I] AdamW lr of the ViT encoder, heads ×10 (default: 6e-5; synthetic 6e-4)")
+    a("--vit-warmup", type=number(int, 0), help="[I] ViT's lr warm-up (default: min(1500, iters/10))")
+    a("--pretrained", action=argparse.BooleanOptionalAction, help="ImageNet ResNet-18 (on for real data)")
+    a("--vit-weights", help="MiT-B0 ImageNet checkpoint, or 'none' (default: weights/mit_b0.pth; synthetic none)")
     a("--output-stride", type=int, default=16, choices=[8, 16], help="output stride of the CNN")
     a("--vis", type=number(int, 0), default=0, help="PNG panels written per evaluation to OUT/vis")
     a("--compile", action="store_true", help="torch.compile the students and losses (needs a C++ compiler)")
@@ -1721,21 +1699,16 @@ def fill_defaults(args):
     """Per-data-set defaults of the flags left unset (None), then the checks of more than one flag: one line each."""
     spec, real = DATASETS[args.data], args.data != "synthetic"
 
-    def given_or(value, default):
-        return default if value is None else value
-    args.iters = given_or(args.iters, spec["iters"])
-    args.batch_size = given_or(args.batch_size, spec["batch"])
-    crop = given_or(args.crop_size, spec["crop"])
+    def default(**values):  # for the flags left unset (None)
+        for name, value in values.items():
+            setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
+    default(iters=spec["iters"], batch_size=spec["batch"], crop_size=spec["crop"], cnn_lr=spec.get("cnn_lr", 0.01),
+            vit_lr=spec.get("vit_lr", 6e-5), workers=loader_workers() if real else 0, pretrained=real,
+            vit_weights="weights/mit_b0.pth" if real else "none")
+    default(eval_every=max(1, args.iters // spec.get("evals", 5)), log_every=max(1, min(50, args.iters // 30)),
+            kd_warmup=args.iters // 20, vit_warmup=min(1500, args.iters // 10))
+    crop = args.crop_size
     args.crop_size = [crop] * 2 if isinstance(crop, int) else list(crop) * (2 if len(crop) == 1 else 1)
-    args.eval_every = given_or(args.eval_every, max(1, args.iters // spec.get("evals", 5)))
-    args.cnn_lr = given_or(args.cnn_lr, spec.get("cnn_lr", 0.01))
-    args.vit_lr = given_or(args.vit_lr, spec.get("vit_lr", 6e-5))
-    args.log_every = given_or(args.log_every, max(1, min(50, args.iters // 30)))
-    args.workers = given_or(args.workers, loader_workers() if real else 0)
-    args.kd_warmup = given_or(args.kd_warmup, args.iters // 20)
-    args.vit_warmup = given_or(args.vit_warmup, min(1500, args.iters // 10))
-    args.pretrained = given_or(args.pretrained, real)
-    args.vit_weights = given_or(args.vit_weights, "weights/mit_b0.pth" if real else "none")
     world = int(os.environ.get("WORLD_SIZE", 1))
     cpu = args.gpu == -1 or (args.gpu is None and not torch.cuda.is_available())
     checks = [
@@ -1791,26 +1764,25 @@ def resume_recipe(args, argv, saved):
 
 
 def run_in(folder):
-    """What run a folder holds and the way on, in words, or None. A run holds its folder from its args.json on."""
-    if (folder / "last.pt").is_file():
-        with contextlib.suppress(Exception):  # mmap: only what is read is loaded
-            ckpt = torch.load(folder / "last.pt", map_location="cpu", mmap=True, weights_only=True)
-            return f"a run at iteration {ckpt['iter']}: continue it with --resume {folder / 'last.pt'}"
-    if (folder / "metrics.jsonl").is_file():
-        return "a run's metrics, without its checkpoint: move them away"
+    """What run a folder holds (a run holds its folder from its args.json on) and the way on, in words."""
+    with contextlib.suppress(Exception):  # mmap: only what is read is loaded
+        ckpt = torch.load(folder / "last.pt", map_location="cpu", mmap=True, weights_only=True)
+        return f"a run at iteration {ckpt['iter']}: continue it with --resume {folder / 'last.pt'}"
     return "a run with no checkpoint yet (starting, or stopped before its first: the same command with --resume " \
-        "auto starts it there again)" if (folder / "args.json").is_file() else None
+        "auto starts it there again)"
 
 
 def choose_out(args, own=False):
     """OUT: --out, else runs/DATA-METHOD-sSEED or its next free -2, -3, ...; resumed (or own: --resume auto), the
     run's folder. A new run claims its folder by making args.json, exclusively: runs launched together never share
-    one, and a folder with a run is written only by that run. Returns whether it claimed one (rank 0 only)."""
+    one, and a folder with a run is written only by that run. Returns OUT."""
     default = args.out is None
     args.out = args.out or (pathlib.Path(args.resume).parent if args.resume else default_out(args))
     if own or (args.resume and pathlib.Path(args.resume).resolve().parent == args.out.resolve()):
         make_folder(args.out)
-        return False
+        for stale in args.out.glob(".*.tmp"):  # what a killed run was writing (write_whole): OUT is this run's now
+            stale.unlink()
+        return args.out
     taken, held = args.out, None
     for k in itertools.count(2):
         make_folder(args.out)
@@ -1818,13 +1790,13 @@ def choose_out(args, own=False):
             save_args(args, exclusive=True)
             break
         except FileExistsError:
-            held = held or run_in(args.out) or "a run"
+            held = held or run_in(args.out)
             if not default:
                 raise UserError(f"--out {args.out} holds {held}, or give another --out") from None
             args.out = taken.with_name(f"{taken.name}-{k}")
     if held:
         print(f"{taken} holds {held.split(':')[0].split(' (')[0]}: this run writes to {args.out}", flush=True)
-    return True
+    return args.out
 
 
 def default_out(args):
@@ -2026,7 +1998,7 @@ def main(argv=None):
             if not args.resume:
                 raise UserError("--predict and --export need --resume CHECKPOINT (a last.pt of ctcl.py)")
             args.out = args.out or pathlib.Path(args.resume).parent / ("predict" if args.predict else "export")
-            return predict(args, Runtime(args.gpu, args.amp, None)) if args.predict else export(args)
+            return predict(args, Runtime(args.gpu, args.amp)) if args.predict else export(args)
         own = args.resume == "auto"  # what a requeued job runs: OUT's run goes on from its last.pt, else starts
         if own:
             args.out = args.out or default_out(args)
@@ -2036,32 +2008,12 @@ def main(argv=None):
         if args.benchmark:
             return benchmark(args, Runtime(args.gpu, args.amp))
         ctx = Runtime(args.gpu, args.amp)
-        claimed = None
-        if ctx.is_main:
-            try:
-                claimed = choose_out(args, own)
-            except UserError as error:  # said by every process: none waits for rank 0
-                claimed = error
-        claimed, args.out = ctx.share((claimed, args.out))
-        if isinstance(claimed, UserError):
-            raise claimed
-        ctx.out = args.out
-        ctx.print(f"ctcl: data {args.data}, method {args.method}, {args.iters} iterations, batch {args.batch_size} "
-                  f"({args.batch_size // ctx.world_size} per process), crop {args.crop_size}, device {ctx.device}, "
-                  f"world size {ctx.world_size}, out {args.out}")
         try:
-            with stop_signals() as ctx.caught:
-                return train(args, ctx, ckpt)
+            with stop_signals(ctx.caught):
+                return train(args, ctx, ckpt, own)
         except KeyboardInterrupt:  # a second Ctrl-C
-            raise RunError(f"stopped at once by a second Ctrl-C; {args.out / 'last.pt'}, if there is one, is whole",
-                           130) from None
-        finally:  # a run that ends before it recorded anything gives its folder back
-            if claimed and ctx.is_main and not (args.out / "last.pt").exists() and not read_records(
-                    args.out / "metrics.jsonl")[0]:
-                with contextlib.suppress(OSError):
-                    for name in ("args.json", "metrics.jsonl"):
-                        (args.out / name).unlink(missing_ok=True)
-                    args.out.rmdir()
+            raise RunError(f"stopped at once by a second Ctrl-C; {(args.out or pathlib.Path('OUT')) / 'last.pt'}, if "
+                           "there is one, is whole", 130) from None
     except UserError as error:
         # raised in a data-loading worker, the message carries the worker's traceback: keep its last line
         message = re.sub(r"^\S*(User|Run)Error: ", "", str(error).strip().splitlines()[-1])

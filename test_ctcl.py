@@ -4,10 +4,11 @@ last, the edges a new user meets on the first day (reruns, resume, odd files, la
 Every mask and loss is checked against a brute-force reference written here with
 plain Python loops. Run: python -m pytest -q test_ctcl.py
 """
+import argparse
 import collections
 import contextlib
-import functools
 import inspect
+import io
 import json
 import math
 import os
@@ -762,7 +763,7 @@ def test_evaluate_scores_logits_resized_to_each_labels_own_size_and_restores_tra
     model = ctcl.CTCL(3, method="independent")
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((37, 45), (50, 29))]
     labels = [random_target(1, h, w, 3, seed=h)[0].to(torch.uint8) for h, w in ((37, 45), (50, 29))]
-    dataset = ctcl.SegmentationSet(functools.partial(ctcl.from_tensors, images, labels), 2, ctcl.JointTransform(None))
+    dataset = ctcl.SegmentationSet(list(zip(images, labels)), ctcl.JointTransform(None))
     conf = ctcl.evaluate(model, dataset, num_classes=3, device=torch.device("cpu"), autocast=contextlib.nullcontext())
     assert model.training and model.cnn.training and model.vit.encoder.training
     model.eval()
@@ -948,7 +949,7 @@ def test_pixel_masks_pick_the_first_maximum_on_ties_like_argmax():
     assert cnn.tolist() == [[[1.0, 1.0, 0.0, 0.0]]] and vit.tolist() == [[[0.0, 0.0, 0.0, 1.0]]]
 
 
-@pytest.mark.parametrize("method", ["independent", "dml", "ctcl"])
+@pytest.mark.parametrize("method", ["dml", "ctcl"])  # independent: ctcl's CE alone
 def test_forward_traces_as_one_graph_and_does_not_recompile_over_the_ramp(method):
     """fullgraph=True fails on any .item(), data-dependent branch or boolean-mask indexing:
     the CPU stand-in for torch.cuda.set_sync_debug_mode (tested on a GPU below). The ramp's
@@ -1413,7 +1414,7 @@ def test_labels_stay_uint8_through_reading_and_the_tables(tmp_path):
     root = fake_cityscapes(tmp_path / "cityscapes")
     train, val = ctcl.build_datasets("cityscapes", root, [32, 48])
     image, label = val[0]
-    ids = torch.from_numpy(numpy.array(PIL.Image.open(val.load.args[0][0][1]))).long()
+    ids = torch.from_numpy(numpy.array(PIL.Image.open(val.items[0][1]))).long()
     assert image.dtype == label.dtype == torch.uint8 and torch.equal(label, ctcl.CITYSCAPES_LUT[ids])
     batch = next(ctcl.training_batches(train, batch_size=2, start_iter=0, workers=0, seed=0, rank=0, world_size=1,
                                        pin_memory=False))
@@ -1427,8 +1428,7 @@ def test_evaluation_and_training_get_uint8_and_normalise_on_the_device(monkeypat
     seen, move = [], ctcl.to_device
     monkeypatch.setattr(ctcl, "to_device", lambda *a: seen.append([t.dtype for t in a[:2]]) or move(*a))
     images = [torch.randint(0, 256, (3, 37, 45), dtype=torch.uint8)]
-    dataset = ctcl.SegmentationSet(functools.partial(ctcl.from_tensors, images, [random_target(1, 37, 45, 3)[0].byte()]),
-                                   1, ctcl.JointTransform(None))
+    dataset = ctcl.SegmentationSet([(images[0], random_target(1, 37, 45, 3)[0].byte())], ctcl.JointTransform(None))
     ctcl.evaluate(ctcl.CTCL(3, method="independent"), dataset, num_classes=3, device=torch.device("cpu"),
                   autocast=contextlib.nullcontext())
     assert seen == [[torch.uint8, torch.uint8]]
@@ -1442,16 +1442,16 @@ def test_sampler_splits_each_global_batch_across_processes_and_resumes_mid_epoch
     """Per epoch: a fresh permutation, each index once; global batch k of one process equals
     the concatenated slices of batch k of two processes (same indices, same augmentation seeds);
     a sampler started at iteration k yields what the whole run yields from there."""
-    one = take(iter(ctcl.TrainingSampler(10, batch_size=4, seed=3)), 4 * 6)  # 2 batches per epoch, 3 epochs
-    ranks = [take(iter(ctcl.TrainingSampler(10, batch_size=4, seed=3, rank=r, world_size=2)), 2 * 6) for r in (0, 1)]
+    one = take(ctcl.training_order(10, batch_size=4, seed=3), 4 * 6)  # 2 batches per epoch, 3 epochs
+    ranks = [take(ctcl.training_order(10, batch_size=4, seed=3, rank=r, world_size=2), 2 * 6) for r in (0, 1)]
     for k in range(6):
         assert one[4 * k:4 * k + 4] == ranks[0][2 * k:2 * k + 2] + ranks[1][2 * k:2 * k + 2]
     epochs = [[i for i, _ in one[8 * e:8 * e + 8]] for e in range(3)]
     assert all(len(set(e)) == 8 for e in epochs) and epochs[0] != epochs[1]
     assert len({s for _, s in one}) == 24  # a seed per draw
     for start in (1, 2, 3, 5):
-        assert take(iter(ctcl.TrainingSampler(10, batch_size=4, seed=3, start_iter=start)), 4) == one[4 * start:4 * start + 4]
-    assert take(iter(ctcl.TrainingSampler(10, batch_size=4, seed=4)), 8) != one[:8]
+        assert take(ctcl.training_order(10, batch_size=4, seed=3, start_iter=start), 4) == one[4 * start:4 * start + 4]
+    assert take(ctcl.training_order(10, batch_size=4, seed=4), 8) != one[:8]
 
 
 class Items(torch.utils.data.Dataset):
@@ -1468,7 +1468,7 @@ def test_training_batches_after_a_resume_are_the_batches_of_the_whole_run(worker
         return ctcl.training_batches(Items(), batch_size=batch_size, start_iter=start, workers=workers, seed=5,
                                      rank=rank, world_size=world_size, pin_memory=False)
     whole = take(batches(0), 12)  # 5 batches per epoch: crosses two epoch boundaries
-    assert whole[0].tolist() == [list(p) for p in take(iter(ctcl.TrainingSampler(10, batch_size=2, seed=5)), 2)]
+    assert whole[0].tolist() == [list(p) for p in take(ctcl.training_order(10, batch_size=2, seed=5), 2)]
     for start in (1, 5, 7):
         assert all(torch.equal(a, b) for a, b in zip(take(batches(start), 12 - start), whole[start:]))
     halves = [take(batches(0, rank, 2, 4), 3) for rank in (0, 1)]
@@ -1515,7 +1515,7 @@ def test_training_loader_is_made_once_per_run(tmp_path, small_data, monkeypatch)
         return loader(dataset, *args, **kwargs)
     monkeypatch.setattr(torch.utils.data, "DataLoader", counting)
     run_main(tmp_path, "--iters", "14", "--eval-every", "14")
-    assert sum(isinstance(s, ctcl.TrainingSampler) for s in made) == 1
+    assert sum(isinstance(s, types.GeneratorType) for s in made) == 1  # training_order's
 
 
 # ----------------------------------------------------------------------------------
@@ -1562,10 +1562,12 @@ def read_metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("extra", [["--method", "independent"], ["--method", "dml"], ["--method", "ctcl"],
-                                   ["--lambda-hfd", "0"], ["--lambda-rbsd", "0"], ["--lambda-pbsd", "0"],
-                                   ["--amp"], ["--region-score", "error", "--pixel-rule", "teacher-right"],
-                                   ["--rbsd-margin=-inf", "--pixel-rule", "all"], ["--bsd-norm", "selected"], ["--pixel-rule", "lower-ce"]])
+# each flag of the objective once, two where one leaves the other's term in
+@pytest.mark.parametrize("extra", [["--method", "independent"], ["--method", "dml"], ["--method", "ctcl", "--amp"],
+                                   ["--lambda-hfd", "0", "--bsd-norm", "selected", "--pixel-rule", "teacher-right"],
+                                   ["--lambda-rbsd", "0", "--pixel-rule", "lower-ce"],
+                                   ["--lambda-pbsd", "0", "--region-score", "error"],
+                                   ["--rbsd-margin=-inf", "--pixel-rule", "all"]])
 def test_runs_train_and_eval(tmp_path, small_data, capsys, extra):
     result = run_main(tmp_path, "--iters", "3", *extra)
     out = capsys.readouterr().out
@@ -1595,55 +1597,90 @@ def test_the_loop_weights_distillation_by_the_ramp_over_kd_warmup(tmp_path, smal
     assert [float(w) for w in weights] == pytest.approx([ramp(k, 3) for k in range(5)])
 
 
+# the recipe of the resume tests: 6 iterations, logged every 2nd, evaluated (and saved) at 3 and 6
+UNBROKEN = ("--iters", "6", "--log-every", "2", "--eval-every", "3")
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory):
+    """The final weights and metrics.jsonl records (images/s aside) of the UNBROKEN recipe run never stopped, with
+    no loader worker: made once, what every stopped and resumed run must end with."""
+    folder = tmp_path_factory.mktemp("unbroken")
+    with pytest.MonkeyPatch.context() as patch:
+        build = ctcl.build_datasets
+        patch.setattr(ctcl, "build_datasets", lambda *a, **k: build(*a, **dict(k, synthetic_size=(12, 3))))
+        state = state_of(ctcl.main(["--out", str(folder), *SMALL, *UNBROKEN]))
+    return state, records_of(folder)
+
+
+def records_of(folder):
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(folder / "metrics.jsonl")]
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
-def test_resume_is_exact(tmp_path, small_data, workers):
-    whole = state_of(run_main(tmp_path, "--iters", "6", "--workers", workers, out="whole"))
-    run_main(tmp_path, "--iters", "6", "--stop-at", "3", "--workers", workers, out="split")
+def test_resume_is_exact(tmp_path, small_data, unbroken, workers):
+    """--stop-at 3, then --resume, with 0 or 2 loader workers: the weights and records of the run never stopped."""
+    whole, records = unbroken
+    run_main(tmp_path, *UNBROKEN, "--stop-at", "3", "--workers", workers, out="split")
     ckpt = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert ckpt["iter"] == 3
-    resumed = state_of(run_main(tmp_path, "--iters", "6", "--resume", str(tmp_path / "split" / "last.pt"),
+    resumed = state_of(run_main(tmp_path, *UNBROKEN, "--resume", str(tmp_path / "split" / "last.pt"),
                                 "--workers", workers, out="split"))
-    assert whole.keys() == resumed.keys()
+    assert whole.keys() == resumed.keys() and records_of(tmp_path / "split") == records
     for k in whole:
         assert torch.equal(whole[k], resumed[k]), k
     first_half = ckpt["model"]
     assert any(not torch.equal(first_half[k], whole[k]) for k in whole if whole[k].is_floating_point())
 
 
-def test_a_killed_run_resumes_from_its_last_periodic_checkpoint_exactly(tmp_path, small_data):
-    """SIGKILL between two --save-every checkpoints: the run resumes from the last one and ends
+def test_a_killed_run_resumes_from_its_last_periodic_checkpoint_exactly(tmp_path, small_data, unbroken):
+    """SIGKILL between two checkpoints (the evaluations' at 3 and 6): the run resumes from the last one and ends
     with bitwise the weights of a run that was never interrupted."""
-    whole = state_of(run_main(tmp_path, "--iters", "8", "--save-every", "3", out="whole"))
+    whole = unbroken[0]
     script = tmp_path / "run.py"
     script.write_text(SMALL_RUN.format(repo=str(HERE)))
     out = tmp_path / "killed"
-    argv = [sys.executable, str(script), "--out", str(out), *SMALL, "--iters", "8", "--save-every", "3",
-            "--log-every", "1"]
+    argv = [sys.executable, str(script), "--out", str(out), *SMALL, *UNBROKEN]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:  # the log line of iteration 4 comes after the checkpoint of iteration 3
-        if line.startswith("it 4/8"):
+        if line.startswith("it 4/6"):
             proc.kill()
             break
     assert proc.wait(timeout=60) == -signal.SIGKILL
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["iter"] == 3 and not (out / "last.pt.tmp").exists()
-    resumed = state_of(run_main(tmp_path, "--iters", "8", "--save-every", "3", "--resume", str(out / "last.pt"),
-                                out="killed"))
+    assert ckpt["iter"] == 3
+    resumed = state_of(run_main(tmp_path, *UNBROKEN, "--resume", str(out / "last.pt"), out="killed"))
+    assert not list(out.glob(".*"))  # what the killed run was writing is gone
     for k in whole:
         assert torch.equal(whole[k], resumed[k]), k
 
 
-def test_interrupted_checkpoint_write_keeps_previous(tmp_path, small_data, monkeypatch):
+class FillingDisk(io.RawIOBase):
+    """A file whose disk is full after `room` bytes."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(28, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path, small_data, monkeypatch, capsys):
+    """The disk fills up halfway through torch.save (which wraps the OSError in a RuntimeError): one line, exit 1,
+    the previous last.pt as it was, no temporary file."""
     run_main(tmp_path, "--iters", "4", "--stop-at", "2")
     last = tmp_path / "out" / "last.pt"
     before = last.read_bytes()
-
-    def dying_save(obj, f, *a, **k):
-        f.write(b"half a checkpoint")
-        raise OSError("No space left on device")
-    monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError, match="No space"):
-        run_main(tmp_path, "--iters", "4", "--resume", str(last))
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, FillingDisk(f, len(before) // 2)))
+    message = one_line_error(["--out", tmp_path / "out", *SMALL, "--iters", "4", "--resume", last], capsys, code=1)
+    assert message.startswith(f"ctcl.py: cannot write {last} (No space left on device); the previous last.pt (")
     assert last.read_bytes() == before
     assert torch.load(last, weights_only=True)["iter"] == 2
     assert sorted(p.name for p in last.parent.iterdir()) == ["args.json", "last.pt", "metrics.jsonl"]
@@ -1710,7 +1747,7 @@ def test_under_torchrun_local_rank_gives_each_process_its_gpu(tmp_path, monkeypa
     else:
         monkeypatch.delenv("LOCAL_RANK", raising=False)
     with pytest.raises(ctcl.UserError, match="--gpu 1: CUDA sees 0" if local_rank else "launch with torchrun"):
-        ctcl.Runtime(0, False, tmp_path)
+        ctcl.Runtime(0, False)
 
 
 @pytest.mark.parametrize("launcher,size,rank", [("srun", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID"),
@@ -1913,7 +1950,7 @@ def test_bad_argument_from_the_shell_has_no_traceback(tmp_path):
 def test_benchmark_prints_json_line(capsys):
     args = ctcl.get_args_parser().parse_args(["--benchmark", "--gpu", "-1", "--crop-size", "32", "--batch-size", "2"])
     ctcl.fill_defaults(args)
-    result = ctcl.benchmark(args, ctcl.Runtime(args.gpu, args.amp, None), rounds=1, steps=1)  # main() takes 5 × 3
+    result = ctcl.benchmark(args, ctcl.Runtime(args.gpu, args.amp), rounds=1, steps=1)  # main() takes 5 × 3
     out = capsys.readouterr().out.strip().splitlines()
     last = json.loads(out[-1])
     assert set(last) == {"independent_ms", "dml_ms", "ctcl_ms", "ctcl_over_independent", "peak_rss_mb", "warmup_s",
@@ -2018,19 +2055,16 @@ def test_under_ddp_each_process_draws_its_panels_named_by_the_image_index(tmp_pa
 
 
 def test_under_torchrun_an_error_is_said_once(tmp_path):
-    """Rank 1 alone fails (its evaluation image is damaged): its line, once; every process fails alike
-    (no such checkpoint): one line, not one per process."""
+    """Rank 1 alone fails (its evaluation image is damaged): its line, once. (Every process failing alike before
+    the process group, e.g. no such checkpoint, is the next test's.)"""
     root = fake_voc(tmp_path / "voc", n_val=2)
     corrupt = root / "JPEGImages" / "2007_val001.jpg"
     corrupt.write_bytes(b"no jpeg")  # evaluation image 1: rank 1's
     argv = [HERE / "ctcl.py", "--data", "voc", "--data-root", root, "--iters", "1", *SMALL, "--batch-size", "4", *REAL,
             "--gpu", "-1"]
-    runs = [(torchrun(*argv, "--out", tmp_path / "one"), f"cannot decode image {corrupt}"),  # both at once
-            (torchrun(*argv, "--out", tmp_path / "all", "--resume", tmp_path / "no.pt"), "no such file")]
-    for proc, message in runs:
-        stderr = proc.communicate(timeout=300)[1]
-        errors = [line for line in stderr.splitlines() if line.startswith("ctcl.py:")]
-        assert proc.returncode != 0 and len(errors) == 1 and message in errors[0], stderr[-3000:]
+    stderr = (proc := torchrun(*argv, "--out", tmp_path / "one")).communicate(timeout=300)[1]
+    errors = [line for line in stderr.splitlines() if line.startswith("ctcl.py:")]
+    assert proc.returncode != 0 and len(errors) == 1 and f"cannot decode image {corrupt}" in errors[0], stderr[-3000:]
 
 
 def test_before_the_process_group_only_rank_0_says_the_error(tmp_path, capsys, monkeypatch):
@@ -2188,7 +2222,7 @@ def test_camvid_trains_on_train_and_val_for_test_and_on_train_alone_for_val(tmp_
     for name, n_train, n_val, val_folder in (("camvid", 4, 2, "test"), ("camvid-val", 3, 1, "val")):
         train, val = ctcl.build_datasets(name, root, [32, 32])
         assert (len(train), len(val)) == (n_train, n_val)
-        assert all(p[0].parent.name == val_folder for p in val.load.args[0])
+        assert all(p[0].parent.name == val_folder for p in val.items)
 
 
 def test_camvid_void_is_ignored():
@@ -2233,6 +2267,8 @@ def test_bad_data_is_a_one_line_error(tmp_path, capsys, corrupt):
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert all(f in err for f in fragments), err
     assert not list(out.glob("*.pt*")) and not list(out.glob("*.tmp"))  # no checkpoint, whole or half
+    assert out.exists() == (corrupt in (corrupt_undecodable, corrupt_rgb_label, corrupt_label_size))  # a bad split
+    # is refused before the run claims OUT; a damaged file, read as training reads it, after
 
 
 def test_voc_labels_past_its_21_classes_are_ignored_by_its_table(tmp_path):
@@ -2293,7 +2329,7 @@ def test_a_folder_trains_and_evaluates_with_its_class_names_and_colours(tmp_path
 def test_a_folder_without_lists_sends_every_tenth_stem_to_validation(tmp_path, capsys):
     root = fake_folder(tmp_path / "mine", lists=False)
     train, val = ctcl.build_datasets("folder", root, [32, 32], classes=["a", "b", "c", "d"])
-    assert [p[0].stem for p in val.load.args[0]] == ["img00", "img10"] and len(train) == 10
+    assert [p[0].stem for p in val.items] == ["img00", "img10"] and len(train) == 10
     ctcl.main([str(a) for a in folder_run(root, tmp_path / "out")])
     assert "no train.txt and val.txt: every 10th sorted stem is for validation (2 images)" in capsys.readouterr().out
 
@@ -2796,7 +2832,9 @@ def test_data_prep_damaged_archive_is_one_line_and_a_rerun_after_deleting_it_wor
 def blocking_tool(folder, name, flag, leave):
     """A fake NAME on PATH: runs LEAVE on the path after FLAG, writes its pid to folder/NAME.pid, then blocks."""
     tool = folder / name
-    tool.write_text(f'#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = {flag} ] && to=$2; shift; done\n{leave}\n'
+    # the pid half a second after the start, when data_prep.sh waits for the tool: a signal sent as the tool
+    # started once went unanswered for 20 s on a busy machine (bash had not yet reached its `wait`)
+    tool.write_text(f'#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = {flag} ] && to=$2; shift; done\n{leave}\nsleep 0.5\n'
                     f'echo $$ > "{tool}.tmp" && mv "{tool}.tmp" "{tool}.pid"\nexec sleep 60\n')
     tool.chmod(0o755)
     return pathlib.Path(f"{tool}.pid")
@@ -2910,7 +2948,7 @@ def test_a_rerun_never_overwrites_a_run(tmp_path, small_data, capsys, monkeypatc
         "--resume auto starts it there again), or give another --out" in \
         one_line_error(["--out", tmp_path / "runs/synthetic-independent-s0-2", *SMALL, "--iters", "1"], capsys)
     (tmp_path / "runs/synthetic-independent-s0-3/last.pt").unlink()  # killed before its first checkpoint
-    assert "holds a run's metrics, without its checkpoint: move them away, or give another --out" in \
+    assert "holds a run with no checkpoint yet" in \
         one_line_error(["--out", tmp_path / "runs/synthetic-independent-s0-3", *SMALL, "--iters", "1"], capsys)
 
 
@@ -3136,31 +3174,37 @@ def test_predictions_in_bands_equal_those_of_the_whole_upsampled_scores():
 # ----------------------------------------------------------------------------------
 # A run's life, as a cluster lives it: launched with others, stopped, requeued, resumed, summarised
 
-def in_a_process(tmp_path, *argv, cwd=None):
-    """ctcl.py on the small synthetic set in a process of its own, its output piped."""
-    script = tmp_path / "run.py"
-    script.write_text(SMALL_RUN.format(repo=str(HERE)))
-    return subprocess.Popen([sys.executable, str(script), *map(str, argv)], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def test_runs_launched_together_never_share_a_folder(tmp_path, small_data, monkeypatch):
+    """Eight runs claim the default OUT at the very same moment (threads, released together): eight folders, each
+    args.json its own run's (without the claim several took one). Then two runs, one after the other: two folders,
+    each's args.json, checkpoint and records its own flags', and no temporary file left behind."""
+    import threading
+    monkeypatch.chdir(tmp_path)
+    base, start = vars(ctcl.get_args_parser().parse_args([])), threading.Barrier(8)
+    claims = [argparse.Namespace(**dict(base, data="synthetic", method="ctcl", cnn_lr=k)) for k in range(8)]
 
-
-def test_runs_launched_together_never_share_a_folder(tmp_path):
-    """Three runs started at once, all with the default OUT: three folders, each whose args.json, checkpoint and
-    records are its own flags' (today they wrote into one), and no temporary file left behind."""
-    runs = [in_a_process(tmp_path, *SMALL, "--iters", "1", "--method", "independent", "--cnn-lr", lr, cwd=tmp_path)
-            for lr in ("0.01", "0.02", "0.05")]
-    for run in runs:
-        assert run.wait(timeout=300) == 0, run.stderr.read()[-2000:]
-    folders = sorted((tmp_path / "runs").iterdir())
-    assert [f.name for f in folders] == [f"synthetic-independent-s0{k}" for k in ("", "-2", "-3")]
-    lrs = []
-    for folder in folders:
-        args = json.loads((folder / "args.json").read_text())
-        ckpt, records = torch.load(folder / "last.pt", weights_only=True), read_metrics(folder / "metrics.jsonl")
-        assert args["out"] == ckpt["args"]["out"] == str(folder.relative_to(tmp_path))
-        assert ckpt["args"]["cnn_lr"] == args["cnn_lr"] == records[0]["lr_cnn"] and [r["iter"] for r in records] == [1, 1]
-        lrs.append(args["cnn_lr"])
-    assert sorted(lrs) == [0.01, 0.02, 0.05] and not list(tmp_path.glob("runs/*/.*"))
+    def claim(args):
+        start.wait()  # all eight at once
+        ctcl.choose_out(args)
+    threads = [threading.Thread(target=claim, args=(args,)) for args in claims]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(str(args.out) for args in claims) == sorted(
+        ["runs/synthetic-ctcl-s0"] + [f"runs/synthetic-ctcl-s0-{k}" for k in range(2, 9)])
+    for args in claims:
+        assert json.loads((args.out / "args.json").read_text())["cnn_lr"] == args.cnn_lr
+    for lr in ("0.01", "0.05"):
+        ctcl.main([*SMALL, "--iters", "1", "--method", "independent", "--cnn-lr", lr])
+    for folder, lr in (("runs/synthetic-independent-s0", 0.01), ("runs/synthetic-independent-s0-2", 0.05)):
+        args = json.loads((tmp_path / folder / "args.json").read_text())
+        ckpt, records = torch.load(tmp_path / folder / "last.pt", weights_only=True), read_metrics(
+            tmp_path / folder / "metrics.jsonl")
+        assert args["out"] == ckpt["args"]["out"] == folder
+        assert args["cnn_lr"] == ckpt["args"]["cnn_lr"] == records[0]["lr_cnn"] == lr
+        assert [r["iter"] for r in records] == [1, 1]
+    assert not list(tmp_path.glob("runs/*/.*"))
 
 
 def signalled_at(monkeypatch, iteration, *signals):
@@ -3178,13 +3222,12 @@ def signalled_at(monkeypatch, iteration, *signals):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_the_run_after_its_step_and_the_same_command_continues_it_exactly(tmp_path, small_data, capsys,
-                                                                                         monkeypatch, signum):
+                                                                                         monkeypatch, unbroken, signum):
     """SIGTERM (a scheduler) or Ctrl-C mid-step: the step ends, last.pt is written at its iteration, one line with
     the shell's exit code; the very command again (--resume auto, as a requeued job runs it) ends as a run never
     stopped: the same weights, and metrics.jsonl record for record, the evaluation the stop skipped included."""
-    recipe = ["--out", str(tmp_path / "cut"), *SMALL, "--iters", "6", "--log-every", "2", "--eval-every", "3",
-              "--resume", "auto"]
-    whole = state_of(run_main(tmp_path, *recipe[recipe.index("--iters"):-2], out="whole"))
+    recipe = ["--out", str(tmp_path / "cut"), *SMALL, *UNBROKEN, "--resume", "auto"]
+    whole, records = unbroken
     handler, step = signal.getsignal(signum), ctcl.train_step
     signalled_at(monkeypatch, 3, signum)
     last = tmp_path / "cut" / "last.pt"
@@ -3195,9 +3238,7 @@ def test_a_signal_stops_the_run_after_its_step_and_the_same_command_continues_it
     resumed = state_of(ctcl.main(recipe))
     for k in whole:
         assert torch.equal(whole[k], resumed[k]), k
-    records = [[{k: v for k, v in r.items() if k != "images_per_s"} for r in read_metrics(tmp_path / run / "metrics.jsonl")]
-               for run in ("whole", "cut")]
-    assert records[0] == records[1] and [(r["type"], r["iter"]) for r in records[1]] == \
+    assert records_of(tmp_path / "cut") == records and [(r["type"], r["iter"]) for r in records] == \
         [("train", 2), ("eval", 3), ("train", 4), ("train", 6), ("eval", 6)]
 
 
@@ -3299,10 +3340,10 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays_whole(tmp_pat
     last = tmp_path / "out" / "last.pt"
     before = last.read_bytes()
 
-    real_fsync = os.fsync
+    full = [r"last\.pt|png"]
 
     def fsync(fd, sync=os.fsync):  # the disk fills up while the checkpoint (or a prediction) is written
-        if re.search(r"last\.pt|png", os.readlink(f"/proc/self/fd/{fd}")):
+        if re.search(full[0], os.readlink(f"/proc/self/fd/{fd}")):
             raise OSError(28, "No space left on device")
         sync(fd)
     monkeypatch.setattr(os, "fsync", fsync)
@@ -3313,19 +3354,18 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays_whole(tmp_pat
         ["args.json", "last.pt", "metrics.jsonl"]
     assert "cannot write" in one_line_error(["--predict", str(HERE / "assets" / "camvid-overlay.jpg"), "--resume",
                                              one_step, "--out", tmp_path / "p"], capsys, code=1)
-    monkeypatch.setattr(os, "fsync", real_fsync)
-    real_open = open
-    monkeypatch.setattr(ctcl, "open", lambda path, *a: (_ for _ in ()).throw(OSError(28, "No space left on device"))
-                        if str(path).endswith("metrics.jsonl") else real_open(path, *a), raising=False)
-    assert f"cannot write {tmp_path / 'out' / 'metrics.jsonl'} (No space left on device)" in \
-        one_line_error(["--resume", last], capsys, code=1)
+    full[0] = r"metrics\.jsonl"  # and while the records are
+    assert f"cannot write {tmp_path / 'out' / 'metrics.jsonl'} (No space left on device); the previous metrics.jsonl" \
+        in one_line_error(["--resume", last], capsys, code=1)
+    assert last.read_bytes() == before
 
 
 def test_a_loss_non_finite_before_any_checkpoint_names_none(tmp_path, small_data, capsys, monkeypatch):
     monkeypatch.setattr(ctcl, "sigmoid_rampup", lambda step, length: float("nan"))
     message = one_line_error(["--out", tmp_path / "out", *SMALL, "--iters", "3"], capsys, code=1)
     assert "non-finite loss at iteration 1; stopped, and no checkpoint was written" in message
-    assert not (tmp_path / "out").exists()  # nothing recorded: the folder is given back
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["args.json", "metrics.jsonl"]  # the run, no
+    # checkpoint: `--resume auto` starts it there again
 
 
 def test_summarize_leaves_out_folders_that_are_not_runs_and_a_closed_pipe_ends_it_quietly(tmp_path, one_step):
