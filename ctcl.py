@@ -1263,8 +1263,7 @@ def train_step(model, images, target, optimizers, schedulers, scaler, autocast, 
     with autocast:
         loss_cnn, loss_vit, terms = model(images, target, kd_weight)
     loss = loss_cnn + loss_vit  # no teacher side carries a gradient: each student gets its own
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)  # the optimisers hold all of its parameters
     scaler.scale(loss).backward()
     for opt in optimizers:
         scaler.step(opt)
@@ -1678,10 +1677,11 @@ def get_args_parser():
     a("--output-stride", type=int, default=16, choices=[8, 16], help="output stride of the CNN")
     a("--vis", type=number(int, 0), default=0, help="PNG panels written per evaluation to OUT/vis")
     a("--compile", action="store_true", help="torch.compile the students and losses (needs a C++ compiler)")
+    a("--full-size", action="store_true", help="--predict at each image's size (default: larger ones at the data's)")
+    a = p.add_mutually_exclusive_group().add_argument  # instead of training, one of:
     a("--benchmark", action="store_true", help="time steps of independent, dml, ctcl; print the students' sizes; stop")
     a("--predict", nargs="+", metavar="PATH", help="segment these images (files, folders) with the --resume "
       "checkpoint: class-index PNGs and overlays in --out (default: the checkpoint's folder/predict)")
-    a("--full-size", action="store_true", help="--predict at each image's size (default: larger ones at the data's)")
     a("--export", action="store_true", help="the --resume students as torch.export programs cnn.pt2, vit.pt2 in --out")
     a("--summarize", nargs="+", metavar="RUN_DIR", help="a Markdown table (mean ± std over seeds) of finished runs")
     return p
@@ -1844,14 +1844,11 @@ def benchmark(args, ctx, rounds=5, steps=3):
     batches = training_batches(build_datasets(args.data, args.data_root, args.crop_size, args.data_seed, (
         args.batch_size, 1), args.classes)[0], batch_size=args.batch_size, start_iter=0, workers=0, seed=args.seed,
         rank=0, world_size=1, pin_memory=False)  # workers 0: this process reads, transforms and collates
-    torch.set_num_threads(1)  # as one loader worker; a first batch loads the decoders, 16 images or more are timed
-    next(batches)
+    torch.set_num_threads(1)  # as one loader worker; a first batch (the steps') loads the decoders, 16 images are timed
+    images, target = to_device(*next(batches), ctx.device)
     n = max(2, 16 // args.batch_size)
     loader = 1000 / milliseconds(lambda: [next(batches) for _ in range(n)], lambda: None, n * args.batch_size)
     torch.set_num_threads(threads)
-    images = torch.randn(args.batch_size, 3, *args.crop_size, device=ctx.device)
-    target = torch.randint(0, classes, (args.batch_size, *args.crop_size), device=ctx.device)
-    target[:, :, :4] = IGNORE_INDEX
     scaler, kd_weight = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16), torch.ones((), device=ctx.device)
     sync, allocated = (torch.cuda.synchronize, torch.cuda.memory_allocated) if cuda else (lambda: None, lambda: 0)
 
@@ -1993,8 +1990,6 @@ def main(argv=None):
                                 f"its processes from torchrun: run one task per machine, e.g. `{launcher} torchrun "
                                 "--nproc_per_node=GPUS ... ctcl.py ...` (see the README)")
         if args.predict or args.export:  # uses of a trained checkpoint: what they need is in it
-            if args.predict and args.export:  # else the export was silently left out
-                raise UserError("--predict and --export: one at a time, in two runs")
             if not args.resume:
                 raise UserError("--predict and --export need --resume CHECKPOINT (a last.pt of ctcl.py)")
             args.out = args.out or pathlib.Path(args.resume).parent / ("predict" if args.predict else "export")
