@@ -507,6 +507,10 @@ class CTCL(nn.Module):
 
 SYNTHETIC_CLASSES = ("background", "stripes", "dots", "disc", "square")
 PLAIN_OUTLINES = {"disc": "ellipse", "square": "rectangle"}  # the plain classes: told by outline alone
+# inside-tests on coordinates normalised by the object's radii
+OUTLINES = {"ellipse": lambda u, v: u ** 2 + v ** 2 < 1,
+            "rectangle": lambda u, v: torch.maximum(u.abs(), v.abs()) < 0.85,
+            "diamond": lambda u, v: u.abs() + v.abs() < 1.15}
 
 
 def texture(name, y, x, period, horizontal):
@@ -518,22 +522,11 @@ def texture(name, y, x, period, horizontal):
     return torch.ones_like(y)  # plain: one flat colour
 
 
-def outline(kind, u, v):
-    """Inside-test on coordinates normalised by the object's radii."""
-    if kind == "ellipse":
-        return u ** 2 + v ** 2 < 1
-    if kind == "rectangle":
-        return torch.maximum(u.abs(), v.abs()) < 0.85
-    return u.abs() + v.abs() < 1.15  # diamond
-
-
 def ignore_borders(label, width=1, ignore_index=255):
     """Set to ignore_index every pixel within `width` of a different class, as VOC does."""
-    x = label[:, None].float()
-    k = 2 * width + 1
-    hi = F.max_pool2d(F.pad(x, [width] * 4, mode="replicate"), k, stride=1)
-    lo = -F.max_pool2d(F.pad(-x, [width] * 4, mode="replicate"), k, stride=1)
-    return torch.where((hi != lo)[:, 0], torch.full_like(label, ignore_index), label)
+    x = F.pad(label[:, None].float(), [width] * 4, mode="replicate")
+    hi, minus_lo = (F.max_pool2d(sign * x, 2 * width + 1, stride=1) for sign in (1, -1))  # max, -min of each window
+    return label.masked_fill((hi != -minus_lo)[:, 0], ignore_index)
 
 
 @functools.lru_cache(maxsize=4)  # the tensors are never modified, so runs in one process share them
@@ -550,15 +543,15 @@ def make_synthetic(n, size=64, seed=0, max_objects=3, radius=(0.2, 0.4), period=
         for _ in range(int(torch.randint(1, max_objects + 1, (1,), generator=g))):
             cls = int(torch.randint(1, len(SYNTHETIC_CLASSES), (1,), generator=g))
             name = SYNTHETIC_CLASSES[cls]
-            kind = ("ellipse", "rectangle", "diamond")[int(torch.randint(0, 3, (1,), generator=g))]
+            kind = list(OUTLINES)[int(torch.randint(0, 3, (1,), generator=g))]
             cy, cx, ry, rx, angle, p, py, px, turn = torch.rand(9, generator=g).tolist()
             ry, rx = (size * (radius[0] + (radius[1] - radius[0]) * r) for r in (ry, rx))
             if name in PLAIN_OUTLINES:  # round discs and square squares: the outline is the class
                 kind, rx = PLAIN_OUTLINES[name], ry
             angle, p = 2 * math.pi * angle, period[0] + (period[1] - period[0]) * p
             dy, dx = yy - cy * size, xx - cx * size
-            inside = outline(kind, (dy * math.cos(angle) - dx * math.sin(angle)) / ry,
-                             (dy * math.sin(angle) + dx * math.cos(angle)) / rx)
+            inside = OUTLINES[kind]((dy * math.cos(angle) - dx * math.sin(angle)) / ry,
+                                    (dy * math.sin(angle) + dx * math.cos(angle)) / rx)
             pattern = texture(name, yy + py * p, xx + px * p, p, turn < 0.5)
             # a saturated colour of any hue, drawn alike for every class
             rgb = torch.stack([180 + 75 * torch.rand(1, generator=g), 60 * torch.rand(1, generator=g),
@@ -762,8 +755,8 @@ def check_labels(train_pairs, val_pairs, classes):
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
                "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                "sheep", "sofa", "train", "tvmonitor")
-CITYSCAPES_CLASSES = tuple(c.name for c in sorted(torchvision.datasets.Cityscapes.classes, key=lambda c: c.train_id)
-                           if 0 <= c.train_id < 19)
+CITYSCAPES_TRAINED = [c for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19]  # 19 of 35 ids
+CITYSCAPES_CLASSES = tuple(c.name for c in sorted(CITYSCAPES_TRAINED, key=lambda c: c.train_id))
 CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car",
                   "pedestrian", "bicyclist")
 CAMVID_COLOURS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
@@ -771,8 +764,7 @@ CAMVID_COLOURS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128),
 # label id -> class index (uint8): Cityscapes' official table (torchvision keeps it), 19 classes; VOC's 21 and
 # CamVid's 11 classes as they are (CamVid's 11 is "void"). Any other value is 255: no label of theirs needs a check.
 CITYSCAPES_LUT = torch.full((256,), IGNORE_INDEX, dtype=torch.uint8).index_put_(
-    (torch.tensor([c.id for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19]),),
-    torch.tensor([c.train_id for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19]).byte())
+    (torch.tensor([c.id for c in CITYSCAPES_TRAINED]),), torch.tensor([c.train_id for c in CITYSCAPES_TRAINED]).byte())
 VOC_LUT, CAMVID_LUT = (torch.arange(256).masked_fill(torch.arange(256) >= n, IGNORE_INDEX).byte() for n in (21, 11))
 
 # name: class names, default root, crop, batch, iterations, the reader of (image, label) pairs, the splits
@@ -832,8 +824,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def normalize(images):
     """uint8 RGB (..., 3, H, W) -> [0, 1] -> ImageNet's mean and std, in training, evaluation and use alike."""
-    return v2.functional.normalize(v2.functional.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN,
-                                   IMAGENET_STD)
+    return v2.functional.normalize(v2.functional.to_dtype(images, scale=True), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def to_device(images, target, device):
