@@ -536,8 +536,7 @@ def make_synthetic(n, size=64, seed=0, max_objects=3, radius=(0.2, 0.4), period=
     our trials the CNN learned textures sooner, the ViT kept up on outlines, so the students err apart."""
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
-    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
-    labels = torch.zeros(n, size, size, dtype=torch.uint8)
+    images, labels = torch.empty(n, 3, size, size, dtype=torch.uint8), torch.zeros(n, size, size, dtype=torch.uint8)
     for i in range(n):  # a grey under colour noise: unsaturated, like road, wall or sky
         image = 40 + 175 * torch.rand(1, 1, 1, generator=g) + 20 * torch.randn(3, size, size, generator=g)
         for _ in range(int(torch.randint(1, max_objects + 1, (1,), generator=g))):
@@ -766,6 +765,7 @@ CAMVID_COLOURS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128),
 CITYSCAPES_LUT = torch.full((256,), IGNORE_INDEX, dtype=torch.uint8).index_put_(
     (torch.tensor([c.id for c in CITYSCAPES_TRAINED]),), torch.tensor([c.train_id for c in CITYSCAPES_TRAINED]).byte())
 VOC_LUT, CAMVID_LUT = (torch.arange(256).masked_fill(torch.arange(256) >= n, IGNORE_INDEX).byte() for n in (21, 11))
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # normalize's: every data set's images
 
 # name: class names, default root, crop, batch, iterations, the reader of (image, label) pairs, the splits
 # to train and evaluate on, any default other than the flags' (learning rates, evaluations, colours)
@@ -817,9 +817,6 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
     train, val = (SegmentationSet(items, JointTransform(c, lut=lut)) for items, c in zip(splits, (crop_size, None)))
     val.largest_side = largest
     return train, val
-
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def normalize(images):
@@ -941,9 +938,8 @@ def read_weights(path):
 def load_encoder_weights(encoder, state_dict):
     """Load MiT weights, official or the hub's (its layout returned), with strict keys: a bad one is a ValueError."""
     state_dict = state_dict.get("state_dict", state_dict)  # some dumps wrap the weights
-    layout = "official"
-    if any(k.startswith(("encoder.block.", "segformer.encoder.block.")) for k in state_dict):
-        layout, state_dict = "transformers (hub file)", mit_from_hub(state_dict)
+    hub = any(k.startswith(("encoder.block.", "segformer.encoder.block.")) for k in state_dict)
+    layout, state_dict = ("transformers (hub file)", mit_from_hub(state_dict)) if hub else ("official", state_dict)
     heads = ("head.", "classifier.", "decode_head.")  # ImageNet classifiers, segmentation heads
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
     own = encoder.state_dict()
@@ -966,8 +962,7 @@ def confusion_matrix(pred, target, num_classes, ignore_index=255):
     keep = (target >= 0) & (target < num_classes)
     index = torch.where(keep, target * num_classes + pred, torch.zeros_like(target))
     conf = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=pred.device)
-    conf.scatter_add_(0, index.flatten().long(), keep.flatten().long())
-    return conf.reshape(num_classes, num_classes)
+    return conf.scatter_add_(0, index.flatten().long(), keep.flatten().long()).reshape(num_classes, num_classes)
 
 
 def iou_from_confusion(conf):
@@ -1057,6 +1052,7 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
 # VOC's colour map: bits 0, 3, 6... of a class index make red's top bits down, bits 1, 4, 7... green's, 2, 5... blue's
 PALETTE = sum(((torch.arange(256)[:, None] >> (3 * bit + torch.arange(3))) & 1) << (7 - bit) for bit in range(8)).byte()
 DIRECTION_COLOURS = {"CNN teaches": (255, 140, 0), "ViT teaches": (30, 144, 255)}  # orange, blue
+STUDENTS = {"cnn": "CNN", "vit": "ViT", "ensemble": "ensemble"}  # what is evaluated; the ensemble costs both students
 PANEL_STRIP = 14  # height of each text strip under the tiles
 PANEL_TILE = 192  # small images are scaled up (nearest) to at least this short side: readable unzoomed
 PANEL_MAX = 1024  # large ones are subsampled to at most this long side: a photo's overlay stays a few MB
@@ -1109,9 +1105,6 @@ def complementarity(agreement):
     """Shares of the valid pixels where only the CNN, only the ViT, both or neither is right."""
     share = (agreement.double() / agreement.sum().clamp_min(1)).tolist()
     return {"only_cnn": share[1][0], "only_vit": share[0][1], "both": share[1][1], "neither": share[0][0]}
-
-
-STUDENTS = {"cnn": "CNN", "vit": "ViT", "ensemble": "ensemble"}  # the ensemble costs both students
 
 
 def report(conf, class_names):
