@@ -507,8 +507,7 @@ class CTCL(nn.Module):
 
 SYNTHETIC_CLASSES = ("background", "stripes", "dots", "disc", "square")
 PLAIN_OUTLINES = {"disc": "ellipse", "square": "rectangle"}  # the plain classes: told by outline alone
-# inside-tests on coordinates normalised by the object's radii
-OUTLINES = {"ellipse": lambda u, v: u ** 2 + v ** 2 < 1,
+OUTLINES = {"ellipse": lambda u, v: u ** 2 + v ** 2 < 1,  # inside-tests on coordinates normalised by the radii
             "rectangle": lambda u, v: torch.maximum(u.abs(), v.abs()) < 0.85,
             "diamond": lambda u, v: u.abs() + v.abs() < 1.15}
 
@@ -946,9 +945,8 @@ def load_encoder_weights(encoder, state_dict):
     missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
     misshaped = sorted(f"{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}"
                        for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape)
-    problems = [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                for name, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if keys]
-    if problems:
+    if problems := [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}" for name, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if keys]:
         raise ValueError(f"MiT checkpoint ({layout} layout) does not match MiT-B0: " + "; ".join(problems))
     encoder.load_state_dict(state_dict, strict=True)
     return layout
@@ -1082,20 +1080,18 @@ def draw_panel(tiles, names, legend):
     return canvas
 
 
-def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ignore_index=255, colours=None):
+def render_panel(image, target, z_cnn, z_vit, region_size, margin, ignore_index=255, colours=None):
     """A --vis panel: the (uint8) image, truth, CNN, ViT, region directions, pixel transfers, the direction colours."""
     h, w = target.shape
-    ce = [F.cross_entropy(z, target[None], ignore_index=ignore_index, reduction="none")
-          for z in (logits_cnn, logits_vit)]
+    ce = [F.cross_entropy(z, target[None], ignore_index=ignore_index, reduction="none") for z in (z_cnn, z_vit)]
     regions = region_bsd_masks(*ce, target[None], region_size, ignore_index, margin)
-    pixels = pixel_bsd_masks(logits_cnn, logits_vit, target[None], ignore_index)
+    pixels = pixel_bsd_masks(z_cnn, z_vit, target[None], ignore_index)
     table = colour_table(colours)
     tiles = [image.permute(1, 2, 0)]  # uint8 from the loader: no normalisation to undo
-    tiles += [table[t.cpu()] for t in (target, logits_cnn[0].argmax(0), logits_vit[0].argmax(0))]
-    for cnn_mask, vit_mask in ([expand_region_mask(m, region_size, (h, w))[0] for m in regions],
-                               [m[0] for m in pixels]):
+    tiles += [table[t.cpu()] for t in (target, z_cnn[0].argmax(0), z_vit[0].argmax(0))]
+    for masks in ([expand_region_mask(m, region_size, (h, w))[0] for m in regions], [m[0] for m in pixels]):
         tile = torch.full((h, w, 3), 40, dtype=torch.uint8)
-        for mask, colour in zip((cnn_mask, vit_mask), DIRECTION_COLOURS.values()):
+        for mask, colour in zip(masks, DIRECTION_COLOURS.values()):  # the CNN's, then the ViT's
             tile[mask.cpu() > 0] = torch.tensor(colour, dtype=torch.uint8)
         tiles.append(tile)
     return draw_panel(tiles, ("image", "truth", "CNN", "ViT", "regions", "pixels"), DIRECTION_COLOURS)
