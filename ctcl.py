@@ -955,7 +955,7 @@ def load_encoder_weights(encoder, state_dict):
 # ----------------------------------------------------------------------------------
 # Evaluation: the confusion matrix summed over the split (and the processes), panels
 
-def confusion_matrix(pred, target, num_classes, ignore_index=255):
+def confusion_matrix(pred, target, num_classes):
     """(C, C) int64 counts, rows = truth, columns = prediction, targets outside [0, C) dropped; no host sync."""
     keep = (target >= 0) & (target < num_classes)
     index = torch.where(keep, target * num_classes + pred, torch.zeros_like(target))
