@@ -507,6 +507,9 @@ class CTCL(nn.Module):
 
 SYNTHETIC_CLASSES = ("background", "stripes", "dots", "disc", "square")
 PLAIN_OUTLINES = {"disc": "ellipse", "square": "rectangle"}  # the plain classes: told by outline alone
+OUTLINES = {"ellipse": lambda u, v: u ** 2 + v ** 2 < 1,  # inside-tests on coordinates normalised by the radii
+            "rectangle": lambda u, v: torch.maximum(u.abs(), v.abs()) < 0.85,
+            "diamond": lambda u, v: u.abs() + v.abs() < 1.15}
 
 
 def texture(name, y, x, period, horizontal):
@@ -518,22 +521,11 @@ def texture(name, y, x, period, horizontal):
     return torch.ones_like(y)  # plain: one flat colour
 
 
-def outline(kind, u, v):
-    """Inside-test on coordinates normalised by the object's radii."""
-    if kind == "ellipse":
-        return u ** 2 + v ** 2 < 1
-    if kind == "rectangle":
-        return torch.maximum(u.abs(), v.abs()) < 0.85
-    return u.abs() + v.abs() < 1.15  # diamond
-
-
 def ignore_borders(label, width=1, ignore_index=255):
     """Set to ignore_index every pixel within `width` of a different class, as VOC does."""
-    x = label[:, None].float()
-    k = 2 * width + 1
-    hi = F.max_pool2d(F.pad(x, [width] * 4, mode="replicate"), k, stride=1)
-    lo = -F.max_pool2d(F.pad(-x, [width] * 4, mode="replicate"), k, stride=1)
-    return torch.where((hi != lo)[:, 0], torch.full_like(label, ignore_index), label)
+    x = F.pad(label[:, None].float(), [width] * 4, mode="replicate")
+    hi, minus_lo = (F.max_pool2d(sign * x, 2 * width + 1, stride=1) for sign in (1, -1))  # max, -min of each window
+    return label.masked_fill((hi != -minus_lo)[:, 0], ignore_index)
 
 
 @functools.lru_cache(maxsize=4)  # the tensors are never modified, so runs in one process share them
@@ -543,22 +535,21 @@ def make_synthetic(n, size=64, seed=0, max_objects=3, radius=(0.2, 0.4), period=
     our trials the CNN learned textures sooner, the ViT kept up on outlines, so the students err apart."""
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
-    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
-    labels = torch.zeros(n, size, size, dtype=torch.uint8)
+    images, labels = torch.empty(n, 3, size, size, dtype=torch.uint8), torch.zeros(n, size, size, dtype=torch.uint8)
     for i in range(n):  # a grey under colour noise: unsaturated, like road, wall or sky
         image = 40 + 175 * torch.rand(1, 1, 1, generator=g) + 20 * torch.randn(3, size, size, generator=g)
         for _ in range(int(torch.randint(1, max_objects + 1, (1,), generator=g))):
             cls = int(torch.randint(1, len(SYNTHETIC_CLASSES), (1,), generator=g))
             name = SYNTHETIC_CLASSES[cls]
-            kind = ("ellipse", "rectangle", "diamond")[int(torch.randint(0, 3, (1,), generator=g))]
+            kind = list(OUTLINES)[int(torch.randint(0, 3, (1,), generator=g))]
             cy, cx, ry, rx, angle, p, py, px, turn = torch.rand(9, generator=g).tolist()
             ry, rx = (size * (radius[0] + (radius[1] - radius[0]) * r) for r in (ry, rx))
             if name in PLAIN_OUTLINES:  # round discs and square squares: the outline is the class
                 kind, rx = PLAIN_OUTLINES[name], ry
             angle, p = 2 * math.pi * angle, period[0] + (period[1] - period[0]) * p
             dy, dx = yy - cy * size, xx - cx * size
-            inside = outline(kind, (dy * math.cos(angle) - dx * math.sin(angle)) / ry,
-                             (dy * math.sin(angle) + dx * math.cos(angle)) / rx)
+            inside = OUTLINES[kind]((dy * math.cos(angle) - dx * math.sin(angle)) / ry,
+                                    (dy * math.sin(angle) + dx * math.cos(angle)) / rx)
             pattern = texture(name, yy + py * p, xx + px * p, p, turn < 0.5)
             # a saturated colour of any hue, drawn alike for every class
             rgb = torch.stack([180 + 75 * torch.rand(1, generator=g), 60 * torch.rand(1, generator=g),
@@ -762,8 +753,8 @@ def check_labels(train_pairs, val_pairs, classes):
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
                "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                "sheep", "sofa", "train", "tvmonitor")
-CITYSCAPES_CLASSES = tuple(c.name for c in sorted(torchvision.datasets.Cityscapes.classes, key=lambda c: c.train_id)
-                           if 0 <= c.train_id < 19)
+CITYSCAPES_TRAINED = [c for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19]  # 19 of 35 ids
+CITYSCAPES_CLASSES = tuple(c.name for c in sorted(CITYSCAPES_TRAINED, key=lambda c: c.train_id))
 CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car",
                   "pedestrian", "bicyclist")
 CAMVID_COLOURS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
@@ -771,9 +762,9 @@ CAMVID_COLOURS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128),
 # label id -> class index (uint8): Cityscapes' official table (torchvision keeps it), 19 classes; VOC's 21 and
 # CamVid's 11 classes as they are (CamVid's 11 is "void"). Any other value is 255: no label of theirs needs a check.
 CITYSCAPES_LUT = torch.full((256,), IGNORE_INDEX, dtype=torch.uint8).index_put_(
-    (torch.tensor([c.id for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19]),),
-    torch.tensor([c.train_id for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 19]).byte())
+    (torch.tensor([c.id for c in CITYSCAPES_TRAINED]),), torch.tensor([c.train_id for c in CITYSCAPES_TRAINED]).byte())
 VOC_LUT, CAMVID_LUT = (torch.arange(256).masked_fill(torch.arange(256) >= n, IGNORE_INDEX).byte() for n in (21, 11))
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # normalize's: every data set's images
 
 # name: class names, default root, crop, batch, iterations, the reader of (image, label) pairs, the splits
 # to train and evaluate on, any default other than the flags' (learning rates, evaluations, colours)
@@ -827,13 +818,9 @@ def build_datasets(name, root, crop_size, data_seed=0, synthetic_size=(512, 256)
     return train, val
 
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def normalize(images):
     """uint8 RGB (..., 3, H, W) -> [0, 1] -> ImageNet's mean and std, in training, evaluation and use alike."""
-    return v2.functional.normalize(v2.functional.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN,
-                                   IMAGENET_STD)
+    return v2.functional.normalize(v2.functional.to_dtype(images, scale=True), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def to_device(images, target, device):
@@ -950,18 +937,16 @@ def read_weights(path):
 def load_encoder_weights(encoder, state_dict):
     """Load MiT weights, official or the hub's (its layout returned), with strict keys: a bad one is a ValueError."""
     state_dict = state_dict.get("state_dict", state_dict)  # some dumps wrap the weights
-    layout = "official"
-    if any(k.startswith(("encoder.block.", "segformer.encoder.block.")) for k in state_dict):
-        layout, state_dict = "transformers (hub file)", mit_from_hub(state_dict)
+    hub = any(k.startswith(("encoder.block.", "segformer.encoder.block.")) for k in state_dict)
+    layout, state_dict = ("transformers (hub file)", mit_from_hub(state_dict)) if hub else ("official", state_dict)
     heads = ("head.", "classifier.", "decode_head.")  # ImageNet classifiers, segmentation heads
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(heads)}
     own = encoder.state_dict()
     missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
     misshaped = sorted(f"{k} {tuple(state_dict[k].shape)} != {tuple(own[k].shape)}"
                        for k in set(own) & set(state_dict) if state_dict[k].shape != own[k].shape)
-    problems = [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                for name, keys in (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if keys]
-    if problems:
+    if problems := [f"{name}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}" for name, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if keys]:
         raise ValueError(f"MiT checkpoint ({layout} layout) does not match MiT-B0: " + "; ".join(problems))
     encoder.load_state_dict(state_dict, strict=True)
     return layout
@@ -970,13 +955,12 @@ def load_encoder_weights(encoder, state_dict):
 # ----------------------------------------------------------------------------------
 # Evaluation: the confusion matrix summed over the split (and the processes), panels
 
-def confusion_matrix(pred, target, num_classes, ignore_index=255):
+def confusion_matrix(pred, target, num_classes):
     """(C, C) int64 counts, rows = truth, columns = prediction, targets outside [0, C) dropped; no host sync."""
     keep = (target >= 0) & (target < num_classes)
     index = torch.where(keep, target * num_classes + pred, torch.zeros_like(target))
     conf = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=pred.device)
-    conf.scatter_add_(0, index.flatten().long(), keep.flatten().long())
-    return conf.reshape(num_classes, num_classes)
+    return conf.scatter_add_(0, index.flatten().long(), keep.flatten().long()).reshape(num_classes, num_classes)
 
 
 def iou_from_confusion(conf):
@@ -1066,6 +1050,7 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
 # VOC's colour map: bits 0, 3, 6... of a class index make red's top bits down, bits 1, 4, 7... green's, 2, 5... blue's
 PALETTE = sum(((torch.arange(256)[:, None] >> (3 * bit + torch.arange(3))) & 1) << (7 - bit) for bit in range(8)).byte()
 DIRECTION_COLOURS = {"CNN teaches": (255, 140, 0), "ViT teaches": (30, 144, 255)}  # orange, blue
+STUDENTS = {"cnn": "CNN", "vit": "ViT", "ensemble": "ensemble"}  # what is evaluated; the ensemble costs both students
 PANEL_STRIP = 14  # height of each text strip under the tiles
 PANEL_TILE = 192  # small images are scaled up (nearest) to at least this short side: readable unzoomed
 PANEL_MAX = 1024  # large ones are subsampled to at most this long side: a photo's overlay stays a few MB
@@ -1095,20 +1080,18 @@ def draw_panel(tiles, names, legend):
     return canvas
 
 
-def render_panel(image, target, logits_cnn, logits_vit, region_size, margin, ignore_index=255, colours=None):
+def render_panel(image, target, z_cnn, z_vit, region_size, margin, ignore_index=255, colours=None):
     """A --vis panel: the (uint8) image, truth, CNN, ViT, region directions, pixel transfers, the direction colours."""
     h, w = target.shape
-    ce = [F.cross_entropy(z, target[None], ignore_index=ignore_index, reduction="none")
-          for z in (logits_cnn, logits_vit)]
+    ce = [F.cross_entropy(z, target[None], ignore_index=ignore_index, reduction="none") for z in (z_cnn, z_vit)]
     regions = region_bsd_masks(*ce, target[None], region_size, ignore_index, margin)
-    pixels = pixel_bsd_masks(logits_cnn, logits_vit, target[None], ignore_index)
+    pixels = pixel_bsd_masks(z_cnn, z_vit, target[None], ignore_index)
     table = colour_table(colours)
     tiles = [image.permute(1, 2, 0)]  # uint8 from the loader: no normalisation to undo
-    tiles += [table[t.cpu()] for t in (target, logits_cnn[0].argmax(0), logits_vit[0].argmax(0))]
-    for cnn_mask, vit_mask in ([expand_region_mask(m, region_size, (h, w))[0] for m in regions],
-                               [m[0] for m in pixels]):
+    tiles += [table[t.cpu()] for t in (target, z_cnn[0].argmax(0), z_vit[0].argmax(0))]
+    for masks in ([expand_region_mask(m, region_size, (h, w))[0] for m in regions], [m[0] for m in pixels]):
         tile = torch.full((h, w, 3), 40, dtype=torch.uint8)
-        for mask, colour in zip((cnn_mask, vit_mask), DIRECTION_COLOURS.values()):
+        for mask, colour in zip(masks, DIRECTION_COLOURS.values()):  # the CNN's, then the ViT's
             tile[mask.cpu() > 0] = torch.tensor(colour, dtype=torch.uint8)
         tiles.append(tile)
     return draw_panel(tiles, ("image", "truth", "CNN", "ViT", "regions", "pixels"), DIRECTION_COLOURS)
@@ -1118,9 +1101,6 @@ def complementarity(agreement):
     """Shares of the valid pixels where only the CNN, only the ViT, both or neither is right."""
     share = (agreement.double() / agreement.sum().clamp_min(1)).tolist()
     return {"only_cnn": share[1][0], "only_vit": share[0][1], "both": share[1][1], "neither": share[0][0]}
-
-
-STUDENTS = {"cnn": "CNN", "vit": "ViT", "ensemble": "ensemble"}  # the ensemble costs both students
 
 
 def report(conf, class_names):
