@@ -37,6 +37,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 import urllib.error
 
 import numpy
@@ -1990,6 +1991,7 @@ def main(argv=None):
             raise RunError(f"stopped at once by a second Ctrl-C; {(args.out or pathlib.Path('OUT')) / 'last.pt'}, if "
                            "there is one, is whole", 130) from None
     except UserError as error:
+        traceback.clear_frames(error.__traceback__)  # the loader's workers stop now, not when garbage is collected
         # raised in a data-loading worker, the message carries the worker's traceback: keep its last line
         message = re.sub(r"^\S*(User|Run)Error: ", "", str(error).strip().splitlines()[-1])
         if first_to_fail():
