@@ -4,10 +4,8 @@ An unofficial implementation (the authors released no code) of Zhu, Luo, Zheng, 
 Student is Cooperative and Reliable: CNN-Transformer Collaborative Learning for Semantic Segmentation",
 ICCV 2023 (arXiv 2307.12574), built from its abstract and its framework figure. Two students, a ResNet-18
 DeepLabV3+ (CNN) and a SegFormer-B0 (ViT), learn together with no pre-trained teacher, through HFD and
-region- and pixel-wise BSD. The file, top to bottom:
-  * the paper: the two students, HFD, region-wise BSD, pixel-wise BSD, the objective (class CTCL);
-  * running it: data, MiT-B0 weights, evaluation, the training loop;
-  * using it: --predict and --export, then the command line (flags, --benchmark, --summarize, main).
+region- and pixel-wise BSD. Top to bottom: the paper (the students, HFD, both BSDs, the objective: class CTCL),
+running it (data, MiT-B0 weights, evaluation, the loop), using it (--predict, --export, the command line).
 
     python ctcl.py                                    # synthetic data on the CPU, under 3 minutes
     bash data_prep.sh voc && python ctcl.py --data voc --gpu 0
@@ -26,7 +24,6 @@ import contextlib
 import functools
 import glob
 import inspect
-import itertools
 import json
 import math
 import os
@@ -70,8 +67,7 @@ class RunError(UserError):
         self.code = code
 
 
-# ----------------------------------------------------------------------------------
-# The CNN student: ResNet-18 DeepLabV3+
+# ---- The CNN student: ResNet-18 DeepLabV3+ ---------------------------------------------------------------------------
 
 def conv_bn_relu(in_channels, out_channels, kernel_size=1):
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
@@ -115,8 +111,7 @@ class DeepLabV3Plus(nn.Module):
         return {"low": low, "mid": mid, "last": last, "feat": feat, "logits": self.classifier(feat)}
 
 
-# ----------------------------------------------------------------------------------
-# The ViT student: MiT-B0 encoder + SegFormer all-MLP decoder.
+# ---- The ViT student: MiT-B0 encoder + SegFormer all-MLP decoder.
 # Module names follow the official MiT checkpoint so that mit_b0.pth loads as is.
 
 class OverlapPatchEmbed(nn.Module):
@@ -257,8 +252,7 @@ class SegFormer(nn.Module):
                 "logits": self.classifier(self.dropout(feat))}
 
 
-# ----------------------------------------------------------------------------------
-# The method, as the framework figure draws it. Its symbols: F₁ᶜ, F₂ᶜ (ResNet layer1, layer2), F₁ᵛ, F₂ᵛ
+# ---- The method, as the framework figure draws it. Its symbols: F₁ᶜ, F₂ᶜ (ResNet layer1, layer2), F₁ᵛ, F₂ᵛ
 # (MiT stages 1, 2), Fₗᶜ, Fₗᵛ (each encoder's last feature), Γ (a projector, owned by the learner),
 # Pᶜ, Pᵛ (the predictions); sg = stop-gradient, n = L2 normalisation over the channels.
 #
@@ -305,8 +299,7 @@ class HFD(nn.Module):
                 feature_distance(cnn_next(self.vit_to_cnn(f1_vit)), f2_cnn).mean())
 
 
-# ----------------------------------------------------------------------------------
-# Region-wise BSD, "BSD" of the figure: in each region the student whose prediction is more
+# ---- Region-wise BSD, "BSD" of the figure: in each region the student whose prediction is more
 # reliable there ("Select" from Pᶜ, Pᵛ) teaches the other one, on the encoders' last features
 
 def region_sums(x, region_size):
@@ -365,8 +358,7 @@ class RegionBSD(nn.Module):
                 (m_cnn_to_vit * feature_distance(self.q_vit(last_vit), f_cnn)).sum() / n_vit.clamp_min(1))
 
 
-# ----------------------------------------------------------------------------------
-# Pixel-wise BSD: which predictions are transferred, in the logit space
+# ---- Pixel-wise BSD: which predictions are transferred, in the logit space -------------------------------------------
 
 def pixel_bsd_masks(logits_cnn, logits_vit, target, ignore_index=255, learner_must_be_wrong=True):
     """cnn_teaches = valid & (argmax z_c == y) & (argmax z_v != y) [I]; vit_teaches the mirror.
@@ -403,8 +395,7 @@ def pixel_bsd_loss(log_p_cnn, log_p_vit, cnn_teaches, vit_teaches, valid, temper
             temperature ** 2 * (cnn_teaches * kl_map(log_p_vit, log_p_cnn)).sum() / n_vit.clamp_min(1))
 
 
-# ----------------------------------------------------------------------------------
-# The objective: both students' losses from one forward pass
+# ---- The objective: both students' losses from one forward pass ------------------------------------------------------
 
 def upsample_logits(logits, size):
     """Class scores in fp32, resized (bilinear) to the label's size: CE, masks, confusion matrix live there."""
@@ -503,8 +494,7 @@ class CTCL(nn.Module):
         return pixel_bsd_loss(*log_p_t, *masks, valid, self.temperature, self.bsd_norm == "selected"), masks
 
 
-# ----------------------------------------------------------------------------------
-# Data: the synthetic task, the real data sets, the joint transforms, the sampler
+# ---- Data: the synthetic task, the real data sets, the joint transforms, the sampler ---------------------------------
 
 SYNTHETIC_CLASSES = ("background", "stripes", "dots", "disc", "square")
 PLAIN_OUTLINES = {"disc": "ellipse", "square": "rectangle"}  # the plain classes: told by outline alone
@@ -893,15 +883,7 @@ def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, wo
                                             generator=torch.Generator().manual_seed(seed)))
 
 
-def loader_workers():
-    """--workers' default: the CPUs this process may use, shared by the processes torchrun starts on the machine;
-    16 at most: more than a step needs (--benchmark says) only hold more batches in shared memory."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-# ----------------------------------------------------------------------------------
-# MiT-B0 ImageNet weights: the official checkpoint, or the Hugging Face hub's file
+# ---- MiT-B0 ImageNet weights: the official checkpoint, or the Hugging Face hub's file --------------------------------
 
 # the hub's (transformers') MiT names -> the official ones; the hub's stage I is official stage I+1
 MIT_STAGES = {"patch_embeddings": "patch_embed", "block": "block", "layer_norm": "norm"}
@@ -953,8 +935,7 @@ def load_encoder_weights(encoder, state_dict):
     return layout
 
 
-# ----------------------------------------------------------------------------------
-# Evaluation: the confusion matrix summed over the split (and the processes), panels
+# ---- Evaluation: the confusion matrix summed over the split (and the processes), panels ------------------------------
 
 def confusion_matrix(pred, target, num_classes):
     """(C, C) int64 counts, rows = truth, columns = prediction, targets outside [0, C) dropped; no host sync."""
@@ -1126,8 +1107,7 @@ def eval_record(conf):
     return record
 
 
-# ----------------------------------------------------------------------------------
-# The loop: optimisers and schedules, checkpoints, the step, the log line
+# ---- The loop: optimisers and schedules, checkpoints, the step, the log line -----------------------------------------
 
 def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500, fused=True):
     """CNN: SGD + poly(0.9). ViT: AdamW (no decay on norms, biases; decoder, projectors at 10× lr), warm-up,
@@ -1318,6 +1298,13 @@ def train(args, ctx, ckpt=None, own=False):
     ctx.print(f"ctcl: data {args.data}, method {args.method}, {args.iters} iterations, batch {args.batch_size} "
               f"({args.batch_size // ctx.world_size} per process), crop {args.crop_size}, device {ctx.device}, "
               f"world size {ctx.world_size}, out {args.out}")
+    go_on = "`python" if ctx.world_size == 1 else \
+        f"`torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', ctx.world_size)}"
+    go_on += f" ctcl.py --resume {args.out / 'last.pt'}`"  # the command that continues the run
+
+    def stopped(signum, when):  # a stop by a signal: its line, and the shell's exit code (143 SIGTERM, 130 SIGINT)
+        return RunError(f"stopped by {signal.Signals(signum).name} {when}; {args.out / 'last.pt'} holds the run: "
+                        f"continue it with {go_on}", 128 + signum)
     stop_at = min(args.stop_at or args.iters, args.iters)
     records = ctx.on_main(lambda: read_records(args.out / "metrics.jsonl")[0])
 
@@ -1342,10 +1329,10 @@ def train(args, ctx, ckpt=None, own=False):
                             rank=ctx.rank, world_size=ctx.world_size, workers=args.workers, stop=ctx.stop,
                             vis_dir=args.out / "vis", vis_count=args.vis, tag=f"it{it:06d}_", colours=args.colours)
         except UserError as error:  # a damaged validation image: last.pt holds the run, and a resume evaluates first
-            raise UserError(f"{error}; then continue with {resume_command(args, ctx)}") from None
+            raise UserError(f"{error}; then continue with {go_on}") from None
         if conf is None:
             raise stopped(ctx.stop(), f"during the evaluation at iteration {it}" + ("" if args.eval_only else
-                          ", which is made first when you continue"), args, ctx)
+                          ", which is made first when you continue"))
         ctx.print(f"evaluation at iteration {it}:\n{report(conf, args.classes)}")
         if not args.eval_only:  # metrics.jsonl is the run's record: --eval-only only prints
             log({"type": "eval", "iter": it, **eval_record(conf)})
@@ -1407,30 +1394,17 @@ def train(args, ctx, ckpt=None, own=False):
             check_finite(first_bad, saved_at, args.out, ctx.world_size)
             saved_at = checkpoint(it)
             if signum:
-                raise stopped(signum, f"at iteration {it}", args, ctx)
+                raise stopped(signum, f"at iteration {it}")
             if it % args.eval_every == 0 or it == args.iters:
                 began = time.time()
                 conf = run_eval(it)
                 tick += time.time() - began  # keep evaluation out of images/s
     if stop_at < args.iters:
-        ctx.print(f"stopped at iteration {stop_at} (--stop-at): continue with {resume_command(args, ctx)}")
+        ctx.print(f"stopped at iteration {stop_at} (--stop-at): continue with {go_on}")
     return {"model": model, "conf": conf}
 
 
-def resume_command(args, ctx):
-    launcher = "python" if ctx.world_size == 1 else \
-        f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', ctx.world_size)}"
-    return f"`{launcher} ctcl.py --resume {args.out / 'last.pt'}`"
-
-
-def stopped(signum, when, args, ctx):
-    """The line a stop by a signal ends with, and the shell's exit code for it (143 for SIGTERM, 130 for SIGINT)."""
-    return RunError(f"stopped by {signal.Signals(signum).name} {when}; {args.out / 'last.pt'} holds the run: "
-                    f"continue it with {resume_command(args, ctx)}", 128 + signum)
-
-
-# ----------------------------------------------------------------------------------
-# Using what was trained: segment new images (--predict), ship a student (--export)
+# ---- Using what was trained: segment new images (--predict), ship a student (--export) -------------------------------
 
 def load_students(path, device):
     """A checkpoint's model in eval mode and its args (class names and colours: older checkpoints' data set's)."""
@@ -1534,8 +1508,7 @@ def export(args):
         print(f"wrote {out / name}.pt2")
 
 
-# ----------------------------------------------------------------------------------
-# The command line: devices, DDP, flags, the benchmark, main()
+# ---- The command line: devices, DDP, flags, the benchmark, main() ----------------------------------------------------
 
 class Runtime:
     """Device, process group, mixed precision, a stop's agreement, rank 0's work and printing."""
@@ -1679,12 +1652,16 @@ def dataset_classes(args):
 def fill_defaults(args):
     """Per-data-set defaults of the flags left unset (None), then the checks of more than one flag: one line each."""
     spec, real = DATASETS[args.data], args.data != "synthetic"
+    # --workers: the CPUs this process may use, shared by the processes torchrun starts on the machine; 16 at most:
+    # more than a step needs (--benchmark says) only hold more batches in shared memory
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = max(1, min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))) if real else 0
 
     def default(**values):  # for the flags left unset (None)
         for name, value in values.items():
             setattr(args, name, value if getattr(args, name) is None else getattr(args, name))
     default(iters=spec["iters"], batch_size=spec["batch"], crop_size=spec["crop"], cnn_lr=spec.get("cnn_lr", 0.01),
-            vit_lr=spec.get("vit_lr", 6e-5), workers=loader_workers() if real else 0, pretrained=real,
+            vit_lr=spec.get("vit_lr", 6e-5), workers=workers, pretrained=real,
             vit_weights="weights/mit_b0.pth" if real else "none")
     default(eval_every=max(1, args.iters // spec.get("evals", 5)), log_every=max(1, min(50, args.iters // 30)),
             kd_warmup=args.iters // 20, vit_warmup=min(1500, args.iters // 10))
@@ -1765,7 +1742,7 @@ def choose_out(args, own=False):
             stale.unlink()
         return args.out
     taken, held = args.out, None
-    for k in itertools.count(2):
+    for k in range(2, 10 ** 6):
         make_folder(args.out)
         try:
             save_args(args, exclusive=True)
