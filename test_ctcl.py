@@ -40,7 +40,9 @@ SHARED_KEYS_FILE = HERE.parent / "shared" / "mit_b0_keys.json"  # the project's 
 @pytest.fixture(autouse=True)
 def on_the_cpu(request, monkeypatch):
     """Every test runs on the CPU, also where there are GPUs, except those that take the `cuda` or
-    `two_gpus` fixture; the global settings Runtime changes on a GPU are put back after each test."""
+    `two_gpus` fixture; the global settings Runtime changes on a GPU are put back after each test. Files are
+    written as ctcl.py writes them but not flushed to the disk (os.fsync: for a power cut, which no test sees)."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
     if not {"cuda", "two_gpus"} & set(request.fixturenames):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # and in the processes a test starts
