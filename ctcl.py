@@ -1137,7 +1137,7 @@ def write_whole(path, write, exclusive=False):
     except (OSError, RuntimeError) as error:  # a full disk, a lost mount: one line; FileExistsError is the caller's
         cause = error.__context__ if isinstance(error, RuntimeError) else error  # torch.save's writer wraps OSErrors
         if isinstance(error, FileExistsError) or not isinstance(cause, OSError):
-            raise
+            raise cause if isinstance(cause, KeyboardInterrupt) else error
         kept = f"; the previous {path.name} ({path.stat().st_size / 2 ** 20:.1f} MB) is whole, and writing it " \
             "again needs as much room beside it" if path.is_file() else ""
         raise RunError(f"cannot write {path} ({cause.strerror or cause}){kept}: free some room, or give another "
@@ -1294,6 +1294,11 @@ def train(args, ctx, ckpt=None, own=False):
                 torch.cuda.set_rng_state(states[ctx.rank]["cuda"])
         window = ckpt.get("window", window)  # the log window a stop cut short: its sums go on
         ctx.print(f"resumed from {args.resume} at iteration {start}")
+    stop_at = min(args.stop_at or args.iters, args.iters)
+    training = start < stop_at and not args.eval_only
+    batches = training_batches(train_set, batch_size=args.batch_size, start_iter=start, workers=args.workers,
+                               seed=args.seed, rank=ctx.rank, world_size=ctx.world_size,
+                               pin_memory=ctx.device.type == "cuda") if training else None
     args.out = ctx.on_main(lambda: choose_out(args, own))  # bad input has been refused by now: the run claims OUT
     ctx.print(f"ctcl: data {args.data}, method {args.method}, {args.iters} iterations, batch {args.batch_size} "
               f"({args.batch_size // ctx.world_size} per process), crop {args.crop_size}, device {ctx.device}, "
@@ -1305,7 +1310,6 @@ def train(args, ctx, ckpt=None, own=False):
     def stopped(signum, when):  # a stop by a signal: its line, and the shell's exit code (143 SIGTERM, 130 SIGINT)
         return RunError(f"stopped by {signal.Signals(signum).name} {when}; {args.out / 'last.pt'} holds the run: "
                         f"continue it with {go_on}", 128 + signum)
-    stop_at = min(args.stop_at or args.iters, args.iters)
     records = ctx.on_main(lambda: read_records(args.out / "metrics.jsonl")[0])
 
     def log(*new):  # the records, and metrics.jsonl written whole each time (rank 0): never half a line
@@ -1315,7 +1319,7 @@ def train(args, ctx, ckpt=None, own=False):
     # an evaluation that did not finish (a stop, a crash, a damaged image) is made before training goes on
     due = start > 0 and (start % args.eval_every == 0 or start == args.iters) and start not in {
         r.get("iter") for r in records if r.get("type") == "eval"}
-    if start < stop_at and not args.eval_only:  # args.json says what trained; a stopped run's records after its
+    if training:  # args.json says what trained; a stopped run's records after its
         ctx.on_main(lambda: save_args(args))  # checkpoint are superseded: metrics.jsonl reads as one unbroken run
         records[:] = [r for r in records if r.get("iter", 0) <= start]
         log()
@@ -1355,21 +1359,17 @@ def train(args, ctx, ckpt=None, own=False):
         states = [rng] * ctx.world_size
         if ctx.world_size > 1:  # every rank takes part
             torch.distributed.all_gather_object(states, rng)
-        if ctx.is_main:
-            state = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
-                     "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(), "iter": it,
-                     "rng": states, "args": json.loads(json.dumps(vars(args), default=str)),
-                     "window": {"sums": {k: v.cpu() for k, v in sums.items()}, "count": count}}
-            write_whole(args.out / "last.pt", lambda f: torch.save(state, f))
+        state = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                 "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(), "iter": it,
+                 "rng": states, "args": json.loads(json.dumps(vars(args), default=str)),
+                 "window": {"sums": {k: v.cpu() for k, v in sums.items()}, "count": count}}
+        ctx.on_main(lambda: write_whole(args.out / "last.pt", lambda f: torch.save(state, f)))  # rank 0 writes
         return it
 
     net = model if ctx.world_size == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if args.compile:  # the DDP-wrapped model, so that the gradient all-reduce overlaps the backward
         net = torch.compile(net)
-    batches = training_batches(train_set, batch_size=args.batch_size, start_iter=start, workers=args.workers,
-                               seed=args.seed, rank=ctx.rank, world_size=ctx.world_size,
-                               pin_memory=ctx.device.type == "cuda")
     first_bad = torch.full((), math.inf, device=ctx.device)
     sums, count = {k: v.to(ctx.device) for k, v in window.get("sums", {}).items()}, window.get("count", 0)
     tick, timed_from = time.time(), start
@@ -1738,8 +1738,8 @@ def choose_out(args, own=False):
     args.out = args.out or (pathlib.Path(args.resume).parent if args.resume else default_out(args))
     if own or (args.resume and pathlib.Path(args.resume).resolve().parent == args.out.resolve()):
         make_folder(args.out)
-        for stale in args.out.glob(".*.tmp"):  # what a killed run was writing (write_whole): OUT is this run's now
-            stale.unlink()
+        for stale in [] if args.eval_only else args.out.glob(".*.tmp"):  # what a killed run of OUT was writing
+            stale.unlink(missing_ok=True)
         return args.out
     taken, held = args.out, None
     for k in range(2, 10 ** 6):
@@ -1965,10 +1965,12 @@ def main(argv=None):
             with stop_signals(ctx.caught):
                 return train(args, ctx, ckpt, own)
         except KeyboardInterrupt:  # a second Ctrl-C
-            raise RunError(f"stopped at once by a second Ctrl-C; {(args.out or pathlib.Path('OUT')) / 'last.pt'}, if "
-                           "there is one, is whole", 130) from None
+            out = args.out or (pathlib.Path(args.resume).parent if args.resume else None)
+            raise RunError("stopped at once by a second Ctrl-C; " + (f"{out / 'last.pt'}, if there is one, is whole"
+                                                                    if out else "nothing was written"), 130) from None
     except UserError as error:
-        traceback.clear_frames(error.__traceback__)  # the loader's workers stop now, not when garbage is collected
+        for e in (error, error.__context__ or error):  # the loader's workers stop now, not at a garbage collection
+            traceback.clear_frames(e.__traceback__)
         # raised in a data-loading worker, the message carries the worker's traceback: keep its last line
         message = re.sub(r"^\S*(User|Run)Error: ", "", str(error).strip().splitlines()[-1])
         if first_to_fail():

@@ -1501,6 +1501,7 @@ def test_too_little_shared_memory_for_the_workers_batches_is_one_line_before_ste
     message = one_line_error(["--out", tmp_path / "o", *SMALL, "--iters", "1", "--workers", "2"], capsys)
     assert "/dev/shm has 0 MB free, too little for the batches that 2 loader workers keep there (0 MB a process): run " \
         "docker with --ipc=host or --shm-size=2g, or lower --workers" in message
+    assert not (tmp_path / "o").exists()  # refused before the run claims its folder
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 64 KiB of batches: they fit
     batches = ctcl.training_batches(ctcl.build_datasets("synthetic", None, [32, 32])[0], batch_size=2, start_iter=0,
                                     workers=2, seed=0, rank=0, world_size=1, pin_memory=False)
