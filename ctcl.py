@@ -1303,9 +1303,9 @@ def train(args, ctx, ckpt=None, own=False):
     ctx.print(f"ctcl: data {args.data}, method {args.method}, {args.iters} iterations, batch {args.batch_size} "
               f"({args.batch_size // ctx.world_size} per process), crop {args.crop_size}, device {ctx.device}, "
               f"world size {ctx.world_size}, out {args.out}")
-    go_on = "`python" if ctx.world_size == 1 else \
-        f"`torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', ctx.world_size)}"
-    go_on += f" ctcl.py --resume {args.out / 'last.pt'}`"  # the command that continues the run
+    launcher = "python" if ctx.world_size == 1 else \
+        f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', ctx.world_size)}"
+    go_on = f"`{launcher} ctcl.py --resume {args.out / 'last.pt'}`"  # the command that continues the run
 
     def stopped(signum, when):  # a stop by a signal: its line, and the shell's exit code (143 SIGTERM, 130 SIGINT)
         return RunError(f"stopped by {signal.Signals(signum).name} {when}; {args.out / 'last.pt'} holds the run: "
@@ -1463,7 +1463,7 @@ def predict(args, ctx):
         (h, w), scale = image.shape[-2:], 1 if args.full_size else min(1, side / max(image.shape[-2:]))
         small = v2.functional.resize(image, [max(32, round(h * scale)), max(32, round(w * scale))], antialias=True)
         with ctx.autocast():
-            logits = {s: getattr(model, s)(normalize(small)[None].to(ctx.device))["logits"] for s in ("cnn", "vit")}
+            logits = {s: getattr(model, s)(normalize(small[None].to(ctx.device)))["logits"] for s in ("cnn", "vit")}
         preds = predictions({s: upsample_logits(z, (h, w)) for s, z in logits.items()}) if max(h, w) <= side \
             else predictions_in_bands(logits, (h, w))
         preds = {kind: pred[0].byte().cpu() for kind, pred in preds.items()}
