@@ -498,9 +498,8 @@ class CTCL(nn.Module):
 
 SYNTHETIC_CLASSES = ("background", "stripes", "dots", "disc", "square")
 PLAIN_OUTLINES = {"disc": "ellipse", "square": "rectangle"}  # the plain classes: told by outline alone
-OUTLINES = {"ellipse": lambda u, v: u ** 2 + v ** 2 < 1,  # inside-tests on coordinates normalised by the radii
-            "rectangle": lambda u, v: torch.maximum(u.abs(), v.abs()) < 0.85,
-            "diamond": lambda u, v: u.abs() + v.abs() < 1.15}
+OUTLINES = {"ellipse": lambda u, v: u ** 2 + v ** 2 < 1, "rectangle": lambda u, v: u.abs().maximum(v.abs()) < 0.85,
+            "diamond": lambda u, v: u.abs() + v.abs() < 1.15}  # inside-tests, coordinates divided by the radii
 
 
 def texture(name, y, x, period, horizontal):
@@ -564,12 +563,10 @@ def opened(path, what="image"):
 
 
 def read_image(path):
-    """uint8 RGB (3, H, W) of any image PIL opens, turned as its EXIF orientation says (as a phone shows it); JPEG
-    and PNG by torchvision.io, faster here, while it has and reads them."""
+    """uint8 RGB (3, H, W) of any image PIL opens, turned as EXIF says (as phones show it); JPEG, PNG by torchvision."""
     with contextlib.suppress(RuntimeError, AttributeError):  # CMYK, damaged, decoders gone (deprecated in 0.29)
         if pathlib.Path(path).suffix.lower() in (".jpg", ".jpeg", ".png"):
-            image = torchvision.io.decode_image(torchvision.io.read_file(str(path)), torchvision.io.ImageReadMode.RGB,
-                                                apply_exif_orientation=True)
+            image = torchvision.io.decode_image(str(path), "RGB", apply_exif_orientation=True)
             return image if image.dtype == torch.uint8 else (image.int() >> 8).byte()  # 16 bits: the top byte
     with opened(path) as image:
         image = PIL.ImageOps.exif_transpose(image)
@@ -866,8 +863,7 @@ def training_order(size, *, batch_size, seed=0, rank=0, world_size=1, start_iter
 def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, world_size, pin_memory):
     """One DataLoader for the whole run; iteration k gets one batch with or without a resume, with any workers."""
     if len(dataset) < batch_size:
-        raise UserError(f"the training set has {len(dataset)} images, fewer than one batch of {batch_size}: "
-                        "lower --batch-size")
+        raise UserError(f"{len(dataset)} training images, fewer than one batch of {batch_size}: lower --batch-size")
     sampler = training_order(len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                              start_iter=start_iter)
     # each worker keeps 2 batches (the prefetch factor) in /dev/shm, for each process here; Docker gives it 64 MB
@@ -887,11 +883,9 @@ def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, wo
 
 # the hub's (transformers') MiT names -> the official ones; the hub's stage I is official stage I+1
 MIT_STAGES = {"patch_embeddings": "patch_embed", "block": "block", "layer_norm": "norm"}
-MIT_RENAMES = ((r"(patch_embed\d)\.layer_norm", r"\1.norm"), (r"layer_norm_1", "norm1"), (r"layer_norm_2", "norm2"),
-               (r"attention\.self\.query", "attn.q"), (r"attention\.self\.key", "attn.k"),
-               (r"attention\.self\.value", "attn.v"), (r"attention\.output\.dense", "attn.proj"),
-               (r"attention\.self\.sr", "attn.sr"), (r"attention\.self\.layer_norm", "attn.norm"),
-               (r"mlp\.dense1", "mlp.fc1"), (r"mlp\.dense2", "mlp.fc2"))
+MIT_RENAMES = ((r"(patch_embed\d)\.layer_norm", r"\1.norm"), (r"attention\.self\.layer_norm", "attn.norm"),
+               (r"attention\.self\.(q|k|v)[a-z]+", r"attn.\1"), (r"attention\.output\.dense", "attn.proj"),
+               (r"layer_norm_(\d)", r"norm\1"), (r"mlp\.dense(\d)", r"mlp.fc\1"), (r"attention\.self\.sr", "attn.sr"))
 
 
 def mit_from_hub(state_dict):
@@ -953,21 +947,10 @@ def iou_from_confusion(conf):
     return per_class.nanmean(), per_class
 
 
-def pixel_accuracy(conf):
-    return conf.diag().sum().double() / conf.sum().clamp_min(1)
-
-
 def agreement_matrix(pred_cnn, pred_vit, target, ignore_index=255):
     """(2, 2) counts of valid pixels, rows: CNN wrong/right, columns: ViT wrong/right; [1, 0]: only the CNN right."""
     cnn_right = torch.where(target == ignore_index, ignore_index, (pred_cnn == target).long())
     return confusion_matrix((pred_vit == target).long(), cnn_right, 2)
-
-
-def student_logits(model, images, size, autocast):
-    """Both students' class scores for normalised images, upsampled (in fp32) to `size`."""
-    with autocast:
-        logits = {"cnn": model.cnn(images)["logits"], "vit": model.vit(images)["logits"]}
-    return {name: upsample_logits(z, size) for name, z in logits.items()}
 
 
 def predictions(logits):
@@ -1009,7 +992,9 @@ def evaluate(model, dataset, *, num_classes, device, autocast, rank=0, world_siz
         if stop():
             return None
         image, target = to_device(pixels, ids, device)
-        logits = student_logits(model, image, target.shape[-2:], autocast)
+        with autocast:  # both students' class scores, upsampled in fp32 to the label's size
+            logits = {name: upsample_logits(getattr(model, name)(image)["logits"], target.shape[-2:])
+                      for name in ("cnn", "vit")}
         preds = predictions(logits)
         for name, pred in preds.items():
             conf[name] += confusion_matrix(pred, target, num_classes)
@@ -1085,43 +1070,44 @@ def complementarity(agreement):
     return {"only_cnn": share[1][0], "only_vit": share[0][1], "both": share[1][1], "neither": share[0][0]}
 
 
-def report(conf, class_names):
-    """Per-class IoU, mIoU, pixel accuracy of both students and their ensemble; the students' complementarity."""
-    iou = {name: iou_from_confusion(conf[name]) for name in STUDENTS}
-    rows = [(cls, [iou[n][1][k] for n in STUDENTS]) for k, cls in enumerate(class_names)]
-    rows += [("mIoU", [iou[n][0] for n in STUDENTS]), ("pixel accuracy", [pixel_accuracy(conf[n]) for n in STUDENTS])]
-    lines = [f"{'class':<16}" + "".join(f"{title + ' IoU':>14}" for title in STUDENTS.values())]
-    lines += [f"{title:<16}" + "".join(f"{100 * float(v):>14.2f}" for v in values) for title, values in rows]
-    lines.append("valid pixels: " + ", ".join(f"{name.replace('_', ' ')} right {100 * share:.1f}%"
-                                              for name, share in complementarity(conf["agreement"]).items()))
-    return "\n".join(lines)
-
-
 def eval_record(conf):
-    """The JSON-ready numbers of one evaluation (NaN IoUs as null)."""
+    """The numbers of one evaluation (report() prints them), JSON-ready: NaN IoUs as null."""
     record = {"complementarity": complementarity(conf["agreement"])}
     for name in STUDENTS:
-        miou, per_class = iou_from_confusion(conf[name])
-        record[name] = {"miou": float(miou), "pixel_acc": float(pixel_accuracy(conf[name])),
+        miou, per_class = iou_from_confusion(c := conf[name])
+        record[name] = {"miou": miou.item(), "pixel_acc": c.diag().sum().item() / max(1, c.sum().item()),
                         "per_class_iou": [None if math.isnan(v) else v for v in per_class.tolist()]}
     return record
 
 
+def report(record, class_names):
+    """An eval_record as a table: a row per class, then mIoU and pixel accuracy; the complementarity below."""
+    columns = [record[name] for name in STUDENTS]  # the CNN's, the ViT's, the ensemble's
+    rows = [(cls, [c["per_class_iou"][k] for c in columns]) for k, cls in enumerate(class_names)]
+    rows += [("mIoU", [c["miou"] for c in columns]), ("pixel accuracy", [c["pixel_acc"] for c in columns])]
+    lines = [f"{'class':<16}" + "".join(f"{title + ' IoU':>14}" for title in STUDENTS.values())]
+    lines += [f"{title:<16}" + "".join(f"{100 * (math.nan if v is None else v):>14.2f}" for v in values)
+              for title, values in rows]
+    return "\n".join(lines + ["valid pixels: " + ", ".join(f"{name.replace('_', ' ')} right {100 * share:.1f}%"
+                                                           for name, share in record["complementarity"].items())])
+
+
 # ---- The loop: optimisers and schedules, checkpoints, the step, the log line -----------------------------------------
 
-def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500, fused=True):
-    """CNN: SGD + poly(0.9). ViT: AdamW (no decay on norms, biases; decoder, projectors at 10× lr), warm-up,
-    poly(1.0). Closed forms of the iteration: a resume with another --iters has that length's poly decays."""
+def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500, fused=True, start=0, states=()):
+    """CNN: SGD + poly(0.9). ViT: AdamW (no decay on norms, biases; heads, projectors at 10× lr), warm-up, poly(1.0).
+    Closed forms of the iteration: a resume gives its optimisers' `states` and `start` (another --iters: its decays)."""
     cnn_params, vit_encoder, vit_heads = model.parameter_groups()
     sgd = torch.optim.SGD(cnn_params, lr=cnn_lr, momentum=0.9, weight_decay=1e-4, fused=fused)
     groups = [{"params": [p for p in params if (p.ndim > 1) == decay], "lr": lr, "weight_decay": 0.01 * decay}
               for params, lr in ((vit_encoder, vit_lr), (vit_heads, 10 * vit_lr)) for decay in (True, False)]
-    adamw = torch.optim.AdamW(groups, lr=vit_lr, betas=(0.9, 0.999), fused=fused)
+    opts = sgd, torch.optim.AdamW(groups, lr=vit_lr, betas=(0.9, 0.999), fused=fused)
+    for opt, state in zip(opts, states):
+        opt.load_state_dict(state)
     warmup = min(vit_warmup, iters - 1)
-    cnn_poly = torch.optim.lr_scheduler.LambdaLR(sgd, lambda t: max(0.0, 1 - t / iters) ** 0.9)
-    vit_warm_poly = torch.optim.lr_scheduler.LambdaLR(adamw, lambda t: 1e-6 + (1 - 1e-6) * t / warmup if t < warmup
-                                                      else max(0.0, 1 - (t - warmup) / (iters - warmup)))
-    return (sgd, adamw), (cnn_poly, vit_warm_poly)
+    rates = (lambda t: max(0.0, 1 - t / iters) ** 0.9,
+             lambda t: 1e-6 + (1 - 1e-6) * t / warmup if t < warmup else max(0.0, 1 - (t - warmup) / (iters - warmup)))
+    return opts, [torch.optim.lr_scheduler.LambdaLR(opt, rate, last_epoch=start - 1) for opt, rate in zip(opts, rates)]
 
 
 def write_whole(path, write, exclusive=False):
@@ -1143,8 +1129,7 @@ def write_whole(path, write, exclusive=False):
         raise RunError(f"cannot write {path} ({cause.strerror or cause}){kept}: free some room, or give another "
                        "--out") from None
     finally:  # also after Ctrl-C during the write: no half-written file is left
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path):
@@ -1171,7 +1156,7 @@ def check_finite(first_bad, saved_at, out, world_size=1):
     if world_size > 1:
         torch.distributed.all_reduce(first_bad, torch.distributed.ReduceOp.MIN)
     if (bad := float(first_bad)) < math.inf:  # a host sync, made only at log and checkpoint steps
-        kept = f"{out / 'last.pt'} (iteration {saved_at}) was left as it was" if saved_at else "no checkpoint was written"
+        kept = f"{out / 'last.pt'} (iteration {saved_at}) was left as is" if saved_at else "no checkpoint was written"
         raise RunError(f"non-finite loss at iteration {int(bad)}; stopped, and {kept}: lower the learning rates, or "
                        "try without --amp")
 
@@ -1212,10 +1197,9 @@ def log_line(it, iters, lrs, means, images_per_s, eta_s):
                          if f"{n}_{side}" in means) for side in ("cnn", "vit"))
     line = f"it {it}/{iters} | lr cnn {lrs[0]:.2e} vit {lrs[1]:.2e} | cnn {cnn} | vit {vit}"
     if "regions_cnn_teaches" in means:
-        line += (f" | regions c>v {100 * means['regions_cnn_teaches']:.0f}%"
-                 f" v>c {100 * means['regions_vit_teaches']:.0f}%")
+        line += f" | regions c>v {means['regions_cnn_teaches']:.0%} v>c {means['regions_vit_teaches']:.0%}"
     if "pixels_cnn_to_vit" in means:
-        line += f" | pixels c>v {100 * means['pixels_cnn_to_vit']:.1f}% v>c {100 * means['pixels_vit_to_cnn']:.1f}%"
+        line += f" | pixels c>v {means['pixels_cnn_to_vit']:.1%} v>c {means['pixels_vit_to_cnn']:.1%}"
     return line + f" | {images_per_s:.1f} img/s | eta {eta_s / 60:.1f} min"
 
 
@@ -1243,9 +1227,8 @@ def build_model(args, num_classes, ctx=None):
         keywords = inspect.signature(CTCL).parameters.keys() & vars(args).keys()  # each is the flag of its name
         return CTCL(num_classes, **{name: getattr(args, name) for name in keywords})
     except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
-        raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({error}): run "
-                        "`bash data_prep.sh weights` where there is a network (it caches them under "
-                        "TORCH_HOME), or pass --no-pretrained") from None
+        raise UserError(f"could not fetch torchvision's ImageNet ResNet-18 weights ({error}): run `bash data_prep.sh "
+                        "weights` where there is a network (cached in TORCH_HOME), or pass --no-pretrained") from None
     except ValueError as error:  # a MiT checkpoint in another layout
         raise UserError(f"--vit-weights {args.vit_weights}: {error}") from None
     finally:  # also when the main process failed: the others then try, and fail with the same line
@@ -1258,42 +1241,34 @@ def train(args, ctx, ckpt=None, own=False):
     args.largest_side = val_set.largest_side
     if args.vit_weights is None and args.data != "synthetic" and ctx.is_main:
         print("warning: --vit-weights none trains MiT-B0 from scratch: far below the paper's numbers", file=sys.stderr)
-    num_classes = len(args.classes)
     if args.data == "folder" and not (pathlib.Path(args.data_root) / "train.txt").is_file():
         ctx.print(f"{args.data_root}: no train.txt and val.txt: every 10th sorted stem is for validation "
                   f"({len(val_set)} images)")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     initial = args if ckpt is None else argparse.Namespace(**{**vars(args), "pretrained": False, "vit_weights": None})
-    model = build_model(initial, num_classes, ctx).to(ctx.device)  # a checkpoint holds every weight
+    model = build_model(initial, len(args.classes), ctx).to(ctx.device)  # a checkpoint holds every weight
     if model.vit.weights_layout:
         ctx.print(f"MiT-B0 weights: {args.vit_weights} ({model.vit.weights_layout} layout)")
-    if ctx.world_size > 1 and ctx.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizers, schedulers = build_optimizers(model, iters=args.iters, cnn_lr=args.cnn_lr, vit_lr=args.vit_lr,
-                                              vit_warmup=args.vit_warmup)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16)
     torch.manual_seed(args.seed + ctx.rank)  # dropout and drop path differ across ranks
-    start, window = 0, {}
+    start, window, states = 0, {}, ()
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as error:  # resume_recipe builds the checkpoint's: an older ctcl.py's layout
             raise UserError(f"--resume {args.resume} holds another model: {str(error).splitlines()[0]}") from None
-        for opt, state in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
-        start = ckpt["iter"]
-        for sched in schedulers:  # closed forms of the iteration: no state of theirs is needed (nor read)
-            sched.last_epoch = start
-            for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-                group["lr"] = base * factor(start)  # this --iters' rates (the same ones if it is unchanged)
+        start, states, window = ckpt["iter"], ckpt["optimizers"], ckpt.get("window", window)
         if ckpt["scaler"]:  # {} from a run without an fp16 scaler: the loss scale then starts afresh
             scaler.load_state_dict(ckpt["scaler"])
-        if ctx.rank < len(states := ckpt["rng"]):  # with another number of processes: fresh seeds
-            torch.set_rng_state(states[ctx.rank]["cpu"])
-            if states[ctx.rank]["cuda"] is not None and torch.cuda.is_initialized():
-                torch.cuda.set_rng_state(states[ctx.rank]["cuda"])
-        window = ckpt.get("window", window)  # the log window a stop cut short: its sums go on
+        if ctx.rank < len(rngs := ckpt["rng"]):  # with another number of processes: fresh seeds
+            torch.set_rng_state(rngs[ctx.rank]["cpu"])
+            if rngs[ctx.rank]["cuda"] is not None and torch.cuda.is_initialized():
+                torch.cuda.set_rng_state(rngs[ctx.rank]["cuda"])
         ctx.print(f"resumed from {args.resume} at iteration {start}")
+    if ctx.world_size > 1 and ctx.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizers, schedulers = build_optimizers(model, iters=args.iters, cnn_lr=args.cnn_lr, vit_lr=args.vit_lr,
+                                              vit_warmup=args.vit_warmup, start=start, states=states)
     stop_at = min(args.stop_at or args.iters, args.iters)
     training = start < stop_at and not args.eval_only
     batches = training_batches(train_set, batch_size=args.batch_size, start_iter=start, workers=args.workers,
@@ -1329,7 +1304,7 @@ def train(args, ctx, ckpt=None, own=False):
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, 0)
         try:
-            conf = evaluate(model, val_set, num_classes=num_classes, device=ctx.device, autocast=ctx.autocast(),
+            conf = evaluate(model, val_set, num_classes=len(args.classes), device=ctx.device, autocast=ctx.autocast(),
                             rank=ctx.rank, world_size=ctx.world_size, workers=args.workers, stop=ctx.stop,
                             vis_dir=args.out / "vis", vis_count=args.vis, tag=f"it{it:06d}_", colours=args.colours)
         except UserError as error:  # a damaged validation image: last.pt holds the run, and a resume evaluates first
@@ -1337,17 +1312,16 @@ def train(args, ctx, ckpt=None, own=False):
         if conf is None:
             raise stopped(ctx.stop(), f"during the evaluation at iteration {it}" + ("" if args.eval_only else
                           ", which is made first when you continue"))
-        ctx.print(f"evaluation at iteration {it}:\n{report(conf, args.classes)}")
+        ctx.print(f"evaluation at iteration {it}:\n{report(record := eval_record(conf), args.classes)}")
         if not args.eval_only:  # metrics.jsonl is the run's record: --eval-only only prints
-            log({"type": "eval", "iter": it, **eval_record(conf)})
+            log({"type": "eval", "iter": it, **record})
         return conf
 
     if args.eval_only:
         return {"model": model, "conf": run_eval(start)}
     conf = run_eval(start) if due else None
     if start >= stop_at:
-        ctx.print(f"the checkpoint is at iteration {start}: nothing to train" + ("" if due else " (--eval-only "
-                  "evaluates it)"))
+        ctx.print(f"the checkpoint is at iteration {start}: nothing to train" + ("" if due else " (see --eval-only)"))
         return {"model": model, "conf": conf}
     saved_at = start
 
@@ -1371,6 +1345,7 @@ def train(args, ctx, ckpt=None, own=False):
     if args.compile:  # the DDP-wrapped model, so that the gradient all-reduce overlaps the backward
         net = torch.compile(net)
     first_bad = torch.full((), math.inf, device=ctx.device)
+    # the log window: sums since the last log line (from the checkpoint if a stop cut it short: they go on)
     sums, count = {k: v.to(ctx.device) for k, v in window.get("sums", {}).items()}, window.get("count", 0)
     tick, timed_from = time.time(), start
     for it in range(start + 1, stop_at + 1):
@@ -1548,8 +1523,7 @@ class Runtime:
         return int(signum)
 
     def on_main(self, work):
-        """work() on rank 0 (the files it alone writes), its result on every process; its UserError raised in each,
-        so that none waits for rank 0."""
+        """work() on rank 0 (the files it alone writes); its result, or its UserError, reaches every process."""
         try:
             result = work() if self.is_main else None
         except UserError as error:
@@ -1741,19 +1715,18 @@ def choose_out(args, own=False):
         for stale in [] if args.eval_only else args.out.glob(".*.tmp"):  # what a killed run of OUT was writing
             stale.unlink(missing_ok=True)
         return args.out
-    taken, held = args.out, None
+    taken = args.out
     for k in range(2, 10 ** 6):
         make_folder(args.out)
         try:
             save_args(args, exclusive=True)
             break
         except FileExistsError:
-            held = held or run_in(args.out)
             if not default:
-                raise UserError(f"--out {args.out} holds {held}, or give another --out") from None
+                raise UserError(f"--out {args.out} holds {run_in(args.out)}, or give another --out") from None
             args.out = taken.with_name(f"{taken.name}-{k}")
-    if held:
-        print(f"{taken} holds {held.split(':')[0].split(' (')[0]}: this run writes to {args.out}", flush=True)
+    if args.out != taken:
+        print(f"{taken} holds {run_in(taken).split(':')[0].split(' (')[0]}: this run writes to {args.out}", flush=True)
     return args.out
 
 
@@ -1833,12 +1806,11 @@ def benchmark(args, ctx, rounds=5, steps=3):
     ms = {m: sorted(run["ms"])[rounds // 2] for m, run in runs.items()}
     sizes = student_sizes(runs["ctcl"]["model"], args.crop_size, ctx.device, ctx.autocast(), sync)
     result = {f"{m}_ms": v for m, v in ms.items()} | {"ctcl_over_independent": ms["ctcl"] / ms["independent"],
-                                                      "warmup_s": {m: r["warmup_s"] for m, r in runs.items()},
-                                                      "sizes": sizes}
+                                                      "warmup_s": {m: r["warmup_s"] for m, r in runs.items()}}
     result |= {"peak_mem_mb": {m: run["peak"] / 2 ** 20 for m, run in runs.items()}} if cuda else {
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # the process's, all three
     step = args.batch_size * 1000 / ms[method]
-    result |= {"loader_img_s": loader, "step_img_s": step, "workers_needed": math.ceil(step / loader)}
+    result |= {"loader_img_s": loader, "step_img_s": step, "workers_needed": math.ceil(step / loader), "sizes": sizes}
     where = torch.cuda.get_device_name(ctx.device) if cuda else f"CPU ({os.cpu_count()} cores)"
     ctx.print(f"benchmark on {where}, crop {args.crop_size}, batch {args.batch_size}, amp {args.amp}, "
               f"compile {args.compile}, median of {rounds} rounds of {steps} steps\n"

@@ -739,7 +739,9 @@ def test_confusion_matrix_and_iou_equal_brute_force():
     for got, want in zip(per_class.tolist(), ious):
         assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, abs=1e-12)
     assert miou.item() == pytest.approx(sum(ious[:5]) / 5, abs=1e-12)
-    assert ctcl.pixel_accuracy(conf).item() == pytest.approx(int(ref.diag().sum()) / int(ref.sum()))
+    record = ctcl.eval_record({"cnn": conf, "vit": conf, "ensemble": conf, "agreement": torch.ones(2, 2).long()})
+    assert record["vit"]["pixel_acc"] == pytest.approx(int(ref.diag().sum()) / int(ref.sum()), abs=1e-15)
+    assert record["cnn"]["per_class_iou"][5] is None and record["cnn"]["miou"] == pytest.approx(miou.item())
 
 
 def test_agreement_matrix_equals_per_pixel_count():
@@ -3157,8 +3159,8 @@ def test_predict_scales_a_photo_larger_than_the_data_down_and_its_masks_back_up(
                    "--out", str(tmp_path / "p"), *flags])
         small = torchvision.transforms.v2.functional.resize(image, size, antialias=True)
         with torch.no_grad():
-            want = ctcl.predictions(ctcl.student_logits(model, ctcl.normalize(small)[None], (160, 200),
-                                                        contextlib.nullcontext()))
+            want = ctcl.predictions({name: ctcl.upsample_logits(getattr(model, name)(ctcl.normalize(small)[None])[
+                "logits"], (160, 200)) for name in ("cnn", "vit")})
         for name, pred in want.items():
             got = torch.from_numpy(numpy.array(PIL.Image.open(tmp_path / "p" / f"photo_{name}.png"))).long()
             assert got.shape == (160, 200) and (got == pred[0]).float().mean() > 0.999, name
