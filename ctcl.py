@@ -15,8 +15,7 @@ running it (data, MiT-B0 weights, evaluation, the loop), using it (--predict, --
     python ctcl.py --predict photos/ --resume runs/voc-ctcl-s0/last.pt   # segment images; --export ships one
     python -m pytest -q test_ctcl.py                  # the tests
 
-Choices the abstract and the figure leave open are marked [I] (interpreted); each is a flag,
-and the README lists them under "What we inferred".
+Choices the abstract and the figure leave open are marked [I] (interpreted): each is a flag, listed in the README.
 """
 import argparse
 import collections
@@ -817,9 +816,8 @@ def to_device(images, target, device):
 
 
 class JointTransform:
-    """Image and label together, uint8: scale 0.5–2.0, crop (padding 0, label 255), flip, then `lut` (id -> class);
-    v2's draws and pixels (resize, RandomCrop(pad_if_needed), RandomHorizontalFlip), but resized only up to the
-    window's far corner. Validation: the table alone."""
+    """uint8 image and label: scale 0.5–2.0, crop (padding 0, label 255), flip, `lut` (id -> class); validation: `lut`.
+    v2's draws and pixels (resize, RandomCrop(pad_if_needed), RandomHorizontalFlip), resizing up to the crop's end."""
 
     def __init__(self, crop_size=None, scale=(0.5, 2.0), lut=None):
         self.crop_size, self.scale, self.lut = crop_size, scale, lut
@@ -1054,8 +1052,7 @@ def render_panel(image, target, z_cnn, z_vit, region_size, margin, ignore_index=
     regions = region_bsd_masks(*ce, target[None], region_size, ignore_index, margin)
     pixels = pixel_bsd_masks(z_cnn, z_vit, target[None], ignore_index)
     table = colour_table(colours)
-    tiles = [image.permute(1, 2, 0)]  # uint8 from the loader: no normalisation to undo
-    tiles += [table[t.cpu()] for t in (target, z_cnn[0].argmax(0), z_vit[0].argmax(0))]
+    tiles = [image.permute(1, 2, 0)] + [table[t.cpu()] for t in (target, z_cnn[0].argmax(0), z_vit[0].argmax(0))]
     for masks in ([expand_region_mask(m, region_size, (h, w))[0] for m in regions], [m[0] for m in pixels]):
         tile = torch.full((h, w, 3), 40, dtype=torch.uint8)
         for mask, colour in zip(masks, DIRECTION_COLOURS.values()):  # the CNN's, then the ViT's
@@ -1110,13 +1107,13 @@ def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500,
     return opts, [torch.optim.lr_scheduler.LambdaLR(opt, rate, last_epoch=start - 1) for opt, rate in zip(opts, rates)]
 
 
-def write_whole(path, write, exclusive=False):
-    """write(file) into a temporary file of this process, flush it to disk, then rename it to `path` (exclusive:
-    link it, so that only one of the runs launched together makes it): `path` is always whole, or as it was."""
+def write_whole(path, data, exclusive=False):
+    """`data` (bytes, or data(file) that writes) into a temporary file of this process, flushed to disk, then renamed
+    to `path` (exclusive: linked, so that only one of the runs launched together makes it): never half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")  # no two writers share one
     try:
         with open(tmp, "xb") as f:
-            write(f)
+            f.write(data) if isinstance(data, bytes) else data(f)
             f.flush()
             os.fsync(f.fileno())
         os.link(tmp, path) if exclusive else os.replace(tmp, path)
@@ -1188,8 +1185,7 @@ def read_records(path):
 
 
 def save_args(args, exclusive=False):
-    write_whole(args.out / "args.json", lambda f: f.write(json.dumps(vars(args), default=str, indent=1).encode()),
-                exclusive)
+    write_whole(args.out / "args.json", json.dumps(vars(args), default=str, indent=1).encode(), exclusive)
 
 
 def log_line(it, iters, lrs, means, images_per_s, eta_s):
@@ -1275,9 +1271,8 @@ def train(args, ctx, ckpt=None, own=False):
                                seed=args.seed, rank=ctx.rank, world_size=ctx.world_size,
                                pin_memory=ctx.device.type == "cuda") if training else None
     args.out = ctx.on_main(lambda: choose_out(args, own))  # bad input has been refused by now: the run claims OUT
-    ctx.print(f"ctcl: data {args.data}, method {args.method}, {args.iters} iterations, batch {args.batch_size} "
-              f"({args.batch_size // ctx.world_size} per process), crop {args.crop_size}, device {ctx.device}, "
-              f"world size {ctx.world_size}, out {args.out}")
+    ctx.print(f"ctcl: {args.method} on {args.data}, {args.iters} iters, device {ctx.device}, batch {args.batch_size} "
+              f"({args.batch_size // ctx.world_size} per process), crop {args.crop_size}, out {args.out}")
     launcher = "python" if ctx.world_size == 1 else \
         f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', ctx.world_size)}"
     go_on = f"`{launcher} ctcl.py --resume {args.out / 'last.pt'}`"  # the command that continues the run
@@ -1289,8 +1284,8 @@ def train(args, ctx, ckpt=None, own=False):
 
     def log(*new):  # the records, and metrics.jsonl written whole each time (rank 0): never half a line
         records.extend(new)
-        ctx.on_main(lambda: write_whole(args.out / "metrics.jsonl", lambda f: f.write(
-            "".join(f"{json.dumps(r)}\n" for r in records).encode())))
+        ctx.on_main(lambda: write_whole(args.out / "metrics.jsonl",
+                                        "".join(f"{json.dumps(r)}\n" for r in records).encode()))
     # an evaluation that did not finish (a stop, a crash, a damaged image) is made before training goes on
     due = start > 0 and (start % args.eval_every == 0 or start == args.iters) and start not in {
         r.get("iter") for r in records if r.get("type") == "eval"}
@@ -1317,11 +1312,10 @@ def train(args, ctx, ckpt=None, own=False):
             log({"type": "eval", "iter": it, **record})
         return conf
 
-    if args.eval_only:
-        return {"model": model, "conf": run_eval(start)}
-    conf = run_eval(start) if due else None
-    if start >= stop_at:
+    conf = run_eval(start) if due or args.eval_only else None
+    if start >= stop_at and not args.eval_only:
         ctx.print(f"the checkpoint is at iteration {start}: nothing to train" + ("" if due else " (see --eval-only)"))
+    if not training:
         return {"model": model, "conf": conf}
     saved_at = start
 
@@ -1371,8 +1365,7 @@ def train(args, ctx, ckpt=None, own=False):
             if signum:
                 raise stopped(signum, f"at iteration {it}")
             if it % args.eval_every == 0 or it == args.iters:
-                began = time.time()
-                conf = run_eval(it)
+                began, conf = time.time(), run_eval(it)
                 tick += time.time() - began  # keep evaluation out of images/s
     if stop_at < args.iters:
         ctx.print(f"stopped at iteration {stop_at} (--stop-at): continue with {go_on}")
@@ -1421,9 +1414,8 @@ def image_files(paths, out):
 
 @torch.no_grad()
 def predict(args, ctx):
-    """Per image, palette PNGs of the CNN's, the ViT's and the ensemble's classes at its size, and an overlay. An image
-    no larger than the data set's validation images is segmented as evaluation does (a side under 32 scaled up to
-    32); a larger one is first scaled down (but with --full-size), its scores brought back up band by band."""
+    """Per image, palette PNGs of the CNN's, ViT's, ensemble's classes and an overlay; segmented as evaluation does
+    (sides under 32 made 32), one larger than validation images at their size (bar --full-size), upsampled in bands."""
     files = image_files(args.predict, args.out)[ctx.rank::ctx.world_size]  # under torchrun, each process its share
     model, saved = load_students(args.resume, ctx.device)
     side = getattr(saved, "largest_side", None) or math.inf  # checkpoints older than largest_side: no scaling
@@ -1705,9 +1697,8 @@ def run_in(folder):
 
 
 def choose_out(args, own=False):
-    """OUT: --out, else runs/DATA-METHOD-sSEED or its next free -2, -3, ...; resumed (or own: --resume auto), the
-    run's folder. A new run claims its folder by making args.json, exclusively: runs launched together never share
-    one, and a folder with a run is written only by that run. Returns OUT."""
+    """OUT: --out, else runs/DATA-METHOD-sSEED or its next free -2, -3 ...; resumed (or own: --resume auto), the run's.
+    A new run claims it by making args.json exclusively: runs launched together never share one, nor write another's."""
     default = args.out is None
     args.out = args.out or (pathlib.Path(args.resume).parent if args.resume else default_out(args))
     if own or (args.resume and pathlib.Path(args.resume).resolve().parent == args.out.resolve()):
@@ -1768,9 +1759,8 @@ def student_sizes(model, crop_size, device, autocast, sync, runs=5):
 
 
 def benchmark(args, ctx, rounds=5, steps=3):
-    """ms per training step of independent, dml and ctcl, interleaved (median of `rounds`, after a warm-up);
-    on a GPU each one's peak memory (its weights, gradients, moments and one step's most); the students' sizes;
-    the images/s one loader worker delivers on --data, and the workers that --method's step needs."""
+    """ms/step of independent, dml, ctcl, interleaved (median of `rounds` after a warm-up), on a GPU with peak memory
+    (weights, gradients, moments, a step's most); the students' sizes; one loader worker's img/s, the workers needed."""
     classes, cuda, method, threads = len(args.classes), ctx.device.type == "cuda", args.method, torch.get_num_threads()
     batches = training_batches(build_datasets(args.data, args.data_root, args.crop_size, args.data_seed, (
         args.batch_size, 1), args.classes)[0], batch_size=args.batch_size, start_iter=0, workers=0, seed=args.seed,
