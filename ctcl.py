@@ -565,7 +565,8 @@ def read_image(path):
     """uint8 RGB (3, H, W) of any image PIL opens, turned as EXIF says (as phones show it); JPEG, PNG by torchvision."""
     with contextlib.suppress(RuntimeError, AttributeError):  # CMYK, damaged, decoders gone (deprecated in 0.29)
         if pathlib.Path(path).suffix.lower() in (".jpg", ".jpeg", ".png"):
-            image = torchvision.io.decode_image(str(path), "RGB", apply_exif_orientation=True)
+            image = torchvision.io.decode_image(torchvision.io.read_file(str(path)), torchvision.io.ImageReadMode.RGB,
+                                                apply_exif_orientation=True)
             return image if image.dtype == torch.uint8 else (image.int() >> 8).byte()  # 16 bits: the top byte
     with opened(path) as image:
         image = PIL.ImageOps.exif_transpose(image)
@@ -746,15 +747,14 @@ CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign",
                   "pedestrian", "bicyclist")
 CAMVID_COLOURS = ((128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
                   (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192))  # SegNet's colour map
-# label id -> class index (uint8): Cityscapes' official table (torchvision keeps it), 19 classes; VOC's 21 and
-# CamVid's 11 classes as they are (CamVid's 11 is "void"). Any other value is 255: no label of theirs needs a check.
+# id -> class (uint8): Cityscapes' 19 by its official table (torchvision's), VOC's 21, CamVid's 11 (11: void) as they
+# are; any other id is 255, so that no label of theirs needs a check
 CITYSCAPES_LUT = torch.full((256,), IGNORE_INDEX, dtype=torch.uint8).index_put_(
     (torch.tensor([c.id for c in CITYSCAPES_TRAINED]),), torch.tensor([c.train_id for c in CITYSCAPES_TRAINED]).byte())
 VOC_LUT, CAMVID_LUT = (torch.arange(256).masked_fill(torch.arange(256) >= n, IGNORE_INDEX).byte() for n in (21, 11))
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # normalize's: every data set's images
 
-# name: class names, default root, crop, batch, iterations, the reader of (image, label) pairs, the splits
-# to train and evaluate on, any default other than the flags' (learning rates, evaluations, colours)
+# name: classes, root, crop, batch, iterations, reader of (image, label) pairs, splits, other defaults (lr, evals)
 CAMVID = dict(classes=CAMVID_CLASSES, root="data/CamVid", crop=(360, 480), batch=8, iters=20_000,
               pairs=camvid_pairs, train="train+val", val="test", lut=CAMVID_LUT, colours=CAMVID_COLOURS)
 DATASETS = {
@@ -879,7 +879,7 @@ def training_batches(dataset, *, batch_size, start_iter, workers, seed, rank, wo
 
 # ---- MiT-B0 ImageNet weights: the official checkpoint, or the Hugging Face hub's file --------------------------------
 
-# the hub's (transformers') MiT names -> the official ones; the hub's stage I is official stage I+1
+# the hub's (transformers') MiT names -> the official ones (query, key, value -> q, k, v); hub stage I is official I+1
 MIT_STAGES = {"patch_embeddings": "patch_embed", "block": "block", "layer_norm": "norm"}
 MIT_RENAMES = ((r"(patch_embed\d)\.layer_norm", r"\1.norm"), (r"attention\.self\.layer_norm", "attn.norm"),
                (r"attention\.self\.(q|k|v)[a-z]+", r"attn.\1"), (r"attention\.output\.dense", "attn.proj"),
@@ -1092,8 +1092,9 @@ def report(record, class_names):
 # ---- The loop: optimisers and schedules, checkpoints, the step, the log line -----------------------------------------
 
 def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500, fused=True, start=0, states=()):
-    """CNN: SGD + poly(0.9). ViT: AdamW (no decay on norms, biases; heads, projectors at 10× lr), warm-up, poly(1.0).
-    Closed forms of the iteration: a resume gives its optimisers' `states` and `start` (another --iters: its decays)."""
+    """CNN: SGD + poly(0.9). ViT: AdamW (no decay on norms, biases; decoder, projectors at 10× lr), warm-up, poly(1.0),
+    closed forms of the iteration: a resume passes its optimisers' `states` (base rates: their initial_lr) and `start`,
+    and gets base·λ(start) of this --iters (no scheduler state is read)."""
     cnn_params, vit_encoder, vit_heads = model.parameter_groups()
     sgd = torch.optim.SGD(cnn_params, lr=cnn_lr, momentum=0.9, weight_decay=1e-4, fused=fused)
     groups = [{"params": [p for p in params if (p.ndim > 1) == decay], "lr": lr, "weight_decay": 0.01 * decay}
@@ -1108,8 +1109,8 @@ def build_optimizers(model, *, iters, cnn_lr=0.01, vit_lr=6e-5, vit_warmup=1500,
 
 
 def write_whole(path, data, exclusive=False):
-    """`data` (bytes, or data(file) that writes) into a temporary file of this process, flushed to disk, then renamed
-    to `path` (exclusive: linked, so that only one of the runs launched together makes it): never half a file."""
+    """`data` (bytes, or data(file) that writes) into this process's temporary file, flushed to disk, renamed to `path`
+    (exclusive: linked, so that one alone of runs launched together makes it): `path` holds all new data, or the old."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")  # no two writers share one
     try:
         with open(tmp, "xb") as f:
@@ -1247,13 +1248,13 @@ def train(args, ctx, ckpt=None, own=False):
         ctx.print(f"MiT-B0 weights: {args.vit_weights} ({model.vit.weights_layout} layout)")
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.fp16)
     torch.manual_seed(args.seed + ctx.rank)  # dropout and drop path differ across ranks
-    start, window, states = 0, {}, ()
+    start, unlogged, optimizer_states = 0, {}, ()
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as error:  # resume_recipe builds the checkpoint's: an older ctcl.py's layout
             raise UserError(f"--resume {args.resume} holds another model: {str(error).splitlines()[0]}") from None
-        start, states, window = ckpt["iter"], ckpt["optimizers"], ckpt.get("window", window)
+        start, optimizer_states, unlogged = ckpt["iter"], ckpt["optimizers"], ckpt.get("window", unlogged)
         if ckpt["scaler"]:  # {} from a run without an fp16 scaler: the loss scale then starts afresh
             scaler.load_state_dict(ckpt["scaler"])
         if ctx.rank < len(rngs := ckpt["rng"]):  # with another number of processes: fresh seeds
@@ -1264,7 +1265,7 @@ def train(args, ctx, ckpt=None, own=False):
     if ctx.world_size > 1 and ctx.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizers, schedulers = build_optimizers(model, iters=args.iters, cnn_lr=args.cnn_lr, vit_lr=args.vit_lr,
-                                              vit_warmup=args.vit_warmup, start=start, states=states)
+                                              vit_warmup=args.vit_warmup, start=start, states=optimizer_states)
     stop_at = min(args.stop_at or args.iters, args.iters)
     training = start < stop_at and not args.eval_only
     batches = training_batches(train_set, batch_size=args.batch_size, start_iter=start, workers=args.workers,
@@ -1307,14 +1308,15 @@ def train(args, ctx, ckpt=None, own=False):
         if conf is None:
             raise stopped(ctx.stop(), f"during the evaluation at iteration {it}" + ("" if args.eval_only else
                           ", which is made first when you continue"))
-        ctx.print(f"evaluation at iteration {it}:\n{report(record := eval_record(conf), args.classes)}")
+        record = eval_record(conf)
+        ctx.print(f"evaluation at iteration {it}:\n{report(record, args.classes)}")
         if not args.eval_only:  # metrics.jsonl is the run's record: --eval-only only prints
             log({"type": "eval", "iter": it, **record})
         return conf
 
     conf = run_eval(start) if due or args.eval_only else None
     if start >= stop_at and not args.eval_only:
-        ctx.print(f"the checkpoint is at iteration {start}: nothing to train" + ("" if due else " (see --eval-only)"))
+        ctx.print(f"checkpoint at iteration {start}: nothing to train" + ("" if due else " (--eval-only evaluates it)"))
     if not training:
         return {"model": model, "conf": conf}
     saved_at = start
@@ -1330,7 +1332,7 @@ def train(args, ctx, ckpt=None, own=False):
         state = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                  "schedulers": [s.state_dict() for s in schedulers], "scaler": scaler.state_dict(), "iter": it,
                  "rng": states, "args": json.loads(json.dumps(vars(args), default=str)),
-                 "window": {"sums": {k: v.cpu() for k, v in sums.items()}, "count": count}}
+                 "window": {"sums": {k: v.cpu() for k, v in sums.items()}, "count": count}}  # unlogged yet
         ctx.on_main(lambda: write_whole(args.out / "last.pt", lambda f: torch.save(state, f)))  # rank 0 writes
         return it
 
@@ -1339,8 +1341,7 @@ def train(args, ctx, ckpt=None, own=False):
     if args.compile:  # the DDP-wrapped model, so that the gradient all-reduce overlaps the backward
         net = torch.compile(net)
     first_bad = torch.full((), math.inf, device=ctx.device)
-    # the log window: sums since the last log line (from the checkpoint if a stop cut it short: they go on)
-    sums, count = {k: v.to(ctx.device) for k, v in window.get("sums", {}).items()}, window.get("count", 0)
+    sums, count = {k: v.to(ctx.device) for k, v in unlogged.get("sums", {}).items()}, unlogged.get("count", 0)
     tick, timed_from = time.time(), start
     for it in range(start + 1, stop_at + 1):
         images, target = to_device(*next(batches), ctx.device)
@@ -1414,8 +1415,8 @@ def image_files(paths, out):
 
 @torch.no_grad()
 def predict(args, ctx):
-    """Per image, palette PNGs of the CNN's, ViT's, ensemble's classes and an overlay; segmented as evaluation does
-    (sides under 32 made 32), one larger than validation images at their size (bar --full-size), upsampled in bands."""
+    """Per image, palette PNGs of the CNN's, ViT's, ensemble's classes at its size and an overlay; a photo larger than
+    the validation images is scaled down to their size first (bar --full-size), its scores brought back up in bands."""
     files = image_files(args.predict, args.out)[ctx.rank::ctx.world_size]  # under torchrun, each process its share
     model, saved = load_students(args.resume, ctx.device)
     side = getattr(saved, "largest_side", None) or math.inf  # checkpoints older than largest_side: no scaling
@@ -1618,8 +1619,7 @@ def dataset_classes(args):
 def fill_defaults(args):
     """Per-data-set defaults of the flags left unset (None), then the checks of more than one flag: one line each."""
     spec, real = DATASETS[args.data], args.data != "synthetic"
-    # --workers: the CPUs this process may use, shared by the processes torchrun starts on the machine; 16 at most:
-    # more than a step needs (--benchmark says) only hold more batches in shared memory
+    # --workers: this process's CPUs, shared with torchrun's others here; 16 at most (more only fill /dev/shm)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = max(1, min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))) if real else 0
 
