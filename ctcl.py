@@ -1688,11 +1688,11 @@ def resume_recipe(args, argv, saved):
 
 
 def run_in(folder):
-    """What run a folder holds (a run holds its folder from its args.json on) and the way on, in words."""
+    """What run a folder holds (a run holds its folder from its args.json on), and the way on: two phrases."""
     with contextlib.suppress(Exception):  # mmap: only what is read is loaded
         ckpt = torch.load(folder / "last.pt", map_location="cpu", mmap=True, weights_only=True)
-        return f"a run at iteration {ckpt['iter']}: continue it with --resume {folder / 'last.pt'}"
-    return "a run with no checkpoint yet (starting, or stopped before its first: the same command with --resume " \
+        return f"a run at iteration {ckpt['iter']}", f": continue it with --resume {folder / 'last.pt'}"
+    return "a run with no checkpoint yet", " (starting, or stopped before its first: the same command with --resume " \
         "auto starts it there again)"
 
 
@@ -1714,10 +1714,10 @@ def choose_out(args, own=False):
             break
         except FileExistsError:
             if not default:
-                raise UserError(f"--out {args.out} holds {run_in(args.out)}, or give another --out") from None
+                raise UserError(f"--out {args.out} holds {''.join(run_in(args.out))}, or give another --out") from None
             args.out = taken.with_name(f"{taken.name}-{k}")
     if args.out != taken:
-        print(f"{taken} holds {run_in(taken).split(':')[0].split(' (')[0]}: this run writes to {args.out}", flush=True)
+        print(f"{taken} holds {run_in(taken)[0]}: this run writes to {args.out}", flush=True)
     return args.out
 
 
